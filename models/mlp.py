@@ -1,0 +1,103 @@
+"""The multilayer perceptron: Z[l] = W[l]·A[l-1] + b[l], A[l] = g(Z[l])."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "relu": nn.relu,
+    "leaky_relu": nn.leaky_relu,
+    "tanh": jnp.tanh,
+    "sigmoid": nn.sigmoid,
+    "gelu": nn.gelu,
+}
+
+# Weight initialisations by variance: he 2/n_in (ReLU), xavier 1/n_in (tanh),
+# glorot 2/(n_in + n_out). The code is a traced integer, so one compiled init serves all three.
+INITS: tuple[str, ...] = ("he", "xavier", "glorot")
+
+
+def init_std(init_code: jax.Array, fan_in: int, fan_out: int) -> jax.Array:
+    """Standard deviation of initial kernel weights for the initialisation `INITS[init_code]`."""
+    variances = jnp.array([2.0 / fan_in, 1.0 / fan_in, 2.0 / (fan_in + fan_out)])
+    return jnp.sqrt(variances[init_code])
+
+
+def inverted_dropout(x: jax.Array, rate: jax.Array, key: jax.Array) -> jax.Array:
+    """Zero each unit with probability `rate`; scale survivors by 1/keep_prob (training only)."""
+    keep_prob = 1.0 - rate
+    keep = jax.random.bernoulli(key, keep_prob, x.shape)
+    return jnp.where(keep, x / keep_prob, 0.0)
+
+
+class MLP(nn.Module):
+    """Hidden Dense layers (optionally batch-normalised, with dropout) and a linear output layer.
+
+    The output is logits for classification (softmax lives in the loss) and the prediction for
+    regression. `dropout_rate` is an array, not a constant, so trials with different rates share
+    one compiled program; `use_dropout` switches dropout off entirely when no trial uses it.
+    """
+
+    hidden: tuple[int, ...]
+    num_outputs: int
+    activation: str = "relu"
+    batch_norm: bool = False
+    use_dropout: bool = False
+
+    @nn.compact
+    def __call__(
+        self, x: jax.Array, *, train: bool, dropout_rate: jax.Array | float = 0.0
+    ) -> jax.Array:
+        g = ACTIVATIONS[self.activation]
+        for width in self.hidden:
+            # With batch norm its learned shift β plays the role of the bias b.
+            x = nn.Dense(width, use_bias=not self.batch_norm)(x)
+            if self.batch_norm:
+                x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)(x)
+            x = g(x)
+            if self.use_dropout and train:
+                x = inverted_dropout(x, jnp.asarray(dropout_rate), self.make_rng("dropout"))
+        return nn.Dense(self.num_outputs)(x)
+
+
+def reinit_kernels(params: dict, key: jax.Array, init_code: jax.Array) -> dict:
+    """Redraw every Dense kernel from N(0, init_std²); biases stay at zero."""
+    paths_and_leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    keys = iter(jax.random.split(key, len(paths_and_leaves)))
+
+    def redraw(path, leaf):
+        k = next(keys)
+        if _is_kernel(path):
+            fan_in, fan_out = leaf.shape
+            return jax.random.normal(k, leaf.shape, leaf.dtype) * init_std(
+                init_code, fan_in, fan_out
+            )
+        return leaf
+
+    return jax.tree_util.tree_map_with_path(redraw, params)
+
+
+def kernel_mask(params: dict) -> dict:
+    """A pytree of booleans, True on weight matrices (L2 and weight decay apply to those only)."""
+    return jax.tree_util.tree_map_with_path(lambda path, _: _is_kernel(path), params)
+
+
+def sum_squared_weights(params: dict) -> jax.Array:
+    """Σ_l ‖W[l]‖²_F over kernels only, never biases or batch-norm scales."""
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    return sum(jnp.sum(jnp.square(leaf)) for path, leaf in leaves if _is_kernel(path))
+
+
+def count_parameters(input_dim: int, hidden: tuple[int, ...], num_outputs: int) -> int:
+    """Number of weights and biases of an MLP (batch-norm scale/shift count as the bias)."""
+    widths = (input_dim, *hidden, num_outputs)
+    return sum(n_in * n_out + n_out for n_in, n_out in itertools.pairwise(widths))
+
+
+def _is_kernel(path: tuple) -> bool:
+    return getattr(path[-1], "key", None) == "kernel"

@@ -1,0 +1,567 @@
+"""The search spec: what to tune, on which data, with how much compute.
+
+A spec is a YAML (or JSON) document validated by :class:`SearchSpec`. Every problem is reported
+with the path of the offending field (e.g. ``space.momentum``) and the reason, so that the user
+who wrote the spec can fix it; :func:`parse_spec` turns them into one :class:`SpecError`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal, Self, TypedDict
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError
+
+Task = Literal["classification", "regression"]
+Direction = Literal["maximize", "minimize"]
+Metric = Literal["dev_accuracy", "dev_loss", "dev_mse", "dev_r2"]
+Scale = Literal["linear", "log", "one_minus_log"]
+SamplerName = Literal["random", "tpe", "qmc", "gp", "cmaes"]
+Choice = bool | int | float | str
+
+
+# --- engine hyperparameters -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Domain:
+    """The values one engine hyperparameter accepts: a set of choices or a numeric interval."""
+
+    choices: tuple[Choice, ...] = ()
+    integer: bool = False
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def accepts(self, value: Any) -> bool:
+        """Whether ``value`` is valid for this hyperparameter."""
+        if self.choices:
+            return any(type(value) is type(c) and value == c for c in self.choices)
+        kinds = (int,) if self.integer else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value):
+            return False
+        above = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        return above and below
+
+    def describe(self) -> str:
+        """What the values must be, e.g. ``a number in (0, 1)`` or ``one of "relu", "tanh"``."""
+        if self.choices:
+            return "one of " + ", ".join(json.dumps(c) for c in self.choices)
+        kind = "an integer" if self.integer else "a number"
+        if self.high is None:
+            return f"{kind} {'>' if self.low_open else '>='} {self.low:g}"
+        left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+        return f"{kind} in {left}{self.low:g}, {self.high:g}{right}"
+
+    def problem(self, name: str, value: Any) -> str | None:
+        """Why ``value`` is not valid for hyperparameter ``name``, or None when it is."""
+        return None if self.accepts(value) else f"{name} must be {self.describe()}, got {value!r}"
+
+
+_POSITIVE = Domain(low=0, low_open=True)
+_OPEN_UNIT = Domain(low=0, high=1, low_open=True, high_open=True)
+_COUNT = Domain(integer=True, low=1)
+DOMAINS: dict[str, Domain] = {
+    "learning_rate": _POSITIVE,
+    "momentum": _OPEN_UNIT,
+    "beta2": _OPEN_UNIT,
+    "epsilon": _POSITIVE,
+    "l2": Domain(low=0),
+    "dropout": Domain(low=0, high=1, high_open=True),
+    "decay_rate": Domain(low=0),
+    "hidden_layers": _COUNT,
+    "hidden_units": _COUNT,
+    "batch_size": _COUNT,
+    "optimizer": Domain(choices=("gd", "momentum", "rmsprop", "adam", "adamw")),
+    "activation": Domain(choices=("relu", "leaky_relu", "tanh", "sigmoid", "gelu")),
+    "init": Domain(choices=("he", "xavier", "glorot")),
+    "batch_norm": Domain(choices=(True, False)),
+    "lr_decay": Domain(choices=("none", "exponential", "inverse_time", "inverse_sqrt", "step")),
+}
+"""Every engine hyperparameter a spec may search or fix, with its valid values."""
+
+DEFAULTS: dict[str, Any] = {
+    "learning_rate": 1e-3,
+    "momentum": 0.9,
+    "beta2": 0.999,
+    "epsilon": 1e-8,
+    "l2": 0.0,
+    "dropout": 0.0,
+    "decay_rate": 0.0,
+    "hidden_layers": 2,
+    "hidden_units": 128,
+    "batch_size": 128,
+    "optimizer": "adam",
+    "activation": "relu",
+    "init": "he",
+    "batch_norm": False,
+    "lr_decay": "none",
+}
+"""Value of each engine hyperparameter that is neither searched nor fixed."""
+
+_ADAPTIVE = {"rmsprop", "adam", "adamw"}
+APPLIES_TO: dict[str, set[str]] = {
+    "momentum": {"momentum", "adam", "adamw"},
+    "beta2": _ADAPTIVE,
+    "epsilon": _ADAPTIVE,
+    "decay_rate": {"exponential", "inverse_time", "step"},
+}
+"""Conditional hyperparameters: the values of their :data:`PARENT` under which they are used."""
+
+PARENT: dict[str, str] = {
+    "momentum": "optimizer",
+    "beta2": "optimizer",
+    "epsilon": "optimizer",
+    "decay_rate": "lr_decay",
+}
+"""The categorical hyperparameter each conditional one depends on."""
+
+
+def is_active(name: str, values: Mapping[str, Any]) -> bool:
+    """Whether hyperparameter ``name`` is used given the (possibly partial) ``values``."""
+    parent = PARENT.get(name)
+    return parent is None or values.get(parent, DEFAULTS[parent]) in APPLIES_TO[name]
+
+
+# --- spec models ------------------------------------------------------------------------------
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+def _invalid(message: str) -> PydanticCustomError:
+    return PydanticCustomError("invalid_spec", message)
+
+
+def _issue(loc: tuple[str | int, ...], message: str, value: Any) -> InitErrorDetails:
+    return InitErrorDetails(type=_invalid(message), loc=loc, input=value)
+
+
+_SOURCE_OPTIONS: dict[str, set[str]] = {
+    "digits": set(),
+    "mnist1d": {"samples"},
+    "synthetic": {"samples", "features", "classes", "noise", "task"},
+    "path": {"target", "task"},
+    "id": {"task"},
+}
+
+
+class DatasetRef(_Model):
+    """The data to tune on: a built-in dataset (``name``), a file (``path``) or an upload (``id``).
+
+    Exactly one of ``name``, ``path`` and ``id``; the other fields only apply to some sources.
+    """
+
+    name: Literal["mnist1d", "digits", "synthetic"] | None = Field(
+        None, description="Built-in dataset."
+    )
+    path: str | None = Field(None, description="A .csv or .npz file on the server.")
+    target: str | None = Field(None, description="Target column of a .csv file.")
+    id: str | None = Field(None, description="Id of an uploaded dataset.")
+    samples: int | None = Field(None, ge=1, description="Examples to make (mnist1d, synthetic).")
+    features: int | None = Field(None, ge=1, description="Features to generate (synthetic).")
+    classes: int | None = Field(None, ge=2, description="Classes to generate (synthetic).")
+    noise: float | None = Field(None, ge=0, description="Label/target noise (synthetic).")
+    task: Task | None = Field(
+        None, description="Task of a synthetic or file dataset (None: the default or inferred)."
+    )
+
+    @model_validator(mode="after")
+    def _check_source(self) -> Self:
+        sources = [key for key in ("name", "path", "id") if getattr(self, key) is not None]
+        if len(sources) != 1:
+            raise _invalid("give exactly one of 'name', 'path' or 'id'")
+        source = self.name or sources[0]
+        issues = [
+            _issue((key,), f"'{key}' does not apply to dataset source {source!r}", value)
+            for key, value in self
+            if value is not None and key not in {sources[0], *_SOURCE_OPTIONS[source]}
+        ]
+        if issues:
+            raise ValidationError.from_exception_data(type(self).__name__, issues)
+        return self
+
+
+@dataclass(frozen=True)
+class _MetricInfo:
+    direction: Direction
+    tasks: frozenset[str]
+
+
+METRICS: dict[str, _MetricInfo] = {
+    "dev_accuracy": _MetricInfo("maximize", frozenset({"classification"})),
+    "dev_loss": _MetricInfo("minimize", frozenset({"classification", "regression"})),
+    "dev_mse": _MetricInfo("minimize", frozenset({"regression"})),
+    "dev_r2": _MetricInfo("maximize", frozenset({"regression"})),
+}
+_DEFAULT_METRIC: dict[str, Metric] = {"classification": "dev_accuracy", "regression": "dev_mse"}
+
+
+def _metric_problem(metric: str, task: Task | None) -> str | None:
+    if task is None or task in METRICS[metric].tasks:
+        return None
+    return f"{metric} does not fit a {task} task"
+
+
+class Objective(_Model):
+    """The dev-set metric trials are ranked by."""
+
+    metric: Metric = Field(description="Metric measured on the dev split.")
+    direction: Direction | None = Field(
+        None,
+        validate_default=True,
+        description="maximize or minimize; defaults to (and must match) the metric's direction.",
+    )
+
+    @field_validator("direction")
+    @classmethod
+    def _metric_direction(
+        cls, direction: Direction | None, info: ValidationInfo
+    ) -> Direction | None:
+        metric = info.data.get("metric")
+        if metric is None:  # the metric itself is invalid and already reported
+            return direction
+        natural = METRICS[metric].direction
+        if direction not in (None, natural):
+            raise _invalid(f"{metric} must be {natural}d, not {direction}d")
+        return natural
+
+
+class Budget(_Model):
+    """How much compute the whole search may use."""
+
+    trials: int = Field(ge=1, description="Trials over all stages.")
+    epochs: int = Field(ge=1, description="Most epochs a trial trains for.")
+    timeout_s: float | None = Field(None, gt=0, description="Wall-clock limit of the search.")
+
+
+class PrunerSpec(_Model):
+    """Early stopping of unpromising trials, compared with the others at the same epoch."""
+
+    name: Literal["none", "median", "hyperband"] = Field("none", description="Pruner.")
+    warmup_epochs: int = Field(2, ge=0, description="Epochs before a trial can be pruned.")
+
+
+class _RangeParam(_Model):
+    low: float = Field(description="Lowest value.")
+    high: float = Field(description="Highest value.")
+    scale: Scale = Field(
+        "linear",
+        description="linear, log (uniform in log10), or one_minus_log (1 - value uniform in "
+        "log10; for averaging betas such as momentum).",
+    )
+
+    @model_validator(mode="after")
+    def _check_bounds(self) -> Self:
+        low, high, scale = self.low, self.high, self.scale
+        if low >= high:
+            raise _invalid(f"empty range: low ({low}) must be below high ({high})")
+        if scale == "log" and low <= 0:
+            raise _invalid(f"log scale needs low > 0, got {low}")
+        if scale == "one_minus_log" and not (low > 0 and high < 1):
+            raise _invalid(
+                f"one_minus_log scale needs 0 < low < high < 1 (it samples 1 - value on a log "
+                f"scale), got [{low}, {high}]"
+            )
+        return self
+
+
+class FloatParam(_RangeParam):
+    """A real-valued range, sampled uniformly on its scale."""
+
+    type: Literal["float"] = Field("float", description="float.")
+
+
+class IntParam(_RangeParam):
+    """An integer range, sampled uniformly on its scale."""
+
+    low: int = Field(description="Lowest value (an integer).")
+    high: int = Field(description="Highest value (an integer).")
+    scale: Literal["linear", "log"] = Field("linear", description="linear or log.")
+    type: Literal["int"] = Field(description="int.")
+
+
+class CategoricalParam(_Model):
+    """A choice among listed values."""
+
+    choices: list[Choice] = Field(min_length=1, description="The values to choose among.")
+
+    @field_validator("choices")
+    @classmethod
+    def _unique(cls, choices: list[Choice]) -> list[Choice]:
+        if len(set(choices)) != len(choices):
+            raise _invalid("choices must be unique")
+        return choices
+
+
+Param = FloatParam | IntParam | CategoricalParam
+
+
+def _parse_param(value: Any) -> Any:
+    """Pick the param model from a mapping's keys: ``choices``, else ``type`` (default float)."""
+    if not isinstance(value, Mapping):
+        return value
+    if "choices" in value:
+        return CategoricalParam.model_validate(value)
+    kind = value.get("type", "float")
+    if kind == "int":
+        return IntParam.model_validate(value)
+    if kind == "float":
+        return FloatParam.model_validate(value)
+    raise _invalid(f"type must be 'float' or 'int', got {kind!r}")
+
+
+class Stage(_Model):
+    """One round of coarse-to-fine search."""
+
+    trials: int = Field(ge=1, description="Trials in this stage.")
+    keep_top: float = Field(
+        0.25,
+        gt=0,
+        le=1,
+        description="Fraction of the previous stage's best trials whose region this stage "
+        "zooms into (ignored on the first stage).",
+    )
+    margin: float = Field(
+        0.1,
+        ge=0,
+        description="Widening of the zoomed range on each side, as a fraction of the width of "
+        "the range it narrows.",
+    )
+
+
+class SearchSpec(_Model):
+    """A hyperparameter search: data, objective, budget, search space and search strategy."""
+
+    name: str = Field(min_length=1, description="Name of the search (and of its Optuna study).")
+    dataset: DatasetRef = Field(description="The data to tune on.")
+    task: Task | None = Field(None, description="classification or regression; None: inferred.")
+    objective: Objective | None = Field(
+        None,
+        description="Metric to optimise; defaults to dev_accuracy (classification) or dev_mse "
+        "(regression).",
+    )
+    budget: Budget = Field(description="Compute budget.")
+    sampler: SamplerName = Field("random", description="Optuna sampler (qmc: Sobol).")
+    pruner: PrunerSpec = Field(default_factory=PrunerSpec, description="Early stopping of trials.")
+    seed: int = Field(0, ge=0, description="Seed of the sampler and the data split.")
+    space: dict[str, Annotated[Param, BeforeValidator(_parse_param)]] = Field(
+        min_length=1, description="Hyperparameters to search, by engine name."
+    )
+    fixed: dict[str, Any] = Field(
+        default_factory=dict, description="Hyperparameters set to one value, by engine name."
+    )
+    stages: list[Stage] | None = Field(
+        None,
+        min_length=1,
+        description="Coarse-to-fine stages; their trials sum to budget.trials. None: one stage.",
+    )
+    final_fit: Literal["train", "train_dev"] = Field(
+        "train",
+        description="Data the best configuration is refit on before the single test evaluation.",
+    )
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> Self:
+        issues = [
+            *_space_issues(self.space, self.fixed),
+            *_fixed_issues(self.space, self.fixed),
+            *self._stage_and_objective_issues(),
+        ]
+        if issues:
+            raise ValidationError.from_exception_data(type(self).__name__, issues)
+        return self
+
+    def _stage_and_objective_issues(self) -> Iterator[InitErrorDetails]:
+        if self.stages is not None:
+            total = sum(stage.trials for stage in self.stages)
+            if total != self.budget.trials:
+                message = f"stage trials sum to {total} but budget.trials is {self.budget.trials}"
+                yield _issue(("stages",), message, total)
+        if self.objective is not None:
+            problem = _metric_problem(self.objective.metric, self.task)
+            if problem:
+                yield _issue(("objective", "metric"), problem, self.objective.metric)
+
+    def stage_plan(self) -> list[Stage]:
+        """The stages to run: ``stages``, or one stage of ``budget.trials``."""
+        return list(self.stages) if self.stages else [Stage(trials=self.budget.trials)]
+
+    def resolved_objective(self, task: Task) -> Objective:
+        """The objective for ``task`` (known once the dataset is loaded); SpecError if unfit."""
+        if self.objective is None:
+            return Objective(metric=_DEFAULT_METRIC[task])
+        problem = _metric_problem(self.objective.metric, task)
+        if problem:
+            raise SpecError([{"loc": ["objective", "metric"], "msg": problem}])
+        return self.objective
+
+
+def _space_issues(
+    space: Mapping[str, Param], fixed: Mapping[str, Any]
+) -> Iterator[InitErrorDetails]:
+    for name, param in space.items():
+        domain = DOMAINS.get(name)
+        if domain is None:
+            yield _issue(("space", name), _unknown(name), name)
+            continue
+        if isinstance(param, CategoricalParam):
+            yield from _choice_issues(name, domain, param)
+        else:
+            yield from _range_issues(name, domain, param)
+        unused = _never_used(name, space, fixed)
+        if unused:
+            yield _issue(("space", name), unused, name)
+
+
+def _choice_issues(
+    name: str, domain: Domain, param: CategoricalParam
+) -> Iterator[InitErrorDetails]:
+    for i, choice in enumerate(param.choices):
+        problem = domain.problem(name, choice)
+        if problem:
+            yield _issue(("space", name, "choices", i), problem, choice)
+
+
+def _range_issues(
+    name: str, domain: Domain, param: FloatParam | IntParam
+) -> Iterator[InitErrorDetails]:
+    loc = ("space", name)
+    if domain.choices:
+        message = f"{name} takes one of a set of values, not a range: use choices: [...]"
+        yield _issue(loc, message, param)
+    elif domain.integer != isinstance(param, IntParam):
+        message = f"{name} takes {'integers' if domain.integer else 'real numbers'}: set type: "
+        yield _issue((*loc, "type"), message + ("int" if domain.integer else "float"), param.type)
+    else:
+        for bound in ("low", "high"):
+            problem = domain.problem(name, getattr(param, bound))
+            if problem:
+                yield _issue((*loc, bound), problem, getattr(param, bound))
+
+
+def _never_used(name: str, space: Mapping[str, Param], fixed: Mapping[str, Any]) -> str | None:
+    """Why conditional ``name`` would never be sampled, or None when some trials use it."""
+    parent = PARENT.get(name)
+    if parent is None:
+        return None
+    searched = space.get(parent)
+    if isinstance(searched, CategoricalParam):
+        options = list(searched.choices)
+    else:
+        options = [fixed.get(parent, DEFAULTS[parent])]
+    used_with = APPLIES_TO[name]
+    if any(isinstance(option, str) and option in used_with for option in options):
+        return None
+    return (
+        f"{name} is only used when {parent} is one of {', '.join(sorted(used_with))}, which "
+        f"this spec never chooses; search or fix {parent} accordingly"
+    )
+
+
+def _fixed_issues(
+    space: Mapping[str, Param], fixed: Mapping[str, Any]
+) -> Iterator[InitErrorDetails]:
+    for name, value in fixed.items():
+        loc = ("fixed", name)
+        domain = DOMAINS.get(name)
+        if domain is None:
+            yield _issue(loc, _unknown(name), name)
+        elif name in space:
+            yield _issue(loc, f"{name} is both searched (space) and fixed; keep one", value)
+        else:
+            problem = domain.problem(name, value)
+            if problem:
+                yield _issue(loc, problem, value)
+
+
+def _unknown(name: str) -> str:
+    return f"unknown hyperparameter {name!r}; known: {', '.join(DOMAINS)}"
+
+
+# --- parsing ----------------------------------------------------------------------------------
+
+
+class SpecIssue(TypedDict):
+    """One problem in a spec: where (field path) and why."""
+
+    loc: list[str | int]
+    msg: str
+
+
+class SpecError(ValueError):
+    """An invalid search spec; ``errors`` lists every problem found, one line each in str()."""
+
+    def __init__(self, errors: list[SpecIssue]) -> None:
+        self.errors = errors
+        super().__init__("\n".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors))
+
+    @classmethod
+    def from_validation_error(cls, error: ValidationError) -> SpecError:
+        """The SpecError listing a pydantic ValidationError's problems (root problems: ``spec``)."""
+        return cls([{"loc": list(e["loc"]) or ["spec"], "msg": e["msg"]} for e in error.errors()])
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """SafeLoader that also reads exponent floats without a dot, such as ``1e-4`` (YAML 1.2)."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def parse_spec(text: str | bytes, *, format: Literal["yaml", "json"] | None = None) -> SearchSpec:
+    """Parse and validate a spec document; YAML (a superset of JSON) unless ``format`` says json.
+
+    Raises SpecError: at ``spec`` for a syntax error or a document that is not a mapping, else at
+    the path of each invalid field.
+    """
+    try:
+        data = json.loads(text) if format == "json" else yaml.load(text, Loader=_YamlLoader)
+    except (yaml.YAMLError, ValueError) as error:
+        message = f"not valid {format or 'yaml'}: {_syntax_problem(error)}"
+        raise SpecError([{"loc": ["spec"], "msg": message}]) from None
+    if not isinstance(data, dict):
+        message = f"the spec must be a mapping of fields, got {type(data).__name__}"
+        raise SpecError([{"loc": ["spec"], "msg": message}])
+    try:
+        return SearchSpec.model_validate(data)
+    except ValidationError as error:
+        raise SpecError.from_validation_error(error) from None
+
+
+def _syntax_problem(error: Exception) -> str:
+    """One line saying what is wrong where, without YAML's multi-line source excerpt."""
+    if isinstance(error, yaml.MarkedYAMLError) and error.problem_mark is not None:
+        mark = error.problem_mark
+        return f"{error.problem} (line {mark.line + 1}, column {mark.column + 1})"
+    return " ".join(str(error).split())
+
+
+def load_spec(path: str | os.PathLike[str]) -> SearchSpec:
+    """Read and validate the spec file at ``path`` (JSON if it ends in .json, else YAML)."""
+    file = Path(path)
+    return parse_spec(file.read_bytes(), format="json" if file.suffix == ".json" else "yaml")

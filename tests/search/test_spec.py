@@ -1,0 +1,342 @@
+"""Tests for search.spec: the spec format, its defaults, and the errors bad specs produce."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from pydantic import BaseModel
+
+from search.spec import (
+    Budget,
+    CategoricalParam,
+    DatasetRef,
+    FloatParam,
+    IntParam,
+    Objective,
+    PrunerSpec,
+    SearchSpec,
+    SpecError,
+    Stage,
+    load_spec,
+    parse_spec,
+)
+
+EXAMPLE = """\
+name: quickstart
+dataset: {name: mnist1d}
+task: classification
+objective: {metric: dev_accuracy, direction: maximize}
+budget: {trials: 64, epochs: 30, timeout_s: 600}
+sampler: random
+pruner: {name: none}
+seed: 0
+space:
+  learning_rate: {low: 1.0e-4, high: 1.0, scale: log}
+  momentum:      {low: 0.9, high: 0.999, scale: one_minus_log}
+  l2:            {low: 1.0e-6, high: 1.0e-2, scale: log}
+  hidden_units:  {low: 32, high: 512, scale: log, type: int}
+  hidden_layers: {low: 1, high: 3, type: int}
+  optimizer:     {choices: [momentum, adam]}
+fixed: {batch_size: 128, activation: relu}
+stages:
+  - {trials: 32}
+  - {trials: 32, keep_top: 0.25, margin: 0.1}
+final_fit: train
+"""
+
+MINIMAL: dict[str, Any] = {
+    "name": "tiny",
+    "dataset": {"name": "digits"},
+    "budget": {"trials": 10, "epochs": 5},
+    "space": {"learning_rate": {"low": 1e-4, "high": 1.0, "scale": "log"}},
+}
+
+
+def _spec(**changes: Any) -> dict[str, Any]:
+    """MINIMAL with top-level fields replaced (None removes one)."""
+    spec = {**copy.deepcopy(MINIMAL), **changes}
+    return {key: value for key, value in spec.items() if value is not None}
+
+
+def _with_space(**params: Any) -> dict[str, Any]:
+    return _spec(space={**MINIMAL["space"], **params})
+
+
+def _errors(text: str) -> dict[tuple[str | int, ...], str]:
+    with pytest.raises(SpecError) as caught:
+        parse_spec(text)
+    return {tuple(error["loc"]): error["msg"] for error in caught.value.errors}
+
+
+def test_example_parses() -> None:
+    spec = parse_spec(EXAMPLE)
+    assert spec.name == "quickstart"
+    assert spec.dataset.name == "mnist1d"
+    assert spec.objective == Objective(metric="dev_accuracy", direction="maximize")
+    assert (spec.budget.trials, spec.budget.epochs, spec.budget.timeout_s) == (64, 30, 600)
+    assert spec.space["learning_rate"] == FloatParam(low=1e-4, high=1.0, scale="log")
+    assert spec.space["momentum"].scale == "one_minus_log"
+    assert spec.space["hidden_units"] == IntParam(low=32, high=512, scale="log", type="int")
+    assert spec.space["optimizer"] == CategoricalParam(choices=["momentum", "adam"])
+    assert spec.fixed == {"batch_size": 128, "activation": "relu"}
+    assert spec.stage_plan() == [Stage(trials=32), Stage(trials=32, keep_top=0.25, margin=0.1)]
+
+
+def test_json_form_parses_to_the_same_spec() -> None:
+    as_json = json.dumps(yaml.safe_load(EXAMPLE))
+    assert parse_spec(as_json, format="json") == parse_spec(EXAMPLE)
+    assert parse_spec(as_json.encode()) == parse_spec(EXAMPLE)  # YAML reads JSON too
+
+
+def test_dumped_spec_parses_back() -> None:
+    spec = parse_spec(EXAMPLE)
+    assert parse_spec(spec.model_dump_json(), format="json") == spec
+
+
+def test_load_spec_reads_yaml_and_json_files(tmp_path: Path) -> None:
+    (tmp_path / "spec.yaml").write_text(EXAMPLE)
+    (tmp_path / "spec.json").write_text(json.dumps(yaml.safe_load(EXAMPLE)))
+    assert load_spec(tmp_path / "spec.yaml") == load_spec(str(tmp_path / "spec.json"))
+
+
+def test_defaults() -> None:
+    spec = SearchSpec.model_validate(MINIMAL)
+    assert (spec.sampler, spec.pruner.name, spec.pruner.warmup_epochs) == ("random", "none", 2)
+    assert (spec.seed, spec.task, spec.objective, spec.fixed) == (0, None, None, {})
+    assert spec.final_fit == "train"
+    assert spec.stage_plan() == [Stage(trials=10, keep_top=0.25, margin=0.1)]
+    assert spec.space["learning_rate"].type == "float"
+
+
+def test_objective_defaults_follow_the_task() -> None:
+    spec = SearchSpec.model_validate(MINIMAL)
+    assert spec.resolved_objective("regression") == Objective(
+        metric="dev_mse", direction="minimize"
+    )
+    assert spec.resolved_objective("classification") == Objective(
+        metric="dev_accuracy", direction="maximize"
+    )
+
+
+@pytest.mark.parametrize(
+    ("metric", "direction"),
+    [
+        ("dev_accuracy", "maximize"),
+        ("dev_loss", "minimize"),
+        ("dev_mse", "minimize"),
+        ("dev_r2", "maximize"),
+    ],
+)
+def test_direction_defaults_to_the_metric_direction(metric: str, direction: str) -> None:
+    assert Objective.model_validate({"metric": metric}).direction == direction
+
+
+def test_objective_that_does_not_fit_the_inferred_task() -> None:
+    spec = SearchSpec.model_validate(_spec(objective={"metric": "dev_accuracy"}))
+    with pytest.raises(SpecError, match=r"objective\.metric: dev_accuracy .* regression"):
+        spec.resolved_objective("regression")
+
+
+@pytest.mark.parametrize(
+    "dataset",
+    [
+        {"name": "digits"},
+        {"name": "synthetic", "samples": 20000, "features": 64, "classes": 10, "noise": 0.1},
+        {"name": "synthetic", "task": "regression"},
+        {"name": "mnist1d", "samples": 4000},
+        {"path": "data.csv", "target": "label"},
+        {"path": "data.npz"},
+        {"id": "ds_123"},
+    ],
+)
+def test_dataset_sources(dataset: dict[str, Any]) -> None:
+    spec = SearchSpec.model_validate(_spec(dataset=dataset))
+    assert spec.dataset.model_dump(exclude_none=True) == dataset
+
+
+def test_yaml_exponent_floats_without_a_dot_are_numbers() -> None:
+    text = yaml.safe_dump(_spec(fixed={"l2": "1e-4"})).replace("'1e-4'", "1e-4")
+    assert parse_spec(text).fixed == {"l2": 1e-4}
+
+
+def test_categorical_values_for_numeric_params_are_allowed() -> None:
+    spec = SearchSpec.model_validate(
+        _with_space(batch_size={"choices": [64, 128, 256]}, l2={"choices": [0, 1e-4]})
+    )
+    assert spec.space["batch_size"] == CategoricalParam(choices=[64, 128, 256])
+
+
+BAD = [
+    # (spec, field path, words of the reason)
+    (_with_space(lr={"low": 0.1, "high": 1}), ("space", "lr"), "unknown hyperparameter 'lr'"),
+    (_with_space(l2={"low": 0.1, "high": 0.1}), ("space", "l2"), "empty range"),
+    (_with_space(l2={"low": 0.2, "high": 0.1}), ("space", "l2"), "empty range"),
+    (
+        _with_space(learning_rate={"low": 0, "high": 1, "scale": "log"}),
+        ("space", "learning_rate"),
+        "log scale needs low > 0",
+    ),
+    (
+        _with_space(momentum={"low": 0.9, "high": 1.0, "scale": "one_minus_log"}),
+        ("space", "momentum"),
+        "one_minus_log scale needs 0 < low < high < 1",
+    ),
+    (
+        _with_space(l2={"low": 0.0, "high": 0.5, "scale": "one_minus_log"}),
+        ("space", "l2"),
+        "one_minus_log",
+    ),
+    (
+        _with_space(hidden_units={"low": 32.5, "high": 512, "type": "int"}),
+        ("space", "hidden_units", "low"),
+        "integer",
+    ),
+    (
+        _with_space(hidden_units={"low": 32, "high": 512, "type": "int", "scale": "one_minus_log"}),
+        ("space", "hidden_units", "scale"),
+        "'linear' or 'log'",
+    ),
+    (
+        _with_space(hidden_units={"low": 32, "high": 512}),
+        ("space", "hidden_units", "type"),
+        "integers",
+    ),
+    (
+        _with_space(hidden_units={"low": 32, "high": 512, "type": "str"}),
+        ("space", "hidden_units"),
+        "type must be 'float' or 'int'",
+    ),
+    (_with_space(optimizer={"low": 0, "high": 1}), ("space", "optimizer"), "not a range"),
+    (
+        _with_space(optimizer={"choices": ["adam", "sgd"]}),
+        ("space", "optimizer", "choices", 1),
+        "optimizer must be one of",
+    ),
+    (
+        _with_space(optimizer={"choices": ["adam", "adam"]}),
+        ("space", "optimizer", "choices"),
+        "unique",
+    ),
+    (_with_space(optimizer={"choices": []}), ("space", "optimizer", "choices"), "at least 1"),
+    (
+        _with_space(dropout={"low": 0, "high": 1}),
+        ("space", "dropout", "high"),
+        "dropout must be a number in [0, 1)",
+    ),
+    (
+        _with_space(decay_rate={"low": 0.5, "high": 0.99}),
+        ("space", "decay_rate"),
+        "only used when lr_decay is one of",
+    ),
+    (
+        _spec(fixed={"learning_rate": 0.1}),
+        ("fixed", "learning_rate"),
+        "both searched (space) and fixed",
+    ),
+    (_spec(fixed={"dropout": 1.5}), ("fixed", "dropout"), "dropout must be a number in [0, 1)"),
+    (_spec(fixed={"batch_size": 0}), ("fixed", "batch_size"), "an integer >= 1"),
+    (_spec(fixed={"batch_norm": "yes"}), ("fixed", "batch_norm"), "one of true, false"),
+    (_spec(fixed={"widths": 3}), ("fixed", "widths"), "unknown hyperparameter"),
+    (_spec(sampler="grid"), ("sampler",), "'random', 'tpe', 'qmc', 'gp' or 'cmaes'"),
+    (_spec(pruner={"name": "asha"}), ("pruner", "name"), "'none', 'median' or 'hyperband'"),
+    (_spec(stages=[{"trials": 4}, {"trials": 4}]), ("stages",), "sum to 8 but budget.trials is 10"),
+    (_spec(stages=[{"trials": 5}, {"trials": 5, "keep_top": 0}]), ("stages", 1, "keep_top"), "0"),
+    (_spec(budget={"trials": 0, "epochs": 1}), ("budget", "trials"), "greater than or equal to 1"),
+    (_spec(budget={"trials": 1, "epochs": 1, "timeout_s": 0}), ("budget", "timeout_s"), "0"),
+    (
+        _spec(task="regression", objective={"metric": "dev_accuracy"}),
+        ("objective", "metric"),
+        "dev_accuracy does not fit a regression task",
+    ),
+    (
+        _spec(objective={"metric": "dev_loss", "direction": "maximize"}),
+        ("objective", "direction"),
+        "dev_loss must be minimized",
+    ),
+    (_spec(dataset={"name": "digits", "path": "x.csv"}), ("dataset",), "exactly one of"),
+    (_spec(dataset={"target": "y"}), ("dataset",), "exactly one of"),
+    (_spec(dataset={"name": "imagenet"}), ("dataset", "name"), "'mnist1d', 'digits'"),
+    (
+        _spec(dataset={"name": "digits", "features": 8}),
+        ("dataset", "features"),
+        "does not apply to dataset source 'digits'",
+    ),
+    (_spec(space={}), ("space",), "at least 1"),
+    (_spec(budget=None), ("budget",), "required"),
+    (_spec(trials=10), ("trials",), "Extra inputs are not permitted"),
+]
+
+
+@pytest.mark.parametrize(("spec", "loc", "reason"), BAD)
+def test_bad_spec_names_the_field_and_the_reason(
+    spec: dict[str, Any], loc: tuple[str | int, ...], reason: str
+) -> None:
+    errors = _errors(yaml.safe_dump(spec))
+    assert loc in errors, errors
+    assert reason in errors[loc]
+
+
+def test_all_problems_are_reported_at_once() -> None:
+    spec = _spec(
+        space={**MINIMAL["space"], "lr": {"low": 0.1, "high": 1}},
+        fixed={"dropout": 1.5, "learning_rate": 0.1},
+    )
+    errors = _errors(json.dumps(spec))
+    assert set(errors) == {("space", "lr"), ("fixed", "dropout"), ("fixed", "learning_rate")}
+
+
+def test_error_message_has_one_line_per_problem() -> None:
+    spec = _with_space(momentum={"low": 0.9, "high": 1.0, "scale": "one_minus_log"})
+    spec["fixed"] = {"dropout": 1.5}
+    with pytest.raises(SpecError) as caught:
+        parse_spec(json.dumps(spec))
+    lines = str(caught.value).splitlines()
+    assert lines[0].startswith("space.momentum: one_minus_log scale needs")
+    assert len(lines) == len(caught.value.errors)
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("name: [unclosed\n", "not valid yaml"),
+        ("name: x\n  bad: indent\n", "not valid yaml"),
+        ("- name: x\n", "must be a mapping"),
+        ("just a string", "must be a mapping"),
+        ("", "must be a mapping"),
+    ],
+)
+def test_unreadable_document_is_reported_at_spec(text: str, reason: str) -> None:
+    errors = _errors(text)
+    assert list(errors) == [("spec",)]
+    assert reason in errors[("spec",)]
+    assert "\n" not in errors[("spec",)]
+
+
+def test_bad_json_is_reported_at_spec() -> None:
+    with pytest.raises(SpecError, match=r"^spec: not valid json"):
+        parse_spec("{'name': 1}", format="json")
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        SearchSpec,
+        DatasetRef,
+        Objective,
+        Budget,
+        PrunerSpec,
+        FloatParam,
+        IntParam,
+        CategoricalParam,
+        Stage,
+    ],
+)
+def test_models_are_documented_for_openapi(model: type[BaseModel]) -> None:
+    assert model.__doc__
+    assert all(field.description for field in model.model_fields.values())
+    assert model.model_json_schema()["additionalProperties"] is False

@@ -65,21 +65,30 @@ class MLP(nn.Module):
         return nn.Dense(self.num_outputs)(x)
 
 
-def reinit_kernels(params: dict, key: jax.Array, init_code: jax.Array) -> dict:
-    """Redraw every Dense kernel from N(0, init_std²); biases stay at zero."""
-    paths_and_leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+def init_variables(model: MLP, input_dim: int, key: jax.Array, init_code: jax.Array) -> dict:
+    """Fresh variables: kernels ~ N(0, init_std²), biases and shifts 0, scales and variances 1.
+
+    Built from the model's variable structure rather than by `model.init`, whose default
+    initialisers would be drawn only to be replaced (and cost seconds of compilation).
+    """
+    sample = jax.ShapeDtypeStruct((1, input_dim), jnp.float32)
+    template = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False), sample)
+    paths_and_leaves = jax.tree_util.tree_flatten_with_path(template)[0]
     keys = iter(jax.random.split(key, len(paths_and_leaves)))
 
-    def redraw(path, leaf):
+    def fresh(path, leaf):
         k = next(keys)
-        if _is_kernel(path):
+        name = getattr(path[-1], "key", None)
+        if name == "kernel":
             fan_in, fan_out = leaf.shape
             return jax.random.normal(k, leaf.shape, leaf.dtype) * init_std(
                 init_code, fan_in, fan_out
             )
-        return leaf
+        if name in ("scale", "var"):
+            return jnp.ones(leaf.shape, leaf.dtype)
+        return jnp.zeros(leaf.shape, leaf.dtype)
 
-    return jax.tree_util.tree_map_with_path(redraw, params)
+    return jax.tree_util.tree_map_with_path(fresh, dict(template))
 
 
 def kernel_mask(params: dict) -> dict:

@@ -1,0 +1,1 @@
+"""Side-by-side benchmarks: `python -m bench.<name>`; each prints a table and a final JSON line."""

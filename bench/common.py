@@ -1,0 +1,57 @@
+"""Shared by the benchmarks: the machine description, subprocess contenders, table printing."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def machine() -> dict:
+    """What the figures were measured on."""
+    import jax
+
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "devices": [str(d) for d in jax.devices()],
+    }
+
+
+def run_contender(module: str, args: Sequence[str], env: dict | None = None) -> dict:
+    """Run `python -m module args` in a fresh process and return the JSON of its last line."""
+    completed = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        check=False,
+    )
+    if completed.returncode != 0:
+        raise RuntimeError(f"{module} {' '.join(args)} failed:\n{completed.stderr[-3000:]}")
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def print_table(rows: list[dict], columns: Sequence[str]) -> None:
+    """A plain fixed-width table, numbers rounded for reading."""
+
+    def cell(value) -> str:
+        if isinstance(value, float):
+            return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
+        return str(value)
+
+    widths = {c: max(len(c), *(len(cell(r.get(c, ""))) for r in rows)) for c in columns}
+    print("  ".join(c.ljust(widths[c]) for c in columns))
+    for row in rows:
+        print("  ".join(cell(row.get(c, "")).ljust(widths[c]) for c in columns))
+
+
+def median(values: Sequence[float]) -> float:
+    return float(np.median(np.asarray(values, float)))

@@ -1,0 +1,221 @@
+"""Caviar's `train_batch` against the usual per-trial loop, on one workload, side by side.
+
+    python -m bench.engine [--trials 32] [--epochs 20] [--rounds 1] [--group-sizes 2,4,8,32]
+
+Workload: MNIST-1D (4000 train / 1000 dev / 1250 test), MLP 40→256→256→10 ReLU, SGD with
+momentum (v = β·v + (1-β)·dW), minibatch 128, learning rate log-uniform in [1e-4, 1], 1-β
+log-uniform in [1e-3, 1e-1], L2 log-uniform in [1e-6, 1e-2]; both contenders get the same
+hyperparameters and the same update rule. Every contender runs in a fresh process, so each pays
+its own compilation; "warm cache" is a second Caviar process reusing the persistent
+compilation cache of the first. Prints a table and a final JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+
+import numpy as np
+
+from bench.common import machine, median, print_table, run_contender
+
+HIDDEN = (256, 256)
+BATCH = 128
+DATASET = {"name": "mnist1d", "samples": 6250}  # 4000 train / 1000 dev / 1250 test
+
+
+def sample_hparams(trials: int, seed: int) -> list[dict]:
+    """The workload's random search: log-uniform learning rate, 1-β and L2."""
+    rng = np.random.default_rng(seed)
+    return [
+        {
+            "learning_rate": float(10 ** rng.uniform(-4, 0)),
+            "momentum": float(1 - 10 ** rng.uniform(-3, -1)),
+            "l2": float(10 ** rng.uniform(-6, -2)),
+            "seed": i,
+        }
+        for i in range(trials)
+    ]
+
+
+def training_gflop(epochs_per_trial: list[int], train: int, dev: int) -> float:
+    """FLOPs actually spent: 3× forward per training example (forward + backward), 1× on dev."""
+    from models.train import Shape
+
+    shape = Shape(40, 10, HIDDEN, optimizer="momentum", batch_size=BATCH)
+    steps = train // BATCH
+    per_epoch = 3 * shape.forward_flops(steps * BATCH) + shape.forward_flops(dev)
+    return sum(epochs_per_trial) * per_epoch / 1e9
+
+
+def run_caviar(trials: int, epochs: int, group_size: int) -> dict:
+    """Contender: one `train_batch` call for all trials (groups of `group_size` per program)."""
+    from models.data import load_dataset
+    from models.train import Shape, TrainData, evaluate, train_batch
+
+    ds = load_dataset(DATASET)
+    hparams = sample_hparams(trials, seed=0)
+    start = time.perf_counter()
+    data = TrainData.from_arrays(ds.x_train, ds.y_train, ds.x_dev, ds.y_dev)
+    shape = Shape(ds.num_features, ds.num_outputs, HIDDEN, optimizer="momentum", batch_size=BATCH)
+    result = train_batch(shape, hparams, data, epochs=epochs, group_size=group_size)
+    wall = time.perf_counter() - start
+    tests = [
+        evaluate(shape, result.trial_variables(i), ds.x_test, ds.y_test)["accuracy"]
+        if t.status != "diverged" and t.best_epoch
+        else float("nan")
+        for i, t in enumerate(result.trials)
+    ]
+    devs = [
+        t.best.get("dev_accuracy", float("nan")) if t.status != "diverged" else float("nan")
+        for t in result.trials
+    ]
+    return _summary(wall, [t.epochs for t in result.trials], devs, tests, len(ds.y_train))
+
+
+def run_per_trial(trials: int, epochs: int) -> dict:
+    """Contender: the usual loop, a Flax model and a jitted train step per trial."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from models.data import load_dataset
+    from models.mlp import MLP, init_variables, sum_squared_weights
+
+    ds = load_dataset(DATASET)
+    hparams = sample_hparams(trials, seed=0)
+    start = time.perf_counter()
+    epochs_done, devs, tests = [], [], []
+    for hp in hparams:
+        model = MLP(hidden=HIDDEN, num_outputs=ds.num_outputs)
+        key = jax.random.PRNGKey(hp["seed"])
+        params = init_variables(model, ds.num_features, key, jnp.int32(0))["params"]
+        tx = optax.chain(optax.ema(hp["momentum"], debias=False), optax.scale(-hp["learning_rate"]))
+        opt_state = tx.init(params)
+        l2 = hp["l2"]
+
+        @jax.jit
+        def train_step(params, opt_state, xb, yb, model=model, tx=tx, l2=l2):
+            def cost(p):
+                logits = model.apply({"params": p}, xb, train=True)
+                loss = optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
+                return loss + l2 / (2 * xb.shape[0]) * sum_squared_weights(p)
+
+            loss, grads = jax.value_and_grad(cost)(params)
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state, loss
+
+        @jax.jit
+        def accuracy(params, x, y, model=model):
+            return jnp.mean(jnp.argmax(model.apply({"params": params}, x, train=False), -1) == y)
+
+        rng = np.random.default_rng(0)
+        best_dev, best_test, done = -1.0, float("nan"), 0
+        for _ in range(epochs):
+            order = rng.permutation(len(ds.y_train))
+            for step in range(len(order) // BATCH):
+                rows = order[step * BATCH : (step + 1) * BATCH]
+                params, opt_state, loss = train_step(
+                    params, opt_state, ds.x_train[rows], ds.y_train[rows]
+                )
+            done += 1
+            if not np.isfinite(float(loss)):
+                best_dev = float("nan")
+                break
+            dev = float(accuracy(params, ds.x_dev, ds.y_dev))
+            if dev > best_dev:
+                best_dev, best_test = dev, float(accuracy(params, ds.x_test, ds.y_test))
+        epochs_done.append(done)
+        devs.append(best_dev)
+        tests.append(best_test if np.isfinite(best_dev) else float("nan"))
+    wall = time.perf_counter() - start
+    return _summary(wall, epochs_done, devs, tests, len(ds.y_train))
+
+
+def _summary(wall, epochs_done, devs, tests, train_size) -> dict:
+    devs_, tests_ = np.asarray(devs, float), np.asarray(tests, float)
+    selected = int(np.nanargmax(devs_))  # the trial a search would pick: best dev accuracy
+    return {
+        "wall_s": wall,
+        "trials": len(devs),
+        "gflop": training_gflop(epochs_done, train_size, 1000),
+        "selected_test_accuracy": float(tests_[selected]),
+        "best_test_accuracy": float(np.nanmax(tests_)),
+        "median_test_accuracy": float(np.nanmedian(tests_)),
+        "diverged": int(np.sum(~np.isfinite(devs_))),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=32)
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=1, help="contenders run in turn, N times")
+    parser.add_argument("--group-sizes", default="4", help="Caviar group sizes to compare")
+    parser.add_argument("--contender", help=argparse.SUPPRESS)
+    parser.add_argument("--group-size", type=int, default=4, help=argparse.SUPPRESS)
+    parser.add_argument("--cache", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.contender:  # inside a contender's own process
+        if args.cache:
+            from models.runtime import enable_compilation_cache
+
+            enable_compilation_cache(args.cache)
+        if args.contender == "caviar":
+            out = run_caviar(args.trials, args.epochs, args.group_size)
+        else:
+            out = run_per_trial(args.trials, args.epochs)
+        print(json.dumps(out))
+        return
+
+    from models.runtime import matmul_peak_gflops
+
+    peak = matmul_peak_gflops()
+    info = machine()
+    print(f"machine: {info}")
+    print(
+        f"workload: {args.trials} trials, MNIST-1D 4000 train, MLP 40→256→256→10 relu, "
+        f"momentum SGD, batch {BATCH}, {args.epochs} epochs; float32 matmul peak {peak:.0f} GFLOP/s"
+    )
+    common = ["--trials", str(args.trials), "--epochs", str(args.epochs)]
+    group_sizes = [int(g) for g in args.group_sizes.split(",")]
+    runs: dict[str, list[dict]] = {}
+    for _ in range(args.rounds):
+        for group in group_sizes:
+            with tempfile.TemporaryDirectory() as cache:
+                caviar = [*common, "--contender", "caviar", "--group-size", str(group)]
+                cold = run_contender("bench.engine", [*caviar, "--cache", cache])
+                warm = run_contender("bench.engine", [*caviar, "--cache", cache])
+            runs.setdefault(f"caviar g={group} (cold)", []).append(cold)
+            runs.setdefault(f"caviar g={group} (warm cache)", []).append(warm)
+        runs.setdefault("per-trial loop", []).append(
+            run_contender("bench.engine", [*common, "--contender", "per-trial"])
+        )
+
+    baseline = median([r["wall_s"] for r in runs["per-trial loop"]])
+    rows = []
+    for name, results in runs.items():
+        wall = median([r["wall_s"] for r in results])
+        gflops = median([r["gflop"] / r["wall_s"] for r in results])
+        rows.append(
+            {
+                "contender": name,
+                "wall_s": wall,
+                "trials_per_min": 60 * args.trials / wall,
+                "speedup_vs_loop": baseline / wall,
+                "selected_test_acc": median([r["selected_test_accuracy"] for r in results]),
+                "median_test_acc": median([r["median_test_accuracy"] for r in results]),
+                "gflop_per_s": gflops,
+                "share_of_peak": gflops / peak,
+                "diverged": results[-1]["diverged"],
+            }
+        )
+    print_table(rows, list(rows[0]))
+    print(json.dumps({"benchmark": "engine", "machine": info, "peak_gflops": peak, "rows": rows}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,228 @@
+"""A whole search: stages of batches, coarse-to-fine refinement between stages, the final fit."""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from models.data import Dataset, load_dataset
+from search.final import FinalFit, final_fit
+from search.refine import refine_space, top_fraction
+from search.space import engine_params
+from search.spec import Param, SearchSpec, SpecError, is_active
+from search.studies import (
+    annotate_finished_trial,
+    counts_toward_budget,
+    create_stage_study,
+    load_stage_study,
+    stage_space,
+    study_name,
+)
+from search.worker import (
+    DEFAULT_BATCH,
+    SearchContext,
+    StopCheck,
+    TrialOutcome,
+    run_batch,
+    trial_seed,
+)
+
+#: Objective metric → the user-facing figure names of the best trial.
+TEST_FIGURES = {"classification": ("test_accuracy",), "regression": ("test_mse", "test_r2")}
+
+
+def new_search_id(name: str) -> str:
+    """A unique, readable search id: the spec name's slug and a random suffix."""
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:40] or "search"
+    return f"{slug}-{uuid.uuid4().hex[:8]}"
+
+
+def load_search_dataset(spec: SearchSpec) -> Dataset:
+    """The dataset a spec names, split with the spec's seed."""
+    source = spec.dataset.model_dump(exclude_none=True)
+    if "id" in source:
+        raise SpecError([{"loc": ["dataset", "id"], "msg": "uploaded datasets need the service"}])
+    return load_dataset(source, seed=spec.seed, task=spec.task)
+
+
+@dataclass
+class SearchResult:
+    """Where a finished search stands: its studies, trial counts, best trial and final figures."""
+
+    search_id: str
+    studies: list[str]
+    counts: dict[str, int]
+    best: dict[str, Any] | None
+    final: FinalFit | None = field(default=None, repr=False)
+
+    def summary(self) -> dict[str, Any]:
+        """The JSON summary `caviar run --json` prints."""
+        return {
+            "search_id": self.search_id,
+            "studies": self.studies,
+            "trials": self.counts,
+            "best": self.best,
+        }
+
+
+def run_search(
+    spec: SearchSpec,
+    storage: optuna.storages.BaseStorage,
+    *,
+    search_id: str | None = None,
+    batch: int = DEFAULT_BATCH,
+    should_stop: StopCheck | None = None,
+    on_trial: Callable[[TrialOutcome], None] | None = None,
+    on_stage: Callable[[int, dict[str, Param]], None] | None = None,
+    on_epoch: Callable[[list], None] | None = None,
+) -> SearchResult:
+    """Run every stage of `spec` in this process, then refit and test the best trial once."""
+    search_id = search_id or new_search_id(spec.name)
+    dataset = load_search_dataset(spec)
+    objective = spec.resolved_objective(dataset.task)
+    ctx = SearchContext(spec, search_id, dataset, objective)
+    stop = _with_deadline(should_stop, spec.budget.timeout_s)
+
+    space: dict[str, Param] = dict(spec.space)
+    stages = spec.stage_plan()
+    for number, stage in enumerate(stages, start=1):
+        if number > 1:
+            previous = load_stage_study(storage, spec, search_id, number - 1)
+            top = top_fraction(
+                [
+                    (t.value, engine_params(t, stage_space(previous), spec.fixed))
+                    for t in previous.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                ],
+                stage.keep_top,
+                objective.direction,
+            )
+            if top:
+                space = refine_space(space, top, margin=stage.margin, original=spec.space)
+        create_stage_study(storage, spec, search_id, number, space, objective.direction)
+        study = load_stage_study(storage, spec, search_id, number)
+        if on_stage is not None:
+            on_stage(number, space)
+        while (remaining := stage.trials - _used_slots(study)) > 0 and not stop():
+            run_batch(
+                study,
+                ctx,
+                space,
+                number,
+                min(batch, remaining),
+                should_stop=stop,
+                on_trial=on_trial,
+                on_epoch=on_epoch,
+            )
+        if stop():
+            break
+
+    return finish_search(spec, storage, search_id, dataset, len(stages))
+
+
+def finish_search(
+    spec: SearchSpec,
+    storage: optuna.storages.BaseStorage,
+    search_id: str,
+    dataset: Dataset,
+    stage_count: int,
+) -> SearchResult:
+    """Pick the best trial over all stages, refit and test it once, and record the figures."""
+    studies = [
+        study_name(search_id, n)
+        for n in range(1, stage_count + 1)
+        if _study_exists(storage, study_name(search_id, n))
+    ]
+    trials = [t for name in studies for t in _load(storage, name).get_trials(deepcopy=False)]
+    counts = _count(trials)
+    objective = spec.resolved_objective(dataset.task)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    if not complete:
+        return SearchResult(search_id, studies, counts, None)
+    pick = max if objective.direction == "maximize" else min
+    best = pick(complete, key=lambda t: t.value)
+    stage = int(best.user_attrs["stage"])
+    study = _load(storage, study_name(search_id, stage))
+    params = engine_params(best, stage_space(study), spec.fixed)
+    fit = final_fit(
+        spec,
+        dataset,
+        params,
+        trial_seed(spec.seed, stage, best.number),
+        int(best.user_attrs.get("best_epoch") or spec.budget.epochs),
+    )
+    tests = {name: fit.figures[name] for name in TEST_FIGURES[dataset.task]}
+    record = {
+        **tests,
+        "diagnosis": fit.diagnosis,
+        "final_fit": spec.final_fit,
+        "final_figures": fit.figures,
+    }
+    annotate_finished_trial(storage, best, record)
+    for key, value in {**record, "best_trial": best.number}.items():
+        study.set_user_attr(key, value)
+    best_summary = {
+        "trial": best.number,
+        "stage": stage,
+        "study": study_name(search_id, stage),
+        "params": shown_params(params, spec),
+        objective.metric: best.value,
+        **tests,
+        "diagnosis": fit.diagnosis,
+    }
+    return SearchResult(search_id, studies, counts, best_summary, fit)
+
+
+def shown_params(params: dict[str, Any], spec: SearchSpec) -> dict[str, Any]:
+    """The searched and fixed hyperparameters that the trial actually used (β as β)."""
+    names = [*spec.space, *spec.fixed]
+    return {name: params[name] for name in names if is_active(name, params)}
+
+
+def _used_slots(study: optuna.Study) -> int:
+    return sum(counts_toward_budget(t) for t in study.get_trials(deepcopy=False))
+
+
+def _count(trials: list[FrozenTrial]) -> dict[str, int]:
+    counts = {"complete": 0, "pruned": 0, "failed": 0, "running": 0, "total": len(trials)}
+    names = {
+        TrialState.COMPLETE: "complete",
+        TrialState.PRUNED: "pruned",
+        TrialState.FAIL: "failed",
+        TrialState.RUNNING: "running",
+    }
+    for trial in trials:
+        if trial.state in names:
+            counts[names[trial.state]] += 1
+    return counts
+
+
+def _study_exists(storage: optuna.storages.BaseStorage, name: str) -> bool:
+    try:
+        storage.get_study_id_from_name(name)
+    except KeyError:
+        return False
+    return True
+
+
+def _load(storage: optuna.storages.BaseStorage, name: str) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def _with_deadline(should_stop: StopCheck | None, timeout_s: float | None) -> StopCheck:
+    deadline = time.monotonic() + timeout_s if timeout_s else None
+
+    def stop() -> str | None:
+        if should_stop is not None and (reason := should_stop()):
+            return reason
+        if deadline is not None and time.monotonic() > deadline:
+            return "timeout"
+        return None
+
+    return stop

@@ -1,0 +1,152 @@
+"""Optuna studies of a search: one per coarse-to-fine stage, with the spec's sampler and pruner.
+
+A search `<search-id>` owns the studies `caviar/<search-id>/stage-<n>` (n from 1). Each stage is
+its own study because Optuna's relative samplers drop a parameter whose distribution changes
+inside one study. A stage study carries, as user attributes, the search id, its stage number,
+the ranges it samples (after refinement) and the spec, so the dashboard and any process can
+rebuild what the stage searches from the database alone.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from search.refine import describe_ranges
+from search.spec import CategoricalParam, FloatParam, IntParam, Param, SearchSpec, SpecError
+
+STUDY_PREFIX = "caviar"
+
+#: Reasons (trial user attribute `reason`) of failures caused by the trial itself; they count
+#: toward the budget. Any other failed trial (a worker died, was preempted) is retried.
+FINAL_FAILURES = frozenset({"diverged", "error"})
+
+
+def study_name(search_id: str, stage: int) -> str:
+    """The Optuna study name of `stage` (1-based) of a search."""
+    return f"{STUDY_PREFIX}/{search_id}/stage-{stage}"
+
+
+def make_sampler(spec: SearchSpec, stage: int, stream: int = 0) -> optuna.samplers.BaseSampler:
+    """The spec's sampler, seeded from the spec seed, the stage and the worker's `stream`."""
+    seed = spec.seed * 1_000_003 + stage * 7_919 + stream
+    match spec.sampler:
+        case "random":
+            return optuna.samplers.RandomSampler(seed=seed)
+        case "tpe":
+            # constant_liar: trials asked in one batch do not all crowd the same point.
+            return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True)
+        case "qmc":
+            return optuna.samplers.QMCSampler(qmc_type="sobol", scramble=True, seed=seed)
+        case "cmaes":
+            return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
+        case "gp":
+            try:
+                import torch  # noqa: F401  (GPSampler needs it)
+            except ImportError:
+                message = "the gp sampler needs PyTorch: pip install 'caviar[gp]'"
+                raise SpecError([{"loc": ["sampler"], "msg": message}]) from None
+            return optuna.samplers.GPSampler(seed=seed)
+    raise SpecError([{"loc": ["sampler"], "msg": f"unknown sampler {spec.sampler!r}"}])
+
+
+def make_pruner(spec: SearchSpec) -> optuna.pruners.BasePruner:
+    """Per-epoch early stopping on the dev metric, as the spec asks."""
+    pruner = spec.pruner
+    match pruner.name:
+        case "median":
+            return optuna.pruners.MedianPruner(
+                n_startup_trials=5, n_warmup_steps=pruner.warmup_epochs
+            )
+        case "hyperband":
+            return optuna.pruners.HyperbandPruner(
+                min_resource=max(1, pruner.warmup_epochs), max_resource=spec.budget.epochs
+            )
+    return optuna.pruners.NopPruner()
+
+
+def create_stage_study(
+    storage: optuna.storages.BaseStorage,
+    spec: SearchSpec,
+    search_id: str,
+    stage: int,
+    space: dict[str, Param],
+    direction: str,
+) -> optuna.Study:
+    """Create the study of `stage` (or load it if another process already did)."""
+    study = optuna.create_study(
+        storage=storage,
+        study_name=study_name(search_id, stage),
+        direction=direction,
+        load_if_exists=True,
+    )
+    study.set_user_attr("search_id", search_id)
+    study.set_user_attr("stage", stage)
+    study.set_user_attr("ranges", describe_ranges(space))
+    study.set_user_attr("spec", spec.model_dump(mode="json", exclude_none=True))
+    return study
+
+
+def load_stage_study(
+    storage: optuna.storages.BaseStorage,
+    spec: SearchSpec,
+    search_id: str,
+    stage: int,
+    stream: int = 0,
+) -> optuna.Study:
+    """An existing stage study with this process's sampler and the spec's pruner."""
+    return optuna.load_study(
+        study_name=study_name(search_id, stage),
+        storage=storage,
+        sampler=make_sampler(spec, stage, stream),
+        pruner=make_pruner(spec),
+    )
+
+
+def stage_space(study: optuna.Study) -> dict[str, Param]:
+    """The search space a stage study samples, rebuilt from its `ranges` user attribute."""
+    space: dict[str, Param] = {}
+    for name, described in study.user_attrs["ranges"].items():
+        if "choices" in described:
+            space[name] = CategoricalParam(choices=described["choices"])
+        elif described.get("type") == "int":
+            space[name] = IntParam(**described)
+        else:
+            space[name] = FloatParam(**described)
+    return space
+
+
+def counts_toward_budget(trial: FrozenTrial) -> bool:
+    """Finished trials that used up a slot of the budget (retried failures do not)."""
+    if trial.state in (TrialState.COMPLETE, TrialState.PRUNED):
+        return True
+    return trial.state == TrialState.FAIL and trial.user_attrs.get("reason") in FINAL_FAILURES
+
+
+def annotate_finished_trial(
+    storage: optuna.storages.BaseStorage, trial: FrozenTrial, attrs: dict[str, Any]
+) -> None:
+    """Add user attributes to a trial that is already finished.
+
+    Optuna's storage API refuses to change finished trials, but the best trial's test figures
+    are only known after the search ends; they belong on the trial so that the dashboard shows
+    them. This writes the rows Optuna itself would write, into its own table.
+    """
+    from optuna.storages._rdb import models  # the schema of the installed Optuna version
+
+    if not isinstance(storage, optuna.storages.RDBStorage):
+        raise TypeError("finished trials can only be annotated in an RDB storage")
+    with storage.scoped_session() as session:
+        for key, value in attrs.items():
+            session.query(models.TrialUserAttributeModel).filter_by(
+                trial_id=trial._trial_id, key=key
+            ).delete()
+            session.add(
+                models.TrialUserAttributeModel(
+                    trial_id=trial._trial_id, key=key, value_json=json.dumps(value)
+                )
+            )
+        session.commit()

@@ -1,0 +1,206 @@
+"""The worker loop's core: ask Optuna for trials, train them by shape as one batch, tell Optuna.
+
+The engine (`models.train.train_batch`) knows nothing about Optuna; this module turns its
+per-epoch callback into `trial.report` / `trial.should_prune` calls and its results into
+`study.tell`. A diverged trial fails with reason `diverged`; the rest of its batch goes on.
+"""
+
+from __future__ import annotations
+
+import traceback
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import optuna
+from optuna.trial import Trial, TrialState
+
+from models.data import Dataset
+from models.train import HPARAM_DEFAULTS, EpochReport, Shape, TrainData, train_batch
+from search.space import sample_trial
+from search.spec import Objective, Param, SearchSpec
+
+#: Trials one worker asks for at once; they are split by shape and trained together.
+DEFAULT_BATCH = 32
+
+
+@dataclass
+class SearchContext:
+    """What every batch of a search needs: the spec, its data on the device and its objective."""
+
+    spec: SearchSpec
+    search_id: str
+    dataset: Dataset
+    objective: Objective
+    data: TrainData = field(init=False)
+
+    def __post_init__(self) -> None:
+        ds = self.dataset
+        self.data = TrainData.from_arrays(ds.x_train, ds.y_train, ds.x_dev, ds.y_dev, ds.target_std)
+
+
+@dataclass(frozen=True)
+class TrialOutcome:
+    """What happened to one trial, for progress displays."""
+
+    number: int
+    stage: int
+    state: TrialState
+    value: float | None
+    params: dict[str, Any]
+
+
+#: Called after every epoch; a returned reason ("cancelled", "timeout", "preempted") stops every
+#: trial in training, which then fails with that reason.
+StopCheck = Callable[[], "str | None"]
+
+
+def shape_of(params: dict[str, Any], dataset: Dataset) -> Shape:
+    """The static shape (what the compiled program depends on) of a trial's hyperparameters."""
+    return Shape(
+        input_dim=dataset.num_features,
+        num_outputs=dataset.num_outputs,
+        hidden=(int(params["hidden_units"]),) * int(params["hidden_layers"]),
+        activation=params["activation"],
+        batch_norm=bool(params["batch_norm"]),
+        optimizer=params["optimizer"],
+        batch_size=min(int(params["batch_size"]), len(dataset.y_train)),
+        task=dataset.task,
+        use_dropout=float(params["dropout"]) > 0,
+    )
+
+
+def continuous_hparams(params: dict[str, Any], seed: int) -> dict[str, Any]:
+    """The trial's traced hyperparameters (everything of the engine's that is not the shape)."""
+    values = {name: params[name] for name in HPARAM_DEFAULTS if name in params}
+    values["seed"] = seed
+    return values
+
+
+def trial_seed(spec_seed: int, stage: int, number: int) -> int:
+    """A stable per-trial seed for initialisation and dropout."""
+    return zlib.crc32(f"{spec_seed}/{stage}/{number}".encode()) & 0x7FFFFFFF
+
+
+def run_batch(
+    study: optuna.Study,
+    ctx: SearchContext,
+    space: dict[str, Param],
+    stage: int,
+    count: int,
+    *,
+    should_stop: StopCheck | None = None,
+    on_trial: Callable[[TrialOutcome], None] | None = None,
+    on_epoch: Callable[[list[Trial]], None] | None = None,
+) -> list[TrialOutcome]:
+    """Ask `count` trials of `stage`, train them grouped by shape, and tell Optuna each result."""
+    trials = [study.ask() for _ in range(count)]
+    params = []
+    for trial in trials:
+        trial.set_user_attr("stage", stage)
+        params.append(sample_trial(trial, space, ctx.spec.fixed))
+    groups: dict[Shape, list[int]] = {}
+    for index, values in enumerate(params):
+        groups.setdefault(shape_of(values, ctx.dataset), []).append(index)
+
+    outcomes = []
+    for shape, members in groups.items():
+        batch = [trials[i] for i in members]
+        batch_params = [params[i] for i in members]
+        outcomes += _train_group(
+            study, ctx, shape, batch, batch_params, stage, should_stop, on_trial, on_epoch
+        )
+    return outcomes
+
+
+def _train_group(
+    study: optuna.Study,
+    ctx: SearchContext,
+    shape: Shape,
+    trials: Sequence[Trial],
+    params: Sequence[dict[str, Any]],
+    stage: int,
+    should_stop: StopCheck | None,
+    on_trial: Callable[[TrialOutcome], None] | None,
+    on_epoch: Callable[[list[Trial]], None] | None,
+) -> list[TrialOutcome]:
+    metric = ctx.objective.metric
+    pruned = np.zeros(len(trials), bool)
+    stop_reason: str | None = None
+
+    def callback(report: EpochReport) -> np.ndarray:
+        nonlocal stop_reason
+        for i in np.flatnonzero(report.trained & ~report.diverged):
+            trials[i].report(float(report.metrics[metric][i]), report.epoch)
+            if trials[i].should_prune():
+                pruned[i] = True
+        if on_epoch is not None:
+            on_epoch([t for i, t in enumerate(trials) if report.trained[i]])
+        if should_stop is not None and (reason := should_stop()):
+            stop_reason = reason
+            return np.ones(len(trials), bool)
+        return pruned.copy()
+
+    hparams = [
+        continuous_hparams(p, trial_seed(ctx.spec.seed, stage, t.number))
+        for p, t in zip(params, trials, strict=True)
+    ]
+    try:
+        result = train_batch(
+            shape,
+            hparams,
+            ctx.data,
+            epochs=ctx.spec.budget.epochs,
+            callback=callback,
+            data_seed=ctx.spec.seed,
+            monitor=(metric, ctx.objective.direction == "maximize"),
+        )
+    except Exception as error:  # a bug or a resource error must not lose the other groups
+        message = "".join(traceback.format_exception_only(error)).strip()
+        return [
+            _fail(study, t, p, stage, "error", message, on_trial)
+            for t, p in zip(trials, params, strict=True)
+        ]
+
+    outcomes = []
+    for i, (trial, values, outcome) in enumerate(zip(trials, params, result.trials, strict=True)):
+        trial.set_user_attr("epochs", outcome.epochs)
+        if outcome.status == "diverged":
+            trial.set_user_attr("diverged_epoch", outcome.epochs)
+            outcomes.append(
+                _fail(
+                    study, trial, values, stage, "diverged", "loss became NaN or infinite", on_trial
+                )
+            )
+            continue
+        if stop_reason and outcome.status == "stopped" and not pruned[i]:
+            message = f"stopped after {outcome.epochs} epochs: {stop_reason}"
+            outcomes.append(_fail(study, trial, values, stage, stop_reason, message, on_trial))
+            continue
+        for name, value in outcome.best.items():
+            trial.set_user_attr(name, value)
+        trial.set_user_attr("best_epoch", outcome.best_epoch)
+        if pruned[i]:
+            study.tell(trial, state=TrialState.PRUNED)
+            outcomes.append(_outcome(trial, stage, TrialState.PRUNED, None, values, on_trial))
+        else:
+            value = float(outcome.best[metric])
+            study.tell(trial, value)
+            outcomes.append(_outcome(trial, stage, TrialState.COMPLETE, value, values, on_trial))
+    return outcomes
+
+
+def _fail(study, trial, values, stage, reason, message, on_trial) -> TrialOutcome:
+    trial.set_user_attr("reason", reason)
+    trial.set_user_attr("message", message[:1000])
+    study.tell(trial, state=TrialState.FAIL)
+    return _outcome(trial, stage, TrialState.FAIL, None, values, on_trial)
+
+
+def _outcome(trial, stage, state, value, values, on_trial) -> TrialOutcome:
+    outcome = TrialOutcome(trial.number, stage, state, value, values)
+    if on_trial is not None:
+        on_trial(outcome)
+    return outcome

@@ -1,0 +1,74 @@
+"""`caviar run` as a user runs it: a real process, a real SQLite file, its JSON and its report."""
+
+import json
+import subprocess
+import sys
+
+import optuna
+
+SPEC = """
+name: cli-tiny
+dataset: {name: synthetic, samples: 300, features: 5, classes: 2}
+budget: {trials: 6, epochs: 3}
+space:
+  learning_rate: {low: 1.0e-3, high: 0.1, scale: log}
+  momentum: {low: 0.9, high: 0.999, scale: one_minus_log}
+fixed: {optimizer: momentum, batch_size: 32, hidden_units: 8, hidden_layers: 1}
+stages: [{trials: 4}, {trials: 2}]
+"""
+
+
+def caviar(*args, cwd):
+    return subprocess.run(
+        [sys.executable, "-m", "service.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_run_prints_progress_best_trials_json_and_writes_a_report(tmp_path):
+    (tmp_path / "spec.yaml").write_text(SPEC)
+    db = tmp_path / "caviar.db"
+    done = caviar(
+        "run",
+        "spec.yaml",
+        "--json",
+        "--report",
+        "report.html",
+        "--database-url",
+        f"sqlite:///{db}",
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["search_id"].startswith("cli-tiny-")
+    assert summary["studies"] == [f"caviar/{summary['search_id']}/stage-{n}" for n in (1, 2)]
+    assert summary["trials"]["total"] == 6
+    best = summary["best"]
+    assert {"params", "dev_accuracy", "test_accuracy"} <= set(best)
+    assert 0.9 <= best["params"]["momentum"] < 1  # β, not 1-β
+    assert "Best trials by dev_accuracy" in done.stderr
+    assert "diagnosis" in done.stderr
+    report = (tmp_path / "report.html").read_text()
+    assert "Optimization history by stage" in report and "1 - momentum (log axis)" in report
+    assert "plotly" in report.lower() and "<script src=" not in report  # self-contained
+    storage = optuna.storages.RDBStorage(f"sqlite:///{db}")
+    names = set(optuna.get_all_study_names(storage))
+    assert set(summary["studies"]) <= names
+
+
+def test_bad_spec_exits_with_the_field_and_reason(tmp_path):
+    (tmp_path / "bad.yaml").write_text(
+        SPEC.replace("scale: log}", "scale: log, low: 0}", 1).replace("low: 1.0e-3, ", "")
+    )
+    done = caviar("run", "bad.yaml", cwd=tmp_path)
+    assert done.returncode == 2
+    assert "space.learning_rate" in done.stdout + done.stderr
+
+
+def test_missing_spec_file_is_a_clear_error(tmp_path):
+    done = caviar("run", "nope.yaml", cwd=tmp_path)
+    assert done.returncode == 2
+    assert "nope.yaml" in done.stdout + done.stderr

@@ -1,0 +1,126 @@
+"""Whole searches on a real SQLite file: stages, budgets, divergence, final test figures."""
+
+import math
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from db.storage import optuna_storage
+from search.runner import run_search
+from search.spec import parse_spec
+
+TINY = """
+name: tiny
+dataset: {name: synthetic, samples: 400, features: 6, classes: 3}
+budget: {trials: 8, epochs: 4}
+seed: 3
+space:
+  learning_rate: {low: 1.0e-3, high: 0.3, scale: log}
+  momentum: {low: 0.9, high: 0.999, scale: one_minus_log}
+  hidden_units: {low: 8, high: 16, type: int}
+fixed: {optimizer: momentum, batch_size: 32, hidden_layers: 1}
+"""
+
+
+@pytest.fixture
+def storage(tmp_path):
+    return optuna_storage(f"sqlite:///{tmp_path / 'caviar.db'}")
+
+
+def all_trials(storage, result):
+    return [
+        t
+        for name in result.studies
+        for t in optuna.load_study(study_name=name, storage=storage).get_trials()
+    ]
+
+
+def test_search_runs_exactly_its_budget_and_tests_the_best_once(storage):
+    result = run_search(parse_spec(TINY), storage, batch=3)
+    trials = all_trials(storage, result)
+    assert len(trials) == 8
+    assert result.counts["complete"] + result.counts["failed"] + result.counts["pruned"] == 8
+    best = result.best
+    assert 0 <= best["test_accuracy"] <= 1
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert best["dev_accuracy"] == max(t.value for t in complete)
+    best_trial = next(t for t in trials if t.number == best["trial"])
+    assert best_trial.user_attrs["test_accuracy"] == best["test_accuracy"]
+    assert "error" in best_trial.user_attrs["diagnosis"]
+    study = optuna.load_study(study_name=best["study"], storage=storage)
+    assert study.user_attrs["test_accuracy"] == best["test_accuracy"]
+
+
+def test_beta_is_sampled_as_one_minus_beta_and_stored_both_ways(storage):
+    result = run_search(parse_spec(TINY), storage, batch=8)
+    for trial in all_trials(storage, result):
+        assert "one_minus_momentum" in trial.params
+        assert trial.distributions["one_minus_momentum"].log
+        assert trial.user_attrs["momentum"] == pytest.approx(1 - trial.params["one_minus_momentum"])
+        assert trial.user_attrs["stage"] == 1
+
+
+def test_coarse_to_fine_stages_are_separate_studies_with_narrowed_ranges(storage):
+    spec = parse_spec(
+        TINY.replace(
+            "seed: 3", "seed: 3\nstages: [{trials: 5}, {trials: 3, keep_top: 0.4, margin: 0.05}]"
+        )
+    )
+    result = run_search(spec, storage, batch=4)
+    assert [s.split("/")[-1] for s in result.studies] == ["stage-1", "stage-2"]
+    first, second = (optuna.load_study(study_name=n, storage=storage) for n in result.studies)
+    assert (first.user_attrs["stage"], second.user_attrs["stage"]) == (1, 2)
+    assert len(first.trials) == 5 and len(second.trials) == 3
+    wide, narrow = first.user_attrs["ranges"], second.user_attrs["ranges"]
+    for name in ("learning_rate", "momentum"):
+        assert wide[name]["low"] <= narrow[name]["low"] < narrow[name]["high"] <= wide[name]["high"]
+    narrowed_lr = math.log(narrow["learning_rate"]["high"] / narrow["learning_rate"]["low"])
+    assert narrowed_lr < math.log(wide["learning_rate"]["high"] / wide["learning_rate"]["low"])
+    for trial in second.trials:
+        lr = trial.params["learning_rate"]
+        assert narrow["learning_rate"]["low"] <= lr <= narrow["learning_rate"]["high"]
+        assert trial.user_attrs["stage"] == 2
+
+
+def test_diverging_trials_fail_with_their_reason_and_the_search_goes_on(storage):
+    spec = parse_spec(
+        TINY.replace(
+            "{low: 1.0e-3, high: 0.3, scale: log}", "{low: 1.0e-2, high: 1.0e4, scale: log}"
+        )
+    )
+    result = run_search(spec, storage, batch=8)
+    trials = all_trials(storage, result)
+    diverged = [t for t in trials if t.state == TrialState.FAIL]
+    assert diverged, "learning rates up to 1e4 should diverge"
+    assert all(t.user_attrs["reason"] == "diverged" for t in diverged)
+    assert len(trials) == 8
+    assert result.best is not None
+    assert result.best["trial"] not in {t.number for t in diverged}
+
+
+def test_regression_search_reports_test_mse_and_r2(storage):
+    spec = parse_spec("""
+name: reg
+dataset: {name: synthetic, task: regression, samples: 400, features: 4}
+budget: {trials: 3, epochs: 5}
+space: {learning_rate: {low: 1.0e-3, high: 1.0e-1, scale: log}}
+fixed: {optimizer: adam, batch_size: 32, hidden_units: 16}
+final_fit: train_dev
+""")
+    result = run_search(spec, storage)
+    assert set(result.best) >= {"dev_mse", "test_mse", "test_r2"}
+    assert "dev" not in result.best["diagnosis"]  # refit on train+dev: test is the held-out split
+
+
+def test_median_pruner_prunes_inside_a_batch(storage):
+    spec = parse_spec(
+        TINY.replace(
+            "budget: {trials: 8, epochs: 4}",
+            "budget: {trials: 16, epochs: 6}\npruner: {name: median, warmup_epochs: 1}",
+        )
+    )
+    result = run_search(spec, storage, batch=16)
+    assert result.counts["pruned"] > 0
+    pruned = [t for t in all_trials(storage, result) if t.state == TrialState.PRUNED]
+    assert all(t.user_attrs["epochs"] < 6 for t in pruned)

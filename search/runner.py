@@ -16,7 +16,7 @@ from models.data import Dataset, load_dataset
 from search.final import FinalFit, final_fit
 from search.refine import refine_space, top_fraction
 from search.space import engine_params
-from search.spec import Param, SearchSpec, SpecError, is_active
+from search.spec import Objective, Param, SearchSpec, SpecError, is_active
 from search.studies import (
     annotate_finished_trial,
     counts_toward_budget,
@@ -90,26 +90,12 @@ def run_search(
     ctx = SearchContext(spec, search_id, dataset, objective)
     stop = _with_deadline(should_stop, spec.budget.timeout_s)
 
-    space: dict[str, Param] = dict(spec.space)
     stages = spec.stage_plan()
     for number, stage in enumerate(stages, start=1):
-        if number > 1:
-            previous = load_stage_study(storage, spec, search_id, number - 1)
-            top = top_fraction(
-                [
-                    (t.value, engine_params(t, stage_space(previous), spec.fixed))
-                    for t in previous.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                ],
-                stage.keep_top,
-                objective.direction,
-            )
-            if top:
-                space = refine_space(space, top, margin=stage.margin, original=spec.space)
-        create_stage_study(storage, spec, search_id, number, space, objective.direction)
-        study = load_stage_study(storage, spec, search_id, number)
+        study, space = open_stage(storage, spec, search_id, number, objective)
         if on_stage is not None:
             on_stage(number, space)
-        while (remaining := stage.trials - _used_slots(study)) > 0 and not stop():
+        while (remaining := stage.trials - used_slots(study)) > 0 and not stop():
             run_batch(
                 study,
                 ctx,
@@ -124,6 +110,40 @@ def run_search(
             break
 
     return finish_search(spec, storage, search_id, dataset, len(stages))
+
+
+def open_stage(
+    storage: optuna.storages.BaseStorage,
+    spec: SearchSpec,
+    search_id: str,
+    number: int,
+    objective: Objective,
+    stream: int = 0,
+) -> tuple[optuna.Study, dict[str, Param]]:
+    """Create (or reopen) stage `number`'s study and return it with the space it samples.
+
+    Stage 1 samples the spec's space; each later stage narrows the previous stage's ranges
+    around that stage's top `keep_top` fraction of complete trials (coarse to fine).
+    """
+    if _study_exists(storage, study_name(search_id, number)):
+        study = load_stage_study(storage, spec, search_id, number, stream)
+        return study, stage_space(study)
+    space: dict[str, Param] = dict(spec.space)
+    if number > 1:
+        previous = load_stage_study(storage, spec, search_id, number - 1)
+        space = stage_space(previous)
+        stage = spec.stage_plan()[number - 1]
+        scored = [
+            (t.value, engine_params(t, space, spec.fixed))
+            for t in previous.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        ]
+        top = top_fraction(scored, stage.keep_top, objective.direction)
+        if top:
+            space = refine_space(space, top, margin=stage.margin, original=spec.space)
+    create_stage_study(
+        storage, spec, search_id, number, space, objective.direction, objective.metric
+    )
+    return load_stage_study(storage, spec, search_id, number, stream), space
 
 
 def finish_search(
@@ -185,8 +205,12 @@ def shown_params(params: dict[str, Any], spec: SearchSpec) -> dict[str, Any]:
     return {name: params[name] for name in names if is_active(name, params)}
 
 
-def _used_slots(study: optuna.Study) -> int:
-    return sum(counts_toward_budget(t) for t in study.get_trials(deepcopy=False))
+def used_slots(study: optuna.Study) -> int:
+    """Trials of a stage that hold a slot of its budget: finished ones and those in flight."""
+    in_flight = (TrialState.RUNNING, TrialState.WAITING)
+    return sum(
+        counts_toward_budget(t) or t.state in in_flight for t in study.get_trials(deepcopy=False)
+    )
 
 
 def _count(trials: list[FrozenTrial]) -> dict[str, int]:

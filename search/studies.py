@@ -75,6 +75,7 @@ def create_stage_study(
     stage: int,
     space: dict[str, Param],
     direction: str,
+    metric: str,
 ) -> optuna.Study:
     """Create the study of `stage` (or load it if another process already did)."""
     study = optuna.create_study(
@@ -83,6 +84,7 @@ def create_stage_study(
         direction=direction,
         load_if_exists=True,
     )
+    study.set_metric_names([metric])  # the dashboard then says dev_accuracy, not "Objective 0"
     study.set_user_attr("search_id", search_id)
     study.set_user_attr("stage", stage)
     study.set_user_attr("ranges", describe_ranges(space))

@@ -97,6 +97,30 @@ def run_batch(
 ) -> list[TrialOutcome]:
     """Ask `count` trials of `stage`, train them grouped by shape, and tell Optuna each result."""
     trials = [study.ask() for _ in range(count)]
+    return train_trials(
+        study,
+        ctx,
+        space,
+        stage,
+        trials,
+        should_stop=should_stop,
+        on_trial=on_trial,
+        on_epoch=on_epoch,
+    )
+
+
+def train_trials(
+    study: optuna.Study,
+    ctx: SearchContext,
+    space: dict[str, Param],
+    stage: int,
+    trials: list[Trial],
+    *,
+    should_stop: StopCheck | None = None,
+    on_trial: Callable[[TrialOutcome], None] | None = None,
+    on_epoch: Callable[[list[Trial]], None] | None = None,
+) -> list[TrialOutcome]:
+    """Sample and train already-asked trials of `stage` by shape; tell Optuna each result."""
     params = []
     for trial in trials:
         trial.set_user_attr("stage", stage)

@@ -50,7 +50,7 @@ def run(
     from search.spec import SpecError, load_spec
     from service.settings import get_settings
 
-    console = Console(stderr=json_output)
+    console = _console(stderr=json_output)
     try:
         spec = load_spec(spec_path)
     except (SpecError, OSError) as error:
@@ -81,6 +81,237 @@ def run(
         console.print(f"report written to {report}")
     if json_output:
         print(json.dumps(result.summary()))
+
+
+db_app = typer.Typer(help="Database migrations.", no_args_is_help=True)
+keys_app = typer.Typer(help="API keys.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(keys_app, name="keys")
+
+
+@db_app.command("upgrade")
+def db_upgrade(database_url: DatabaseOption = None) -> None:
+    """Apply Caviar's migrations (run once per database, not from every worker)."""
+    from db.migrate import upgrade
+
+    url = _database_url(database_url)
+    upgrade(url)
+    typer.echo(f"database at {_safe(url)} is current")
+
+
+@keys_app.command("create")
+def keys_create(
+    name: Annotated[str, typer.Argument(help="Name of the key, e.g. laptop.")],
+    owner: Annotated[
+        str | None, typer.Option(help="Owner the key acts for (default: NAME).")
+    ] = None,
+    database_url: DatabaseOption = None,
+) -> None:
+    """Create an API key; its token is printed once, last on its line, and stored only hashed."""
+    from db.keys import create_key
+    from db.migrate import upgrade
+    from db.session import session_scope
+
+    url = _database_url(database_url)
+    upgrade(url)
+    with session_scope(url) as session:
+        key, token = create_key(session, owner or name, name)
+        key_owner = key.owner
+    typer.echo(f"key {name!r} for owner {key_owner!r} (shown once): {token}")
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to bind.")] = 8000,
+    database_url: DatabaseOption = None,
+) -> None:
+    """Serve the API with uvicorn (applies the migrations first)."""
+    import uvicorn
+
+    from db.migrate import upgrade
+    from service.app import create_app
+    from service.settings import Settings
+
+    url = _database_url(database_url)
+    upgrade(url)
+    uvicorn.run(create_app(Settings(database_url=url)), host=host, port=port, log_level="info")
+
+
+@app.command()
+def worker(
+    batch: Annotated[int, typer.Option(min=1, help="Trials claimed and trained at once.")] = 32,
+    database_url: DatabaseOption = None,
+    idle_sleep: Annotated[float, typer.Option(help="Seconds to wait when idle.")] = 1.0,
+) -> None:
+    """Train trials of every open search until stopped (SIGTERM/Ctrl-C: stop cleanly)."""
+    import jax
+
+    from models.runtime import enable_compilation_cache
+    from search.pool import Worker
+    from service.settings import get_settings
+
+    _quiet_optuna()
+    settings = get_settings()
+    if settings.compile_cache:
+        enable_compilation_cache(settings.compile_cache)
+    url = _database_url(database_url)
+    pool_worker = Worker(url, batch=batch, idle_sleep=idle_sleep)
+    typer.echo(f"worker on {_safe(url)}; devices: {', '.join(map(str, jax.devices()))}")
+
+    def stop(signum, frame) -> None:
+        pool_worker.stop_event.set()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    pool_worker.run()
+    typer.echo("worker stopped")
+
+
+@app.command()
+def submit(spec_path: Annotated[Path, typer.Argument(metavar="SPEC")]) -> None:
+    """Submit a search to the API; prints its id."""
+    from search.spec import SpecError, load_spec
+
+    console = _console()
+    try:
+        spec = load_spec(spec_path)
+    except (SpecError, OSError) as error:
+        _fail(console, f"{spec_path}: {error}")
+    response = _call(
+        console, "POST", "/v1/searches", json=spec.model_dump(mode="json", exclude_none=True)
+    )
+    typer.echo(response.json()["id"])
+
+
+@app.command()
+def status(search_id: str) -> None:
+    """Status, progress and best trial of a search."""
+    console = _console()
+    data = _call(console, "GET", f"/v1/searches/{search_id}").json()
+    p = data["progress"]
+    console.print(
+        f"{data['id']}: {data['status']}, stage {data['stage']}; {p['complete']} complete, "
+        f"{p['pruned']} pruned, {p['failed']} failed, {p['running']} running of {p['total']}"
+    )
+    if data.get("best"):
+        console.print_json(data=data["best"])
+    if data.get("error"):
+        console.print(f"[red]error:[/red] {data['error']}")
+
+
+@app.command()
+def watch(search_id: str) -> None:
+    """Follow a search live (progress bar fed by its event stream) until it ends."""
+    from service.client import ApiError
+
+    console = _console()
+    total = _call(console, "GET", f"/v1/searches/{search_id}").json()["progress"]["total"]
+    bar = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        console=console,
+    )
+    done = None
+    with bar:
+        task = bar.add_task(search_id, total=total, status="")
+        try:
+            for event, data in _client().events(search_id):
+                if event == "trial":
+                    bar.update(
+                        task, advance=1, status=f"stage {data['stage']} · last {data['state']}"
+                    )
+                elif event == "stage":
+                    bar.update(task, status=f"stage {data['stage']}")
+                elif event == "done":
+                    done = data
+        except ApiError as error:
+            _fail(console, str(error))
+    console.print(f"search {search_id}: {done['status'] if done else 'stream ended'}")
+    if done and done.get("best"):
+        console.print_json(data=done["best"])
+
+
+@app.command()
+def report(
+    search_id: str,
+    output: Annotated[Path, typer.Option("--output", "-o", help="HTML file to write.")] = Path(
+        "caviar-report.html"
+    ),
+) -> None:
+    """Download a search's HTML report."""
+    output.write_bytes(_call(_console(), "GET", f"/v1/searches/{search_id}/report").content)
+    typer.echo(f"report written to {output}")
+
+
+@app.command()
+def export(search_id: str, path: Annotated[Path, typer.Argument(metavar="PATH")]) -> None:
+    """Save the best model of a completed search (load it with models.export.load_model)."""
+    path.write_bytes(_call(_console(), "GET", f"/v1/searches/{search_id}/model").content)
+    typer.echo(f"model written to {path}")
+
+
+@app.command()
+def dashboard(
+    host: Annotated[
+        str, typer.Option(help="Address to bind; the dashboard has no login.")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to bind.")] = 8080,
+    database_url: DatabaseOption = None,
+) -> None:
+    """Start the Optuna dashboard on Caviar's database."""
+    import os
+    import shutil
+    import sys
+
+    from db.storage import normalise_url
+
+    url = normalise_url(_database_url(database_url))
+    exposure = (
+        "only this machine can reach it"
+        if host in ("127.0.0.1", "localhost")
+        else ("WARNING: it has no authentication and anyone who can reach this address can read it")
+    )
+    typer.echo(f"Optuna dashboard on http://{host}:{port} ({exposure})")
+    beside = Path(sys.executable).with_name("optuna-dashboard")
+    program = str(beside) if beside.exists() else shutil.which("optuna-dashboard")
+    if program is None:
+        _fail(_console(), "optuna-dashboard is not installed")
+    sys.stdout.flush()
+    # Become the dashboard process, so that signals (Ctrl-C, SIGTERM) reach it directly.
+    os.execv(program, [program, url, "--host", host, "--port", str(port)])
+
+
+def _database_url(option: str | None) -> str:
+    from service.settings import get_settings
+
+    return option or get_settings().database_url
+
+
+def _safe(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def _client():
+    from service.client import Client
+    from service.settings import get_settings
+
+    settings = get_settings()
+    return Client(settings.api_url, settings.token)
+
+
+def _call(console: Console, method: str, path: str, **kwargs):
+    from service.client import ApiError
+
+    try:
+        return _client().request(method, path, **kwargs)
+    except ApiError as error:
+        _fail(console, str(error))
 
 
 class _SearchProgress:
@@ -135,12 +366,12 @@ class _SearchProgress:
 
 
 def _print_best_trials(console: Console, spec, storage, result, top: int = 10) -> None:
+    import optuna
     from optuna.trial import TrialState
 
     from search.report import trials_of
-    from search.runner import shown_params
     from search.space import engine_params
-    from search.studies import stage_space
+    from search.studies import stage_space, study_name
 
     best = result.best
     counts = ", ".join(f"{v} {k}" for k, v in result.counts.items())
@@ -153,28 +384,23 @@ def _print_best_trials(console: Console, spec, storage, result, top: int = 10) -
     complete.sort(key=lambda t: t.value, reverse=metric not in ("dev_mse", "dev_loss"))
     spaces: dict[int, Any] = {}
     table = Table(title=f"Best trials by {metric}")
-    names = list(best["params"])
-    for column in ("trial", "stage", metric, *names):
-        table.add_column(column, justify="right")
+    names = [name for name in spec.space if name in best["params"]]
+    for column in ("stage", "trial", metric, *names):
+        table.add_column(column, justify="right", overflow="fold")
     for trial in complete[:top]:
         stage = int(trial.user_attrs.get("stage", 1))
         if stage not in spaces:
-            import optuna
-
-            from search.studies import study_name
-
             study = optuna.load_study(
                 study_name=study_name(result.search_id, stage), storage=storage
             )
             spaces[stage] = stage_space(study)
-        params = shown_params(engine_params(trial, spaces[stage], spec.fixed), spec)
+        params = engine_params(trial, spaces[stage], spec.fixed)
         table.add_row(
-            str(trial.number),
-            str(stage),
-            f"{trial.value:.4f}",
-            *[_fmt(params.get(n, "")) for n in names],
+            str(stage), str(trial.number), f"{trial.value:.4f}", *[_fmt(params[n]) for n in names]
         )
     console.print(table)
+    if spec.fixed:
+        console.print("fixed: " + ", ".join(f"{k}={_fmt(v)}" for k, v in spec.fixed.items()))
     tests = ", ".join(f"{k} {_fmt(v)}" for k, v in best.items() if k.startswith("test_"))
     console.print(
         f"best: trial {best['trial']} (stage {best['stage']}), {metric} {best[metric]:.4f}; "
@@ -183,8 +409,16 @@ def _print_best_trials(console: Console, spec, storage, result, top: int = 10) -
     console.print(f"diagnosis: {best['diagnosis']}")
 
 
+def _console(stderr: bool = False) -> Console:
+    """A console that keeps tables readable when output goes to a file or a pipe."""
+    console = Console(stderr=stderr)
+    if not console.is_terminal:
+        console.width = max(console.width, 120)
+    return console
+
+
 def _fmt(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
 def _interrupt_flag(console: Console):

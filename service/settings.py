@@ -21,6 +21,22 @@ class Settings(BaseSettings):
     compile_cache: str | None = Field(
         None, description="Directory of JAX's persistent compilation cache (workers)."
     )
+    max_trials: int = Field(2000, ge=1, description="Most trials one search may run.")
+    max_epochs: int = Field(1000, ge=1, description="Most epochs a trial may train.")
+    max_hidden_layers: int = Field(8, ge=1, description="Most hidden layers of a model.")
+    max_hidden_units: int = Field(4096, ge=1, description="Most units of a hidden layer.")
+    max_parameters: int = Field(
+        50_000_000, ge=1, description="Most weights and biases of the largest model a spec allows."
+    )
+    max_concurrent_searches: int = Field(
+        4, ge=1, description="Queued or running searches one owner may have at once (429 beyond)."
+    )
+    max_spec_bytes: int = Field(64 * 1024, ge=1, description="Largest search spec body (413).")
+    max_upload_bytes: int = Field(64 * 2**20, ge=1, description="Largest dataset upload (413).")
+    max_upload_array_bytes: int = Field(
+        512 * 2**20, ge=1, description="Most uncompressed bytes an uploaded npz may declare (413)."
+    )
+    max_upload_columns: int = Field(10_000, ge=1, description="Most columns of an upload.")
 
 
 @functools.lru_cache

@@ -1,0 +1,104 @@
+"""Engines, sessions and the one error vocabulary of Caviar's database code.
+
+Every unit of work goes through `session_scope`, which commits, rolls back and turns driver errors
+into `DatabaseError` (or `ConflictError` for a broken unique or foreign-key constraint):
+
+    with session_scope(url) as session:
+        session.add(Search(id=..., owner=..., name=..., spec=...))
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event, select
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.models import Search
+from db.storage import engine_options, normalise_url
+
+
+class DatabaseError(RuntimeError):
+    """The database failed or is unreachable; the message says what (no driver traceback)."""
+
+
+class ConflictError(DatabaseError):
+    """A write broke a constraint: a duplicate (idempotency) key, a missing parent, a bad status."""
+
+
+def get_engine(url: str) -> Engine:
+    """The engine of `url`, one per process and normalised URL."""
+    return _engine(normalise_url(url))
+
+
+@functools.lru_cache(maxsize=8)
+def _engine(url: str) -> Engine:
+    engine = create_engine(url, **engine_options(url))
+    if engine.dialect.name == "sqlite":
+        event.listen(engine, "connect", _sqlite_pragmas)
+    return engine
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    for pragma in ("journal_mode=WAL", "busy_timeout=30000", "foreign_keys=ON"):
+        cursor.execute(f"PRAGMA {pragma}")
+    cursor.close()
+
+
+@functools.lru_cache(maxsize=8)
+def _sessionmaker(url: str) -> sessionmaker[Session]:
+    return sessionmaker(get_engine(url), expire_on_commit=False)
+
+
+@contextmanager
+def database_errors(url: str) -> Iterator[None]:
+    """Turn SQLAlchemy errors raised inside into `ConflictError` or `DatabaseError`."""
+    try:
+        yield
+    except IntegrityError as error:
+        raise ConflictError(_describe(error, url)) from error
+    except SQLAlchemyError as error:
+        raise DatabaseError(_describe(error, url)) from error
+
+
+def _describe(error: SQLAlchemyError, url: str) -> str:
+    cause = getattr(error, "orig", None) or error
+    lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+    where = make_url(normalise_url(url)).render_as_string(hide_password=True)
+    return f"database {where}: {' '.join(lines) or type(cause).__name__}"
+
+
+@contextmanager
+def session_scope(url: str) -> Iterator[Session]:
+    """A session on `url` that commits when the block ends and rolls back if it raises.
+
+    Loaded objects stay usable after the block (no expiry on commit), except deferred columns
+    not yet loaded. Raises `ConflictError` or `DatabaseError` for database failures.
+    """
+    with database_errors(url), _sessionmaker(normalise_url(url))() as session:
+        try:
+            yield session
+            session.commit()
+        except BaseException:
+            session.rollback()
+            raise
+
+
+def lock_search(session: Session, search_id: str) -> Search | None:
+    """Load search `search_id` locked until the session's transaction ends; None if absent.
+
+    PostgreSQL locks the row (`SELECT ... FOR UPDATE`), so workers claim trial slots one at a
+    time. SQLite serves one worker process, whose single writer is the lock: there this is a plain
+    read, since taking SQLite's database-wide write lock would block the Optuna writes a worker
+    makes on its own connection while it holds the search.
+    """
+    query = select(Search).where(Search.id == search_id).execution_options(populate_existing=True)
+    if session.get_bind().dialect.name != "sqlite":
+        query = query.with_for_update()
+    return session.scalars(query).one_or_none()

@@ -1,0 +1,51 @@
+"""The FastAPI application factory: `create_app(settings)` builds the whole API around them."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request, status
+from fastapi.responses import JSONResponse
+
+from db.session import DatabaseError
+from service.routes import datasets, ops, searches
+from service.settings import Settings, get_settings
+
+DESCRIPTION = """Submit hyperparameter searches of MLPs, follow them, and fetch their best model.
+
+Every `/v1` route needs `Authorization: Bearer <token>` (`caviar keys create NAME`); an owner
+sees only their own searches and datasets."""
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The API on `settings` (default: the `CAVIAR_*` environment)."""
+    settings = settings or get_settings()
+    app = FastAPI(title="Caviar", version="0.1.0", description=DESCRIPTION)
+    app.state.settings = settings
+
+    @app.middleware("http")
+    async def limit_spec_size(request: Request, call_next):
+        """Refuse an oversized search spec before reading it (413)."""
+        if request.method == "POST" and request.url.path == "/v1/searches":
+            length = request.headers.get("content-length")
+            if length is None or int(length) > settings.max_spec_bytes:
+                detail = (
+                    f"spec larger than {settings.max_spec_bytes} bytes"
+                    if length is not None
+                    else "Content-Length required"
+                )
+                code = (
+                    status.HTTP_413_CONTENT_TOO_LARGE if length else status.HTTP_411_LENGTH_REQUIRED
+                )
+                return JSONResponse({"detail": detail}, status_code=code)
+        return await call_next(request)
+
+    @app.exception_handler(DatabaseError)
+    async def database_unavailable(request: Request, error: DatabaseError) -> JSONResponse:
+        return JSONResponse(
+            {"detail": f"database unavailable: {error}"},
+            status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
+        )
+
+    app.include_router(ops.router)
+    app.include_router(searches.router)
+    app.include_router(datasets.router)
+    return app

@@ -1,0 +1,98 @@
+"""/v1/datasets: upload, list, delete. Workers on any host read the content from the database."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, Form, HTTPException, Response, UploadFile, status
+from pydantic import BaseModel, Field
+from sqlalchemy import select
+
+from db.models import Dataset, Search
+from service.deps import Owner, SessionDep, SettingsDep
+from service.schemas import DatasetList, DatasetPublic
+from service.uploads import UploadError, UploadLimits, parse_upload
+
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+
+
+class DatasetUpload(BaseModel):
+    """A multipart dataset upload."""
+
+    file: UploadFile = Field(description="A .npz (arrays x, y, optional splits) or .csv file.")
+    target: str | None = Field(None, description="Target column of a .csv file.")
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=DatasetPublic)
+async def upload_dataset(
+    owner: Owner,
+    session: SessionDep,
+    settings: SettingsDep,
+    upload: Annotated[DatasetUpload, Form(media_type="multipart/form-data")],
+) -> DatasetPublic:
+    """Upload a dataset; name it in a spec as `dataset: {id: <id>}`."""
+    file, target = upload.file, upload.target
+    limits = UploadLimits(
+        max_bytes=settings.max_upload_bytes,
+        max_array_bytes=settings.max_upload_array_bytes,
+        max_columns=settings.max_upload_columns,
+    )
+    content = await file.read(limits.max_bytes + 1)
+    try:
+        parsed = parse_upload(file.filename or "", content, target=target, limits=limits)
+    except UploadError as error:
+        raise HTTPException(error.status_code, detail=error.reason) from None
+    row = Dataset(
+        id=f"ds-{uuid.uuid4().hex[:12]}",
+        owner=owner,
+        name=file.filename or "upload",
+        format=parsed.format,
+        target=parsed.target,
+        rows=parsed.rows,
+        columns=parsed.columns,
+        size=parsed.size,
+        sha256=parsed.sha256,
+        content=content,
+    )
+    session.add(row)
+    session.flush()
+    return _public(row)
+
+
+@router.get("", response_model=DatasetList)
+def list_datasets(owner: Owner, session: SessionDep) -> DatasetList:
+    """The caller's datasets, newest first."""
+    rows = session.scalars(
+        select(Dataset).where(Dataset.owner == owner).order_by(Dataset.created_at.desc())
+    )
+    return DatasetList(items=[_public(row) for row in rows])
+
+
+@router.delete("/{dataset_id}", status_code=status.HTTP_204_NO_CONTENT)
+def delete_dataset(dataset_id: str, owner: Owner, session: SessionDep) -> Response:
+    """Delete a dataset that no queued or running search uses (409 otherwise)."""
+    row = session.get(Dataset, dataset_id)
+    if row is None or row.owner != owner:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"dataset {dataset_id!r} not found")
+    open_searches = session.scalars(
+        select(Search).where(Search.owner == owner, Search.status.in_(("queued", "running")))
+    )
+    if any(s.spec.get("dataset", {}).get("id") == dataset_id for s in open_searches):
+        raise HTTPException(status.HTTP_409_CONFLICT, detail="a queued or running search uses it")
+    session.delete(row)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+def _public(row: Dataset) -> DatasetPublic:
+    return DatasetPublic(
+        id=row.id,
+        name=row.name,
+        format=row.format,
+        target=row.target,
+        rows=row.rows,
+        columns=row.columns,
+        size=row.size,
+        sha256=row.sha256,
+        created_at=row.created_at,
+    )

@@ -1,0 +1,143 @@
+"""/v1/searches: submit, read, list, cancel, trials, report, events, model."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Header, HTTPException, Query, Response, status
+from fastapi.responses import HTMLResponse, StreamingResponse
+
+from db.models import TrainedModel
+from db.session import session_scope
+from search.report import render_report
+from search.spec import SearchSpec
+from service import searches
+from service.deps import Owner, SessionDep, SettingsDep
+from service.limits import spec_limit_errors
+from service.schemas import SearchCreated, SearchList, SearchPublic, TrialList
+
+router = APIRouter(prefix="/v1/searches", tags=["searches"])
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=SearchCreated)
+def submit_search(
+    spec: SearchSpec,
+    owner: Owner,
+    session: SessionDep,
+    settings: SettingsDep,
+    idempotency_key: Annotated[
+        str | None, Header(max_length=255, description="Same key and body: same search.")
+    ] = None,
+) -> SearchCreated:
+    """Queue a search; workers pick it up. A spec over a configured limit is a 422."""
+    errors = spec_limit_errors(spec, settings)
+    if errors:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=errors)
+    try:
+        search, _ = searches.submit_search(
+            session,
+            owner,
+            spec,
+            idempotency_key=idempotency_key,
+            max_concurrent=settings.max_concurrent_searches,
+        )
+    except searches.Conflict as error:
+        raise HTTPException(status.HTTP_409_CONFLICT, detail=str(error)) from None
+    except searches.TooMany as error:
+        raise HTTPException(status.HTTP_429_TOO_MANY_REQUESTS, detail=str(error)) from None
+    return SearchCreated(id=search.id, status=search.status)
+
+
+@router.get("", response_model=SearchList)
+def list_searches(
+    owner: Owner,
+    session: SessionDep,
+    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+) -> SearchList:
+    """The caller's searches, newest first."""
+    rows, total = searches.list_searches(session, owner, offset, limit)
+    items = [searches.public_search(row) for row in rows]
+    return SearchList(items=items, total=total, offset=offset, limit=limit)
+
+
+@router.get("/{search_id}", response_model=SearchPublic)
+def get_search(
+    search_id: str, owner: Owner, session: SessionDep, settings: SettingsDep
+) -> SearchPublic:
+    """Status, stage, progress and best trial of one search."""
+    search = _owned(session, owner, search_id)
+    trials = searches.search_trials(settings.database_url, search)
+    return searches.public_search(search, searches.progress(search, trials))
+
+
+@router.get("/{search_id}/trials", response_model=TrialList)
+def get_trials(
+    search_id: str, owner: Owner, session: SessionDep, settings: SettingsDep
+) -> TrialList:
+    """Every trial of the search with its parameters (β as β) and figures."""
+    search = _owned(session, owner, search_id)
+    trials = searches.search_trials(settings.database_url, search)
+    return TrialList(items=[searches.public_trial(*t) for t in trials])
+
+
+@router.post("/{search_id}/cancel", response_model=SearchPublic)
+def cancel_search(search_id: str, owner: Owner, session: SessionDep) -> SearchPublic:
+    """Cancel the search; workers stop its trials within an epoch."""
+    search = _owned(session, owner, search_id)
+    try:
+        searches.cancel_search(session, search)
+    except searches.Conflict as error:
+        raise HTTPException(status.HTTP_409_CONFLICT, detail=str(error)) from None
+    return searches.public_search(search)
+
+
+@router.get("/{search_id}/report", response_class=HTMLResponse)
+def get_report(
+    search_id: str, owner: Owner, session: SessionDep, settings: SettingsDep
+) -> HTMLResponse:
+    """The search's self-contained HTML report."""
+    search = _owned(session, owner, search_id)
+    if not search.studies:
+        raise HTTPException(status.HTTP_409_CONFLICT, detail="the search has not started yet")
+    spec = SearchSpec.model_validate(search.spec)
+    result = searches.search_result(settings.database_url, search)
+    from db.storage import optuna_storage
+
+    return HTMLResponse(render_report(spec, optuna_storage(settings.database_url), result))
+
+
+@router.get("/{search_id}/events", response_class=StreamingResponse)
+def get_events(
+    search_id: str, owner: Owner, session: SessionDep, settings: SettingsDep
+) -> StreamingResponse:
+    """Server-sent events: `trial` per finished trial, `stage` per stage change, then `done`."""
+    _owned(session, owner, search_id)
+    url = settings.database_url
+    stream = searches.events(url, owner, search_id, lambda: session_scope(url))
+    return StreamingResponse(
+        stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+    )
+
+
+@router.get("/{search_id}/model")
+def get_model(search_id: str, owner: Owner, session: SessionDep) -> Response:
+    """The refit best model (parameters, architecture, preprocessing) as one .npz file."""
+    _owned(session, owner, search_id)
+    model = session.get(TrainedModel, search_id)
+    if model is None:
+        raise HTTPException(
+            status.HTTP_404_NOT_FOUND, detail="no model yet: the search has not completed"
+        )
+    return Response(
+        model.content,
+        media_type="application/octet-stream",
+        headers={"Content-Disposition": f'attachment; filename="{search_id}.npz"'},
+    )
+
+
+def _owned(session, owner: str, search_id: str):
+    try:
+        return searches.owned_search(session, owner, search_id)
+    except searches.NotFound as error:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=str(error)) from None

@@ -1,0 +1,217 @@
+"""Searches as the API and the CLI see them: submit, read, list, cancel, trials, events.
+
+Routes stay thin and call these functions; each takes a database session and returns values.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from db.models import TERMINAL_STATUSES, Search
+from db.storage import optuna_storage
+from search.runner import SearchResult, new_search_id
+from search.space import engine_params
+from search.spec import SearchSpec
+from search.studies import stage_space
+from service.schemas import Progress, SearchPublic, TrialPublic
+
+OPEN_STATUSES = ("queued", "running")
+
+
+class NotFound(LookupError):
+    """No such resource for this owner (another owner's id is not found either)."""
+
+
+class Conflict(RuntimeError):
+    """The request contradicts the resource's state (e.g. a reused idempotency key)."""
+
+
+class TooMany(RuntimeError):
+    """The owner is over a concurrency limit."""
+
+
+def request_digest(spec: SearchSpec) -> str:
+    """A digest of the spec's canonical JSON, to compare bodies sent with one idempotency key."""
+    canonical = json.dumps(spec.model_dump(mode="json"), sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def submit_search(
+    session: Session,
+    owner: str,
+    spec: SearchSpec,
+    *,
+    idempotency_key: str | None,
+    max_concurrent: int,
+) -> tuple[Search, bool]:
+    """Queue a search; returns (search, created). The same key and body return the same search."""
+    digest = request_digest(spec)
+    if idempotency_key is not None:
+        existing = session.scalar(
+            select(Search).where(Search.owner == owner, Search.idempotency_key == idempotency_key)
+        )
+        if existing is not None:
+            if existing.request_sha256 != digest:
+                raise Conflict("Idempotency-Key was already used with a different spec")
+            return existing, False
+    open_count = session.scalar(
+        select(func.count())
+        .select_from(Search)
+        .where(Search.owner == owner, Search.status.in_(OPEN_STATUSES))
+    )
+    if open_count >= max_concurrent:
+        raise TooMany(f"{open_count} searches are queued or running; the limit is {max_concurrent}")
+    search = Search(
+        id=new_search_id(spec.name),
+        owner=owner,
+        name=spec.name,
+        spec=spec.model_dump(mode="json", exclude_none=True),
+        status="queued",
+        idempotency_key=idempotency_key,
+        request_sha256=digest,
+    )
+    session.add(search)
+    session.flush()
+    return search, True
+
+
+def owned_search(session: Session, owner: str, search_id: str) -> Search:
+    """The owner's search, or NotFound."""
+    search = session.get(Search, search_id)
+    if search is None or search.owner != owner:
+        raise NotFound(f"search {search_id!r} not found")
+    return search
+
+
+def list_searches(session: Session, owner: str, offset: int, limit: int) -> tuple[list, int]:
+    """A page of the owner's searches (newest first) and how many there are."""
+    total = session.scalar(select(func.count()).select_from(Search).where(Search.owner == owner))
+    rows = session.scalars(
+        select(Search)
+        .where(Search.owner == owner)
+        .order_by(Search.created_at.desc(), Search.id)
+        .offset(offset)
+        .limit(limit)
+    )
+    return list(rows), int(total or 0)
+
+
+def cancel_search(session: Session, search: Search) -> None:
+    """Cancel a queued or running search; workers stop its trials within an epoch."""
+    if search.status in TERMINAL_STATUSES:
+        raise Conflict(f"search is already {search.status}")
+    search.cancel_requested = True
+    search.status = "cancelled"
+
+
+def search_trials(database_url: str, search: Search) -> list[tuple[int, FrozenTrial, dict]]:
+    """(stage, trial, engine params) of every trial of a search, stage by stage."""
+    storage = optuna_storage(database_url)
+    spec = SearchSpec.model_validate(search.spec)
+    found = []
+    for stage, name in enumerate(search.studies, start=1):
+        study = optuna.load_study(study_name=name, storage=storage)
+        space = stage_space(study)
+        for trial in study.get_trials(deepcopy=False):
+            found.append((stage, trial, engine_params(trial, space, spec.fixed)))
+    return found
+
+
+def progress(search: Search, trials: list[tuple[int, FrozenTrial, dict]]) -> Progress:
+    """Counts of the search's trials by state."""
+    states = [trial.state for _, trial, _ in trials]
+    return Progress(
+        complete=states.count(TrialState.COMPLETE),
+        pruned=states.count(TrialState.PRUNED),
+        failed=states.count(TrialState.FAIL),
+        running=states.count(TrialState.RUNNING) + states.count(TrialState.WAITING),
+        total=int(search.spec["budget"]["trials"]),
+    )
+
+
+def public_search(search: Search, progress_: Progress | None = None) -> SearchPublic:
+    """The API's view of a search."""
+    return SearchPublic(
+        id=search.id,
+        name=search.name,
+        status=search.status,
+        stage=search.stage,
+        studies=list(search.studies or []),
+        progress=progress_,
+        best=search.best,
+        error=search.error,
+        created_at=search.created_at,
+        started_at=search.started_at,
+        finished_at=search.finished_at,
+    )
+
+
+def public_trial(stage: int, trial: FrozenTrial, params: dict[str, Any]) -> TrialPublic:
+    """The API's view of a trial."""
+    return TrialPublic(
+        stage=stage,
+        number=trial.number,
+        state=trial.state.name,
+        value=trial.value,
+        params={k: v for k, v in params.items() if k in trial.params or _one_minus(k, trial)},
+        attributes={k: v for k, v in trial.user_attrs.items() if k != "stage"},
+        started_at=trial.datetime_start,
+        finished_at=trial.datetime_complete,
+    )
+
+
+def _one_minus(name: str, trial: FrozenTrial) -> bool:
+    return f"one_minus_{name}" in trial.params
+
+
+def search_result(database_url: str, search: Search) -> SearchResult:
+    """The search as the report renders it."""
+    trials = search_trials(database_url, search)
+    counts = progress(search, trials).model_dump()
+    counts["total"] = len(trials)
+    return SearchResult(search.id, list(search.studies or []), counts, search.best)
+
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+
+
+def events(
+    database_url: str, owner: str, search_id: str, session_factory, poll_s: float = 0.5
+) -> Iterator[str]:
+    """Server-sent events: one per finished trial and per stage change, then `done`."""
+    import time
+
+    sent: set[tuple[int, int]] = set()
+    stage_sent = 0
+    while True:
+        with session_factory() as session:
+            search = owned_search(session, owner, search_id)
+            status, stage, best = search.status, search.stage, search.best
+            trials = search_trials(database_url, search) if search.studies else []
+        if stage > stage_sent:
+            for number in range(stage_sent + 1, stage + 1):
+                yield _sse("stage", {"stage": number})
+            stage_sent = stage
+        for trial_stage, trial, params in trials:
+            key = (trial_stage, trial.number)
+            if trial.state in FINISHED and key not in sent:
+                sent.add(key)
+                yield _sse(
+                    "trial", public_trial(trial_stage, trial, params).model_dump(mode="json")
+                )
+        if status in TERMINAL_STATUSES:
+            yield _sse("done", {"status": status, "best": best})
+            return
+        time.sleep(poll_s)
+
+
+def _sse(event: str, data: dict[str, Any]) -> str:
+    return f"event: {event}\ndata: {json.dumps(data, default=str)}\n\n"

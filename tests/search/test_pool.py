@@ -1,0 +1,113 @@
+"""The worker loop on a real database: claims, stages, the end of a search, cancellation."""
+
+import numpy as np
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from db.migrate import upgrade
+from db.models import Search, TrainedModel
+from db.session import session_scope
+from models.data import load_dataset
+from models.export import load_model
+from search.pool import Worker
+from search.spec import parse_spec
+from service.searches import submit_search
+
+SPEC = """
+name: pool
+dataset: {name: synthetic, samples: 400, features: 6, classes: 3}
+budget: {trials: 7, epochs: 3}
+space:
+  learning_rate: {low: 1.0e-3, high: 0.3, scale: log}
+  momentum: {low: 0.9, high: 0.999, scale: one_minus_log}
+fixed: {optimizer: momentum, batch_size: 32, hidden_units: 8, hidden_layers: 1}
+stages: [{trials: 4}, {trials: 3}]
+"""
+
+
+@pytest.fixture
+def url(database_url):
+    upgrade(database_url)
+    return database_url
+
+
+def queue(url, text=SPEC, owner="alice"):
+    with session_scope(url) as session:
+        search, _ = submit_search(
+            session, owner, parse_spec(text), idempotency_key=None, max_concurrent=10
+        )
+        return search.id
+
+
+def trials_of(url, studies):
+    storage = optuna.storages.RDBStorage(url)
+    return [
+        t for name in studies for t in optuna.load_study(study_name=name, storage=storage).trials
+    ]
+
+
+def test_a_worker_runs_a_queued_search_to_its_end(url):
+    search_id = queue(url)
+    Worker(url, batch=3, stream=0).run(until_idle=True)
+    with session_scope(url) as session:
+        search = session.get(Search, search_id)
+        assert search.status == "completed", search.error
+        assert search.stage == 2
+        assert search.studies == [f"caviar/{search_id}/stage-{n}" for n in (1, 2)]
+        best, studies = search.best, search.studies
+        model = session.get(TrainedModel, search_id)
+        content = model.content
+    trials = trials_of(url, studies)
+    assert len(trials) == 7  # exactly the budget, batches of 3 notwithstanding
+    assert [t.user_attrs["stage"] for t in trials].count(2) == 3
+    assert 0 <= best["test_accuracy"] <= 1 and "dev_accuracy" in best
+    # The stored model predicts like the search measured, on the same (re-made) test split.
+    ds = load_dataset({"name": "synthetic", "samples": 400, "features": 6, "classes": 3})
+    model = load_model(content)
+    raw_test = ds.x_test * ds.feature_std + ds.feature_mean
+    accuracy = float(np.mean(model.predict(raw_test) == ds.y_test))
+    assert accuracy == pytest.approx(best["test_accuracy"], abs=1e-6)
+
+
+def test_cancelled_search_is_not_worked_on(url):
+    search_id = queue(url)
+    with session_scope(url) as session:
+        search = session.get(Search, search_id)
+        search.cancel_requested, search.status = True, "cancelled"
+    Worker(url, stream=0).run(until_idle=True)
+    with session_scope(url) as session:
+        assert session.get(Search, search_id).studies == []
+
+
+def test_a_search_whose_dataset_fails_to_load_fails_with_the_reason(url):
+    search_id = queue(
+        url,
+        SPEC.replace(
+            "{name: synthetic, samples: 400, features: 6, classes: 3}",
+            "{path: /nonexistent/data.csv, target: y}",
+        ),
+    )
+    Worker(url, stream=0).run(until_idle=True)
+    with session_scope(url) as session:
+        search = session.get(Search, search_id)
+        assert search.status == "failed"
+        assert "/nonexistent/data.csv" in search.error
+
+
+def test_diverging_trials_fail_and_the_search_still_completes(url):
+    search_id = queue(
+        url,
+        SPEC.replace(
+            "{low: 1.0e-3, high: 0.3, scale: log}", "{low: 10.0, high: 1.0e4, scale: log}"
+        ).replace("stages: [{trials: 4}, {trials: 3}]", ""),
+    )
+    Worker(url, stream=0).run(until_idle=True)
+    with session_scope(url) as session:
+        search = session.get(Search, search_id)
+        studies, status = search.studies, search.status
+    trials = trials_of(url, studies)
+    assert len(trials) == 7
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert failed and all(t.user_attrs["reason"] == "diverged" for t in failed)
+    assert status in ("completed", "failed")  # failed only if every trial diverged

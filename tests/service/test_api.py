@@ -1,0 +1,265 @@
+"""The API contract: auth on every route, isolation between owners, limits, idempotency, errors."""
+
+import copy
+import io
+import json
+
+import numpy as np
+import pytest
+from support import SPEC, auth
+
+from service.app import create_app
+from service.settings import Settings
+
+
+def submit(client, token, spec=SPEC, **headers):
+    return client.post("/v1/searches", json=spec, headers={**auth(token), **headers})
+
+
+def v1_routes(app):
+    """Every (method, path) of the app's /v1 API, path parameters filled in."""
+    for path, operations in app.openapi()["paths"].items():
+        if path.startswith("/v1"):
+            for method in operations:
+                yield method.upper(), path.replace("{search_id}", "x").replace("{dataset_id}", "x")
+
+
+def test_every_v1_route_needs_a_valid_token(client):
+    routes = list(v1_routes(client.app))
+    assert len(routes) >= 10
+    for method, path in routes:
+        missing = client.request(method, path)
+        assert missing.status_code == 401, (method, path)
+        assert missing.headers["www-authenticate"] == "Bearer"
+        wrong = client.request(method, path, headers=auth("cav_nope_nope"))
+        assert wrong.status_code == 401, (method, path)
+
+
+def test_an_owner_never_sees_another_owners_search_or_dataset(client, tokens):
+    search_id = submit(client, tokens["alice"]).json()["id"]
+    upload = client.post(
+        "/v1/datasets",
+        files={"file": ("d.csv", b"a,b,label\n" + b"1,2,0\n3,4,1\n" * 10)},
+        data={"target": "label"},
+        headers=auth(tokens["alice"]),
+    )
+    assert upload.status_code == 201, upload.text
+    bob = auth(tokens["bob"])
+    for method, path in [
+        ("GET", f"/v1/searches/{search_id}"),
+        ("GET", f"/v1/searches/{search_id}/trials"),
+        ("GET", f"/v1/searches/{search_id}/report"),
+        ("GET", f"/v1/searches/{search_id}/events"),
+        ("GET", f"/v1/searches/{search_id}/model"),
+        ("POST", f"/v1/searches/{search_id}/cancel"),
+        ("DELETE", f"/v1/datasets/{upload.json()['id']}"),
+    ]:
+        response = client.request(method, path, headers=bob)
+        assert response.status_code == 404, (method, path, response.status_code)
+    assert client.get("/v1/searches", headers=bob).json()["total"] == 0
+    assert client.get("/v1/datasets", headers=bob).json()["items"] == []
+    assert client.get("/v1/searches", headers=auth(tokens["alice"])).json()["total"] == 1
+
+
+def test_submit_returns_201_and_the_search_reads_back_queued(client, tokens):
+    created = submit(client, tokens["alice"])
+    assert created.status_code == 201
+    body = client.get(f"/v1/searches/{created.json()['id']}", headers=auth(tokens["alice"]))
+    assert body.json()["status"] == "queued"
+    assert body.json()["progress"] == {
+        "complete": 0,
+        "pruned": 0,
+        "failed": 0,
+        "running": 0,
+        "total": 4,
+    }
+
+
+def test_a_malformed_spec_is_a_422_naming_the_field(client, tokens):
+    spec = copy.deepcopy(SPEC)
+    spec["space"]["momentum"] = {"low": 0.9, "high": 1.5, "scale": "one_minus_log"}
+    response = submit(client, tokens["alice"], spec)
+    assert response.status_code == 422
+    locs = [error["loc"] for error in response.json()["detail"]]
+    assert ["body", "space", "momentum"] in [loc[:3] for loc in locs]
+
+
+def test_idempotency_key_returns_the_same_search_and_refuses_another_body(client, tokens):
+    first = submit(client, tokens["alice"], **{"Idempotency-Key": "k1"})
+    again = submit(client, tokens["alice"], **{"Idempotency-Key": "k1"})
+    assert first.status_code == again.status_code == 201
+    assert first.json()["id"] == again.json()["id"]
+    other = copy.deepcopy(SPEC)
+    other["seed"] = 5
+    assert submit(client, tokens["alice"], other, **{"Idempotency-Key": "k1"}).status_code == 409
+    # The same key of another owner is another search.
+    assert (
+        submit(client, tokens["bob"], **{"Idempotency-Key": "k1"}).json()["id"]
+        != first.json()["id"]
+    )
+
+
+def test_cancel_a_queued_search(client, tokens):
+    search_id = submit(client, tokens["alice"]).json()["id"]
+    cancelled = client.post(f"/v1/searches/{search_id}/cancel", headers=auth(tokens["alice"]))
+    assert cancelled.json()["status"] == "cancelled"
+    again = client.post(f"/v1/searches/{search_id}/cancel", headers=auth(tokens["alice"]))
+    assert again.status_code == 409
+
+
+def test_list_is_paginated(client, tokens):
+    ids = [submit(client, tokens["alice"]).json()["id"] for _ in range(3)]
+    page = client.get("/v1/searches?limit=2&offset=0", headers=auth(tokens["alice"])).json()
+    rest = client.get("/v1/searches?limit=2&offset=2", headers=auth(tokens["alice"])).json()
+    assert page["total"] == 3 and len(page["items"]) == 2 and len(rest["items"]) == 1
+    assert {i["id"] for i in page["items"] + rest["items"]} == set(ids)
+
+
+@pytest.mark.parametrize(
+    ("setting", "limit", "path", "value"),
+    [
+        ("max_trials", 4, ("budget", "trials"), 4),
+        ("max_epochs", 2, ("budget", "epochs"), 2),
+        ("max_hidden_layers", 1, ("fixed", "hidden_layers"), 1),
+        ("max_hidden_units", 8, ("fixed", "hidden_units"), 8),
+    ],
+)
+def test_each_limit_at_its_boundary(settings, tokens, setting, limit, path, value):
+    from fastapi.testclient import TestClient
+
+    app = create_app(settings.model_copy(update={setting: limit}))
+    with TestClient(app) as client:
+        at_limit = copy.deepcopy(SPEC)
+        at_limit[path[0]][path[1]] = value
+        assert submit(client, tokens["alice"], at_limit).status_code == 201
+        over = copy.deepcopy(SPEC)
+        over[path[0]][path[1]] = value + 1
+        response = submit(client, tokens["alice"], over)
+        assert response.status_code == 422
+        assert response.json()["detail"][0]["loc"] == list(path)
+
+
+def test_parameter_count_limit(settings, tokens):
+    from fastapi.testclient import TestClient
+
+    # synthetic 5 features → 8 hidden → 2 classes: 5*8+8 + 8*2+2 = 66 parameters.
+    for limit, expected in ((66, 201), (65, 422)):
+        with TestClient(create_app(settings.model_copy(update={"max_parameters": limit}))) as c:
+            response = submit(c, tokens["alice"])
+            assert response.status_code == expected, response.text
+            if expected == 422:
+                assert "66 parameters" in response.json()["detail"][0]["msg"]
+
+
+def test_concurrent_searches_per_owner_are_limited(client, tokens):
+    for _ in range(3):
+        assert submit(client, tokens["alice"]).status_code == 201
+    response = submit(client, tokens["alice"])
+    assert response.status_code == 429
+    assert submit(client, tokens["bob"]).status_code == 201  # another owner is not limited
+
+
+def test_spec_size_limit_at_its_boundary(settings, tokens):
+    from fastapi.testclient import TestClient
+
+    body = json.dumps(SPEC)
+    with TestClient(create_app(settings.model_copy(update={"max_spec_bytes": len(body)}))) as c:
+        headers = {**auth(tokens["alice"]), "Content-Type": "application/json"}
+        assert c.post("/v1/searches", content=body, headers=headers).status_code == 201
+        too_big = c.post("/v1/searches", content=body + " ", headers=headers)
+        assert too_big.status_code == 413
+
+
+def npz_bytes(**arrays) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def test_upload_size_limit_at_its_boundary(settings, tokens):
+    from fastapi.testclient import TestClient
+
+    rng = np.random.default_rng(0)
+    content = npz_bytes(x=rng.normal(size=(40, 3)), y=rng.integers(0, 2, 40))
+    with TestClient(
+        create_app(settings.model_copy(update={"max_upload_bytes": len(content)}))
+    ) as c:
+        ok = c.post(
+            "/v1/datasets", files={"file": ("d.npz", content)}, headers=auth(tokens["alice"])
+        )
+        assert ok.status_code == 201, ok.text
+        assert ok.json()["rows"] == 40 and ok.json()["columns"] == 3
+        over = c.post(
+            "/v1/datasets",
+            files={"file": ("d.npz", content + b"\0")},
+            headers=auth(tokens["alice"]),
+        )
+        assert over.status_code == 413
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "status"),
+    [
+        ("d.txt", b"hello", 415),
+        ("d.npz", b"not a zip file", 422),
+        ("d.npz", npz_bytes(x=np.array([[1.0, np.nan]] * 20), y=np.zeros(20)), 422),
+        ("d.npz", npz_bytes(x=np.array([{"a": 1}] * 20, dtype=object), y=np.zeros(20)), 422),
+        ("d.csv", b"a,b\n1,2\n", 422),  # no target column given
+    ],
+)
+def test_bad_uploads_are_4xx_with_a_reason(client, tokens, name, content, status):
+    response = client.post(
+        "/v1/datasets", files={"file": (name, content)}, headers=auth(tokens["alice"])
+    )
+    assert response.status_code == status, response.text
+    assert response.json()["detail"]
+
+
+def test_dataset_upload_list_and_delete(client, tokens):
+    alice = auth(tokens["alice"])
+    created = client.post(
+        "/v1/datasets",
+        files={"file": ("d.csv", b"a,b,label\n" + b"1,2,x\n3,4,y\n" * 8)},
+        data={"target": "label"},
+        headers=alice,
+    ).json()
+    assert created["format"] == "csv" and created["rows"] == 16 and created["columns"] == 2
+    assert [d["id"] for d in client.get("/v1/datasets", headers=alice).json()["items"]] == [
+        created["id"]
+    ]
+    spec = {**SPEC, "dataset": {"id": created["id"]}}
+    submit(client, tokens["alice"], spec)
+    assert client.delete(f"/v1/datasets/{created['id']}", headers=alice).status_code == 409
+    search_id = client.get("/v1/searches", headers=alice).json()["items"][0]["id"]
+    client.post(f"/v1/searches/{search_id}/cancel", headers=alice)
+    assert client.delete(f"/v1/datasets/{created['id']}", headers=alice).status_code == 204
+    assert client.get("/v1/datasets", headers=alice).json()["items"] == []
+
+
+def test_health_readiness_and_metrics(client, settings, tokens, tmp_path):
+    assert client.get("/healthz").json() == {"status": "ok", "detail": None}
+    assert client.get("/readyz").status_code == 200
+    submit(client, tokens["alice"])
+    metrics = client.get("/metrics").text
+    assert 'caviar_searches{status="queued"} 1' in metrics
+    assert "caviar_trial_duration_seconds_count" in metrics
+    from fastapi.testclient import TestClient
+
+    stale = Settings(database_url=f"sqlite:///{tmp_path / 'never-migrated.db'}")
+    with TestClient(create_app(stale)) as c:
+        response = c.get("/readyz")
+        assert response.status_code == 503
+        assert "caviar db upgrade" in response.json()["detail"]
+
+
+def test_openapi_names_and_describes_every_schema(client):
+    schemas = client.get("/openapi.json").json()["components"]["schemas"]
+    for name in ("SearchSpec", "SearchPublic", "Progress", "TrialList", "DatasetPublic"):
+        assert name in schemas
+    undescribed = [
+        name
+        for name, schema in schemas.items()
+        if not schema.get("description") and name not in ("HTTPValidationError", "ValidationError")
+    ]
+    assert undescribed == []
+    assert client.get("/docs").status_code == 200

@@ -29,6 +29,10 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from models.mlp import ACTIVATIONS, INITS
+from models.optim import LR_DECAYS, OPTIMIZERS
+from models.train import HPARAM_DEFAULTS
+
 Task = Literal["classification", "regression"]
 Direction = Literal["maximize", "minimize"]
 Metric = Literal["dev_accuracy", "dev_loss", "dev_mse", "dev_r2"]
@@ -91,30 +95,22 @@ DOMAINS: dict[str, Domain] = {
     "hidden_layers": _COUNT,
     "hidden_units": _COUNT,
     "batch_size": _COUNT,
-    "optimizer": Domain(choices=("gd", "momentum", "rmsprop", "adam", "adamw")),
-    "activation": Domain(choices=("relu", "leaky_relu", "tanh", "sigmoid", "gelu")),
-    "init": Domain(choices=("he", "xavier", "glorot")),
+    "optimizer": Domain(choices=OPTIMIZERS),
+    "activation": Domain(choices=tuple(ACTIVATIONS)),
+    "init": Domain(choices=INITS),
     "batch_norm": Domain(choices=(True, False)),
-    "lr_decay": Domain(choices=("none", "exponential", "inverse_time", "inverse_sqrt", "step")),
+    "lr_decay": Domain(choices=LR_DECAYS),
 }
 """Every engine hyperparameter a spec may search or fix, with its valid values."""
 
 DEFAULTS: dict[str, Any] = {
-    "learning_rate": 1e-3,
-    "momentum": 0.9,
-    "beta2": 0.999,
-    "epsilon": 1e-8,
-    "l2": 0.0,
-    "dropout": 0.0,
-    "decay_rate": 0.0,
+    **{name: value for name, value in HPARAM_DEFAULTS.items() if name != "seed"},
     "hidden_layers": 2,
     "hidden_units": 128,
     "batch_size": 128,
     "optimizer": "adam",
     "activation": "relu",
-    "init": "he",
     "batch_norm": False,
-    "lr_decay": "none",
 }
 """Value of each engine hyperparameter that is neither searched nor fixed."""
 

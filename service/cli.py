@@ -207,14 +207,7 @@ def watch(search_id: str) -> None:
 
     console = _console()
     total = _call(console, "GET", f"/v1/searches/{search_id}").json()["progress"]["total"]
-    bar = Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[status]}"),
-        TimeElapsedColumn(),
-        console=console,
-    )
+    bar = _progress_bar(console)
     done = None
     with bar:
         task = bar.add_task(search_id, total=total, status="")
@@ -324,15 +317,7 @@ class _SearchProgress:
         self.started = time.monotonic()
         self.done = 0
         self.stage = 1
-        self.bar = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[status]}"),
-            TimeElapsedColumn(),
-            console=console,
-            transient=False,
-        )
+        self.bar = _progress_bar(console)
         self.task = self.bar.add_task(spec.name, total=spec.budget.trials, status="")
 
     def __enter__(self) -> _SearchProgress:
@@ -407,6 +392,18 @@ def _print_best_trials(console: Console, spec, storage, result, top: int = 10) -
         f"refit on {spec.final_fit.replace('_', '+')}, tested once: [bold]{tests}[/bold]"
     )
     console.print(f"diagnosis: {best['diagnosis']}")
+
+
+def _progress_bar(console: Console) -> Progress:
+    """Trials done of the budget, with a status line and the elapsed time."""
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        console=console,
+    )
 
 
 def _console(stderr: bool = False) -> Console:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 SearchStatus = Literal["queued", "running", "completed", "failed", "cancelled"]
 
@@ -76,6 +76,8 @@ class TrialList(BaseModel):
 
 class DatasetPublic(BaseModel):
     """An uploaded dataset (its content is only read by workers)."""
+
+    model_config = ConfigDict(from_attributes=True)
 
     id: str = Field(description="Name it in a spec as `dataset: {id: ...}`.")
     name: str = Field(description="The uploaded file's name.")

@@ -57,7 +57,7 @@ async def upload_dataset(
     )
     session.add(row)
     session.flush()
-    return _public(row)
+    return DatasetPublic.model_validate(row)
 
 
 @router.get("", response_model=DatasetList)
@@ -66,7 +66,7 @@ def list_datasets(owner: Owner, session: SessionDep) -> DatasetList:
     rows = session.scalars(
         select(Dataset).where(Dataset.owner == owner).order_by(Dataset.created_at.desc())
     )
-    return DatasetList(items=[_public(row) for row in rows])
+    return DatasetList(items=[DatasetPublic.model_validate(row) for row in rows])
 
 
 @router.delete("/{dataset_id}", status_code=status.HTTP_204_NO_CONTENT)
@@ -82,17 +82,3 @@ def delete_dataset(dataset_id: str, owner: Owner, session: SessionDep) -> Respon
         raise HTTPException(status.HTTP_409_CONFLICT, detail="a queued or running search uses it")
     session.delete(row)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
-
-
-def _public(row: Dataset) -> DatasetPublic:
-    return DatasetPublic(
-        id=row.id,
-        name=row.name,
-        format=row.format,
-        target=row.target,
-        rows=row.rows,
-        columns=row.columns,
-        size=row.size,
-        sha256=row.sha256,
-        created_at=row.created_at,
-    )

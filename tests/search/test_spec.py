@@ -109,7 +109,7 @@ def test_defaults() -> None:
     assert (spec.sampler, spec.pruner.name, spec.pruner.warmup_epochs) == ("random", "none", 2)
     assert (spec.seed, spec.task, spec.objective, spec.fixed) == (0, None, None, {})
     assert spec.final_fit == "train"
-    assert spec.stage_plan() == [Stage(trials=10, keep_top=0.25, margin=0.1)]
+    assert spec.stage_plan() == [Stage(trials=10, keep_top=0.1, margin=0.05)]
     assert spec.space["learning_rate"].type == "float"
 
 

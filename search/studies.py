@@ -10,6 +10,7 @@ rebuild what the stage searches from the database alone.
 from __future__ import annotations
 
 import json
+import warnings
 from typing import Any
 
 import optuna
@@ -84,7 +85,9 @@ def create_stage_study(
         direction=direction,
         load_if_exists=True,
     )
-    study.set_metric_names([metric])  # the dashboard then says dev_accuracy, not "Objective 0"
+    with warnings.catch_warnings():  # experimental in Optuna, stable in use since 3.2
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names([metric])  # the dashboard says dev_accuracy, not "Objective 0"
     study.set_user_attr("search_id", search_id)
     study.set_user_attr("stage", stage)
     study.set_user_attr("ranges", describe_ranges(space))

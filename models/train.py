@@ -241,15 +241,18 @@ def train_batch(
     status: list[TrialStatus] = ["completed"] * num_trials
     epochs_done = np.zeros(num_trials, int)
     history: list[list[dict[str, float]]] = [[] for _ in range(num_trials)]
-    group_size = max(1, min(group_size, num_trials))
+    placement = _Placement.local()
+    group_size = placement.round_up(max(1, min(group_size, num_trials)))
+    data = placement.replicate(data)
 
-    # Trial states live in groups on the device; a trial's state is parked on the host when its
-    # group is re-formed (a trial stopped) and is where the final variables are read from.
+    # Trial states live in groups on the devices (the trial axis sharded across them); a trial's
+    # state is parked on the host when its group is re-formed (a trial stopped) and is where the
+    # final variables are read from.
     parked: dict[int, _TrialState] = {}
-    groups = [
-        _Group(members, program.init(_rows(hp, slots)), jax.device_put(_rows(hp, slots)))
-        for members, slots in _partition(np.arange(num_trials), group_size)
-    ]
+    groups = []
+    for members, slots in _partition(np.arange(num_trials), group_size):
+        group_hp = placement.shard(_rows(hp, slots))
+        groups.append(_Group(members, program.init(group_hp), group_hp))
     for epoch in range(epochs):
         running = np.flatnonzero(active)
         if running.size == 0:
@@ -259,8 +262,8 @@ def train_batch(
             groups = [
                 _Group(
                     members,
-                    jax.device_put(_stack([parked[i] for i in slots])),
-                    jax.device_put(_rows(hp, slots)),
+                    placement.shard(_stack([parked[i] for i in slots])),
+                    placement.shard(_rows(hp, slots)),
                 )
                 for members, slots in _partition(running, group_size)
             ]
@@ -312,6 +315,45 @@ def train_batch(
     if shape.batch_norm:
         variables["batch_stats"] = state.best_batch_stats if keep_best else state.batch_stats
     return BatchResult(shape=shape, trials=trials, variables=variables)
+
+
+@dataclass(frozen=True)
+class _Placement:
+    """Where a batch lives: the trial axis sharded across this host's devices, data replicated.
+
+    With one device this is plain placement on it; with several, every group holds a multiple
+    of the device count, and the compiled program runs each device's trials on that device.
+    """
+
+    trials: jax.sharding.Sharding | None
+    replicated: jax.sharding.Sharding | None
+    devices: int
+
+    @classmethod
+    def local(cls) -> _Placement:
+        devices = jax.local_devices()
+        if len(devices) == 1:
+            return cls(None, None, 1)
+        mesh = jax.sharding.Mesh(np.asarray(devices), ("trials",))
+        return cls(
+            jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("trials")),
+            jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
+            len(devices),
+        )
+
+    def round_up(self, group_size: int) -> int:
+        return -(-group_size // self.devices) * self.devices
+
+    def shard(self, tree):
+        return jax.device_put(tree, self.trials)
+
+    def replicate(self, data: TrainData) -> TrainData:
+        if self.replicated is None:
+            return data
+        arrays = jax.device_put(
+            (data.x_train, data.y_train, data.x_dev, data.y_dev), self.replicated
+        )
+        return TrainData(*arrays, target_std=data.target_std)
 
 
 @dataclass

@@ -21,14 +21,21 @@ from datetime import UTC
 import optuna
 from optuna.trial import Trial, TrialState
 from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
 
 from db.models import Dataset as DatasetRow
 from db.models import Search, TrainedModel, utcnow
-from db.session import lock_search, session_scope
-from db.storage import optuna_storage
+from db.session import DatabaseError, lock_search, session_scope
+from db.storage import (
+    GRACE_PERIOD_S,
+    HEARTBEAT_INTERVAL_S,
+    fail_orphaned_trials,
+    optuna_storage,
+)
 from models.data import DatasetError, from_arrays, read_csv, read_npz
 from models.export import TrainedModel as ModelFile
 from models.export import save_model
+from search.heartbeat import Heartbeat
 from search.runner import finish_search, load_search_dataset, open_stage, used_slots
 from search.spec import Objective, Param, SearchSpec, SpecError
 from search.studies import study_name
@@ -74,6 +81,7 @@ class Worker:
         self._contexts: dict[str, SearchContext] = {}
         self._studies: dict[tuple[str, int], tuple[optuna.Study, dict[str, Param]]] = {}
         self.stop_event = threading.Event()
+        self._last_reap = 0.0
 
     def run(self, until_idle: bool = False) -> None:
         """Work until `stop_event` is set (or, with `until_idle`, until nothing is left to do)."""
@@ -85,7 +93,20 @@ class Worker:
             self.stop_event.wait(self.idle_sleep)
 
     def step(self) -> bool:
-        """One unit of work (a batch of trials, a stage change, a search's end); False if idle."""
+        """One unit of work (a batch of trials, a stage change, a search's end); False if idle.
+
+        Database failures are logged and end the step: the connection pools reconnect on the
+        next step, and trials this worker could not report on are reaped and retried elsewhere.
+        """
+        try:
+            return self._step()
+        except (DatabaseError, optuna.exceptions.StorageInternalError, SQLAlchemyError) as error:
+            log.warning("database unavailable, retrying: %s", error)
+            self.stop_event.wait(self.idle_sleep)
+            return False
+
+    def _step(self) -> bool:
+        self._reap()
         for search_id in self._open_searches():
             claim = self._claim(search_id)
             if claim is True:
@@ -132,7 +153,11 @@ class Worker:
                 study, space = self._stage(row, objective)
                 remaining = stages[row.stage - 1].trials - used_slots(study)
                 if remaining > 0 and not _timed_out(row, ctx.spec):
-                    trials = [study.ask() for _ in range(min(self.batch, remaining))]
+                    trials = []
+                    for _ in range(min(self.batch, remaining)):
+                        trials.append(study.ask())
+                        # From now on the reaper knows whether this worker lives.
+                        self.storage.record_heartbeat(trials[-1]._trial_id)
                     return Claim(row.id, row.stage, study, space, trials)
                 if _running(study):
                     return None  # other workers are finishing this stage
@@ -187,29 +212,47 @@ class Worker:
 
     # -- training and finishing ---------------------------------------------------------------
 
+    def _reap(self) -> None:
+        """Fail trials whose worker stopped writing heartbeats, and enqueue them again."""
+        if time.monotonic() - self._last_reap < GRACE_PERIOD_S / 4:
+            return
+        self._last_reap = time.monotonic()
+        try:
+            reap_stale_trials(self.url)
+        except Exception:  # reaping is a courtesy to other workers: it must not stop this one
+            log.exception("reaping stale trials failed")
+
     def _train(self, claim: Claim) -> list[TrialOutcome]:
         ctx = self._contexts[claim.search_id]
-        return train_trials(
-            claim.study,
-            ctx,
-            claim.space,
-            claim.stage,
-            claim.trials,
-            should_stop=self._stop_check(claim.search_id),
-        )
+        ids = [trial._trial_id for trial in claim.trials]
+        with Heartbeat(self.storage, ids, HEARTBEAT_INTERVAL_S) as heartbeat:
+            return train_trials(
+                claim.study,
+                ctx,
+                claim.space,
+                claim.stage,
+                claim.trials,
+                should_stop=self._stop_check(claim.search_id, heartbeat),
+            )
 
-    def _stop_check(self, search_id: str, every_s: float = 1.0):
-        """Stop in-flight trials when the search is cancelled or this worker is told to stop."""
+    def _stop_check(self, search_id: str, heartbeat: Heartbeat, every_s: float = 1.0):
+        """Stop in-flight trials when the search is cancelled, this worker is told to stop, or
+        the database has been out of reach for longer than the grace period."""
         last = {"at": 0.0, "reason": None}
 
         def check() -> str | None:
             if self.stop_event.is_set():
                 return "preempted"
+            if heartbeat.silent_for() > GRACE_PERIOD_S:
+                return "database unreachable"
             if time.monotonic() - last["at"] >= every_s:
                 last["at"] = time.monotonic()
-                with session_scope(self.url) as session:
-                    row = session.get(Search, search_id)
-                    cancelled = row is None or row.cancel_requested or row.status == "cancelled"
+                try:
+                    with session_scope(self.url) as session:
+                        row = session.get(Search, search_id)
+                        cancelled = row is None or row.cancel_requested or row.status == "cancelled"
+                except DatabaseError:
+                    return None  # unknown for now; the heartbeat decides when to give up
                 last["reason"] = "cancelled" if cancelled else None
             return last["reason"]
 
@@ -246,6 +289,21 @@ class Worker:
         )
         row.status = "completed"
         self._contexts.pop(row.id, None)
+
+
+def reap_stale_trials(database_url: str) -> None:
+    """Fail the stale trials of every open search's current stage (they are enqueued again)."""
+    storage = optuna_storage(database_url)
+    with session_scope(database_url) as session:
+        studies = [
+            row.studies[-1]
+            for row in session.scalars(select(Search).where(Search.status.in_(OPEN_STATUSES)))
+            if row.studies
+        ]
+    for name in studies:
+        study = optuna.load_study(study_name=name, storage=storage)
+        optuna.storages.fail_stale_trials(study)
+        fail_orphaned_trials(study)
 
 
 def _running(study: optuna.Study) -> bool:

@@ -12,13 +12,13 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from db.storage import annotate_finished_trial
 from models.data import Dataset, load_dataset
 from search.final import FinalFit, final_fit
 from search.refine import refine_space, top_fraction
 from search.space import engine_params
 from search.spec import Objective, Param, SearchSpec, SpecError, is_active
 from search.studies import (
-    annotate_finished_trial,
     counts_toward_budget,
     create_stage_study,
     load_stage_study,
@@ -206,10 +206,14 @@ def shown_params(params: dict[str, Any], spec: SearchSpec) -> dict[str, Any]:
 
 
 def used_slots(study: optuna.Study) -> int:
-    """Trials of a stage that hold a slot of its budget: finished ones and those in flight."""
-    in_flight = (TrialState.RUNNING, TrialState.WAITING)
+    """Trials of a stage that hold a slot of its budget: finished ones and those running.
+
+    A WAITING trial (a retry of a trial whose worker died) is not counted: it fills one of the
+    free slots, because `study.ask()` hands out waiting trials first.
+    """
     return sum(
-        counts_toward_budget(t) or t.state in in_flight for t in study.get_trials(deepcopy=False)
+        counts_toward_budget(t) or t.state == TrialState.RUNNING
+        for t in study.get_trials(deepcopy=False)
     )
 
 

@@ -9,9 +9,7 @@ rebuild what the stage searches from the database alone.
 
 from __future__ import annotations
 
-import json
 import warnings
-from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -129,29 +127,3 @@ def counts_toward_budget(trial: FrozenTrial) -> bool:
     if trial.state in (TrialState.COMPLETE, TrialState.PRUNED):
         return True
     return trial.state == TrialState.FAIL and trial.user_attrs.get("reason") in FINAL_FAILURES
-
-
-def annotate_finished_trial(
-    storage: optuna.storages.BaseStorage, trial: FrozenTrial, attrs: dict[str, Any]
-) -> None:
-    """Add user attributes to a trial that is already finished.
-
-    Optuna's storage API refuses to change finished trials, but the best trial's test figures
-    are only known after the search ends; they belong on the trial so that the dashboard shows
-    them. This writes the rows Optuna itself would write, into its own table.
-    """
-    from optuna.storages._rdb import models  # the schema of the installed Optuna version
-
-    if not isinstance(storage, optuna.storages.RDBStorage):
-        raise TypeError("finished trials can only be annotated in an RDB storage")
-    with storage.scoped_session() as session:
-        for key, value in attrs.items():
-            session.query(models.TrialUserAttributeModel).filter_by(
-                trial_id=trial._trial_id, key=key
-            ).delete()
-            session.add(
-                models.TrialUserAttributeModel(
-                    trial_id=trial._trial_id, key=key, value_json=json.dumps(value)
-                )
-            )
-        session.commit()

@@ -17,6 +17,7 @@ import numpy as np
 import optuna
 from optuna.trial import Trial, TrialState
 
+from db.storage import retry_trial
 from models.data import Dataset
 from models.train import HPARAM_DEFAULTS, EpochReport, Shape, TrainData, train_batch
 from search.space import sample_trial
@@ -24,6 +25,9 @@ from search.spec import Objective, Param, SearchSpec
 
 #: Trials one worker asks for at once; they are split by shape and trained together.
 DEFAULT_BATCH = 32
+
+#: Stop reasons after which a trial is enqueued again: the trial itself was not at fault.
+RETRIED_REASONS = frozenset({"preempted"})
 
 
 @dataclass
@@ -152,7 +156,12 @@ def _train_group(
 ) -> list[TrialOutcome]:
     metric = ctx.objective.metric
     pruned = np.zeros(len(trials), bool)
-    stop_reason: str | None = None
+    stop_reason: str | None = should_stop() if should_stop is not None else None
+    if stop_reason:  # stopped before this group started: give its trials back at once
+        return [
+            _fail(study, t, p, stage, stop_reason, f"not started: {stop_reason}", on_trial)
+            for t, p in zip(trials, params, strict=True)
+        ]
 
     def callback(report: EpochReport) -> np.ndarray:
         nonlocal stop_reason
@@ -220,6 +229,8 @@ def _fail(study, trial, values, stage, reason, message, on_trial) -> TrialOutcom
     trial.set_user_attr("reason", reason)
     trial.set_user_attr("message", message[:1000])
     study.tell(trial, state=TrialState.FAIL)
+    if reason in RETRIED_REASONS:
+        retry_trial(study, study._storage.get_trial(trial._trial_id))
     return _outcome(trial, stage, TrialState.FAIL, None, values, on_trial)
 
 

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import threading
+
 from fastapi import FastAPI, Request, status
 from fastapi.responses import JSONResponse
 
 from db.session import DatabaseError
+from db.storage import GRACE_PERIOD_S
+from search.pool import reap_stale_trials
 from service.routes import datasets, ops, searches
 from service.settings import Settings, get_settings
+
+log = logging.getLogger("caviar.api")
 
 DESCRIPTION = """Submit hyperparameter searches of MLPs, follow them, and fetch their best model.
 
@@ -18,7 +26,22 @@ sees only their own searches and datasets."""
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The API on `settings` (default: the `CAVIAR_*` environment)."""
     settings = settings or get_settings()
-    app = FastAPI(title="Caviar", version="0.1.0", description=DESCRIPTION)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        stop = threading.Event()
+        reaper = threading.Thread(
+            target=_reap_until,
+            args=(settings.database_url, stop),
+            name="caviar-reaper",
+            daemon=True,
+        )
+        reaper.start()
+        yield
+        stop.set()
+        reaper.join(timeout=10)
+
+    app = FastAPI(title="Caviar", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     app.state.settings = settings
 
     @app.middleware("http")
@@ -49,3 +72,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(searches.router)
     app.include_router(datasets.router)
     return app
+
+
+def _reap_until(database_url: str, stop: threading.Event) -> None:
+    """The API's share of reaping: fail stale trials of dead workers so that others rerun them."""
+    while not stop.wait(GRACE_PERIOD_S / 4):
+        try:
+            reap_stale_trials(database_url)
+        except Exception as error:  # the database may be down or not migrated yet
+            log.warning("reaper: %s", error)

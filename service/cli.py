@@ -145,6 +145,12 @@ def worker(
     idle_sleep: Annotated[float, typer.Option(help="Seconds to wait when idle.")] = 1.0,
 ) -> None:
     """Train trials of every open search until stopped (SIGTERM/Ctrl-C: stop cleanly)."""
+    import os
+
+    # A worker shares its accelerators: allocate on demand, or a configured fraction per process.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    if fraction := os.environ.get("CAVIAR_GPU_MEMORY_FRACTION"):
+        os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = fraction
     import jax
 
     from models.runtime import enable_compilation_cache

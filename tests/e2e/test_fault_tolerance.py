@@ -1,0 +1,204 @@
+"""Workers die, are preempted and lose their connections; PostgreSQL stays the single truth.
+
+Real `caviar worker` processes on the PostgreSQL test database, with 1 s heartbeats and a 4 s
+grace period; trials are counted with Optuna's own API.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+from sqlalchemy import create_engine, text
+
+from db.migrate import upgrade
+from db.models import Search
+from db.session import session_scope
+from search.spec import parse_spec
+from search.studies import FINAL_FAILURES
+from service.searches import submit_search
+
+TRIALS = 6
+SPEC = f"""
+name: faults
+dataset: {{name: synthetic, samples: 2000, features: 20, classes: 3}}
+budget: {{trials: {TRIALS}, epochs: 25}}
+space:
+  learning_rate: {{low: 1.0e-3, high: 0.1, scale: log}}
+fixed: {{optimizer: adam, batch_size: 32, hidden_units: 64, hidden_layers: 2}}
+"""
+
+
+@pytest.fixture
+def url(postgres_url):
+    upgrade(postgres_url)
+    return postgres_url
+
+
+@pytest.fixture
+def env(url):
+    return {
+        **os.environ,
+        "CAVIAR_DATABASE_URL": url,
+        "CAVIAR_HEARTBEAT_S": "1",
+        "CAVIAR_GRACE_S": "4",
+    }
+
+
+def queue(url) -> str:
+    with session_scope(url) as session:
+        search, _ = submit_search(
+            session, "alice", parse_spec(SPEC), idempotency_key=None, max_concurrent=10
+        )
+        return search.id
+
+
+def start_worker(env, batch=2):
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "service.cli",
+            "worker",
+            "--batch",
+            str(batch),
+            "--idle-sleep",
+            "0.2",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def trials(url, search_id):
+    with session_scope(url) as session:
+        studies = list(session.get(Search, search_id).studies)
+    storage = optuna.storages.RDBStorage(url)
+    return [
+        t for name in studies for t in optuna.load_study(study_name=name, storage=storage).trials
+    ]
+
+
+def wait_until(condition, seconds, what):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def running(url, search_id) -> int:
+    return sum(t.state == TrialState.RUNNING for t in trials(url, search_id))
+
+
+def status(url, search_id) -> str:
+    with session_scope(url) as session:
+        return session.get(Search, search_id).status
+
+
+def assert_exact_budget(url, search_id):
+    found = trials(url, search_id)
+    counted = [
+        t
+        for t in found
+        if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+        or (t.state == TrialState.FAIL and t.user_attrs.get("reason") in FINAL_FAILURES)
+    ]
+    assert len(counted) == TRIALS, [(t.number, t.state, t.user_attrs.get("reason")) for t in found]
+    assert not [t for t in found if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    return found
+
+
+def stop(process):
+    if process.poll() is None:
+        process.kill()
+    process.communicate(timeout=30)
+
+
+def test_sigkilled_workers_trials_are_rerun_and_the_budget_is_exact(url, env):
+    search_id = queue(url)
+    first = start_worker(env)
+    second = None
+    try:
+        wait_until(lambda: running(url, search_id) > 0, 90, "the first worker to train")
+        second = start_worker(env)
+        first.send_signal(signal.SIGKILL)
+        wait_until(lambda: status(url, search_id) == "completed", 180, "the search to complete")
+    finally:
+        stop(first)
+        if second is not None:
+            stop(second)
+    found = assert_exact_budget(url, search_id)
+    stale = [t for t in found if t.user_attrs.get("reason") == "stale"]
+    assert stale, "the killed worker's trials should have been reaped"
+    retried = {t.system_attrs.get("failed_trial") for t in found} - {None}
+    assert {t.number for t in stale} <= retried
+
+
+def test_every_worker_killed_then_new_ones_finish_the_search(url, env):
+    search_id = queue(url)
+    workers = [start_worker(env), start_worker(env)]
+    wait_until(lambda: running(url, search_id) >= 2, 90, "both workers to train")
+    for worker in workers:
+        worker.send_signal(signal.SIGKILL)
+        stop(worker)
+    fresh = start_worker(env, batch=3)
+    try:
+        wait_until(lambda: status(url, search_id) == "completed", 180, "the search to complete")
+    finally:
+        stop(fresh)
+    assert_exact_budget(url, search_id)
+
+
+def test_sigterm_preempts_within_10_seconds_and_the_trials_run_again(url, env):
+    search_id = queue(url)
+    worker = start_worker(env)
+    wait_until(lambda: running(url, search_id) > 0, 90, "the worker to train")
+    worker.send_signal(signal.SIGTERM)
+    started = time.monotonic()
+    output = worker.communicate(timeout=10)[0]
+    assert worker.returncode == 0, output
+    assert time.monotonic() - started < 10
+    preempted = [t for t in trials(url, search_id) if t.user_attrs.get("reason") == "preempted"]
+    assert preempted and all(t.state == TrialState.FAIL for t in preempted)
+    waiting = [t for t in trials(url, search_id) if t.state == TrialState.WAITING]
+    assert {t.system_attrs["failed_trial"] for t in waiting} == {t.number for t in preempted}
+    assert {tuple(t.params.items()) for t in waiting} == {
+        tuple(t.params.items()) for t in preempted
+    }
+
+    again = start_worker(env, batch=3)
+    try:
+        wait_until(lambda: status(url, search_id) == "completed", 180, "the search to complete")
+    finally:
+        stop(again)
+    assert_exact_budget(url, search_id)
+
+
+def test_workers_survive_their_connections_being_terminated(url, env):
+    search_id = queue(url)
+    worker = start_worker(env)
+    admin = create_engine(url, isolation_level="AUTOCOMMIT")
+    try:
+        wait_until(lambda: running(url, search_id) > 0, 90, "the worker to train")
+        for _ in range(3):
+            with admin.connect() as connection:
+                killed = connection.execute(
+                    text(
+                        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                        "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                    )
+                ).scalar()
+            assert killed >= 1
+            time.sleep(1.5)
+        wait_until(lambda: status(url, search_id) == "completed", 180, "the search to complete")
+        assert worker.poll() is None, "the worker should have kept going"
+    finally:
+        admin.dispose()
+        stop(worker)
+    assert_exact_budget(url, search_id)

@@ -1,0 +1,44 @@
+"""The trial axis sharded across several devices gives the single-device results.
+
+Four CPU devices are simulated in a subprocess with
+XLA_FLAGS=--xla_force_host_platform_device_count=4 (the flag must be set before JAX starts).
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+SCRIPT = """
+import json, jax
+from models.data import load_dataset
+from models.train import Shape, TrainData, _Placement, train_batch
+ds = load_dataset({"name": "synthetic", "samples": 500, "features": 8, "classes": 3}, seed=2)
+data = TrainData.from_arrays(ds.x_train, ds.y_train, ds.x_dev, ds.y_dev)
+shape = Shape(8, 3, (16,), optimizer="adam", batch_size=32, use_dropout=True)
+trials = [{"learning_rate": 10 ** (-3 + i / 3), "dropout": 0.1 * (i % 3), "seed": i}
+          for i in range(6)]
+result = train_batch(shape, trials, data, epochs=3, group_size=4)
+print(json.dumps({
+    "devices": len(jax.devices()),
+    "placement": _Placement.local().devices,
+    "history": [[h["dev_loss"] for h in t.history] for t in result.trials],
+}))
+"""
+
+
+def run(devices: int) -> dict:
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    done = subprocess.run(
+        [sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_sharded_trials_match_single_device_results():
+    one, four = run(1), run(4)
+    assert (one["devices"], four["devices"], four["placement"]) == (1, 4, 4)
+    np.testing.assert_allclose(four["history"], one["history"], rtol=1e-5, atol=1e-6)

@@ -35,10 +35,11 @@ from db.storage import (
 from models.data import DatasetError, from_arrays, read_csv, read_npz
 from models.export import TrainedModel as ModelFile
 from models.export import save_model
+from models.train import DEFAULT_GROUP_SIZE
 from search.heartbeat import Heartbeat
 from search.runner import finish_search, load_search_dataset, open_stage, used_slots
 from search.spec import Objective, Param, SearchSpec, SpecError
-from search.studies import study_name
+from search.studies import ask, study_name
 from search.worker import DEFAULT_BATCH, SearchContext, TrialOutcome, train_trials
 
 log = logging.getLogger("caviar.worker")
@@ -155,7 +156,7 @@ class Worker:
                 if remaining > 0 and not _timed_out(row, ctx.spec):
                     trials = []
                     for _ in range(min(self.batch, remaining)):
-                        trials.append(study.ask())
+                        trials.append(ask(study))
                         # From now on the reaper knows whether this worker lives.
                         self.storage.record_heartbeat(trials[-1]._trial_id)
                     return Claim(row.id, row.stage, study, space, trials)
@@ -226,14 +227,20 @@ class Worker:
         ctx = self._contexts[claim.search_id]
         ids = [trial._trial_id for trial in claim.trials]
         with Heartbeat(self.storage, ids, HEARTBEAT_INTERVAL_S) as heartbeat:
-            return train_trials(
+            outcomes = train_trials(
                 claim.study,
                 ctx,
                 claim.space,
                 claim.stage,
                 claim.trials,
                 should_stop=self._stop_check(claim.search_id, heartbeat),
+                group_size=min(DEFAULT_GROUP_SIZE, self.batch),
             )
+        if any(outcome.reason == "oom" for outcome in outcomes) and self.batch > 1:
+            # Out of memory: the trials were enqueued again; retry them in smaller batches.
+            self.batch //= 2
+            log.warning("out of memory: batch size halved to %d", self.batch)
+        return outcomes
 
     def _stop_check(self, search_id: str, heartbeat: Heartbeat, every_s: float = 1.0):
         """Stop in-flight trials when the search is cancelled, this worker is told to stop, or

@@ -127,3 +127,11 @@ def counts_toward_budget(trial: FrozenTrial) -> bool:
     if trial.state in (TrialState.COMPLETE, TrialState.PRUNED):
         return True
     return trial.state == TrialState.FAIL and trial.user_attrs.get("reason") in FINAL_FAILURES
+
+
+def ask(study: optuna.Study) -> optuna.trial.Trial:
+    """`study.ask()`, without Optuna's warning that heartbeats are meant for `Study.optimize`:
+    with ask/tell the worker writes them itself (`search.heartbeat`)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
+        return study.ask()

@@ -16,18 +16,27 @@ from typing import Any
 import numpy as np
 import optuna
 from optuna.trial import Trial, TrialState
+from sqlalchemy.exc import SQLAlchemyError
 
 from db.storage import retry_trial
 from models.data import Dataset
-from models.train import HPARAM_DEFAULTS, EpochReport, Shape, TrainData, train_batch
+from models.train import (
+    DEFAULT_GROUP_SIZE,
+    HPARAM_DEFAULTS,
+    EpochReport,
+    Shape,
+    TrainData,
+    train_batch,
+)
 from search.space import sample_trial
 from search.spec import Objective, Param, SearchSpec
+from search.studies import ask
 
 #: Trials one worker asks for at once; they are split by shape and trained together.
 DEFAULT_BATCH = 32
 
 #: Stop reasons after which a trial is enqueued again: the trial itself was not at fault.
-RETRIED_REASONS = frozenset({"preempted"})
+RETRIED_REASONS = frozenset({"preempted", "oom"})
 
 
 @dataclass
@@ -54,6 +63,7 @@ class TrialOutcome:
     state: TrialState
     value: float | None
     params: dict[str, Any]
+    reason: str | None = None  # why a failed trial failed
 
 
 #: Called after every epoch; a returned reason ("cancelled", "timeout", "preempted") stops every
@@ -100,7 +110,7 @@ def run_batch(
     on_epoch: Callable[[list[Trial]], None] | None = None,
 ) -> list[TrialOutcome]:
     """Ask `count` trials of `stage`, train them grouped by shape, and tell Optuna each result."""
-    trials = [study.ask() for _ in range(count)]
+    trials = [ask(study) for _ in range(count)]
     return train_trials(
         study,
         ctx,
@@ -123,8 +133,12 @@ def train_trials(
     should_stop: StopCheck | None = None,
     on_trial: Callable[[TrialOutcome], None] | None = None,
     on_epoch: Callable[[list[Trial]], None] | None = None,
+    group_size: int = DEFAULT_GROUP_SIZE,
 ) -> list[TrialOutcome]:
-    """Sample and train already-asked trials of `stage` by shape; tell Optuna each result."""
+    """Sample and train already-asked trials of `stage` by shape; tell Optuna each result.
+
+    `group_size` trials of a shape share one compiled call (see `models.train.train_batch`).
+    """
     params = []
     for trial in trials:
         trial.set_user_attr("stage", stage)
@@ -138,7 +152,16 @@ def train_trials(
         batch = [trials[i] for i in members]
         batch_params = [params[i] for i in members]
         outcomes += _train_group(
-            study, ctx, shape, batch, batch_params, stage, should_stop, on_trial, on_epoch
+            study,
+            ctx,
+            shape,
+            batch,
+            batch_params,
+            stage,
+            should_stop,
+            on_trial,
+            on_epoch,
+            group_size,
         )
     return outcomes
 
@@ -153,6 +176,7 @@ def _train_group(
     should_stop: StopCheck | None,
     on_trial: Callable[[TrialOutcome], None] | None,
     on_epoch: Callable[[list[Trial]], None] | None,
+    group_size: int,
 ) -> list[TrialOutcome]:
     metric = ctx.objective.metric
     pruned = np.zeros(len(trials), bool)
@@ -189,11 +213,15 @@ def _train_group(
             callback=callback,
             data_seed=ctx.spec.seed,
             monitor=(metric, ctx.objective.direction == "maximize"),
+            group_size=group_size,
         )
+    except (optuna.exceptions.StorageInternalError, SQLAlchemyError):
+        raise  # the database, not the trials, failed: the worker retries, the reaper reruns them
     except Exception as error:  # a bug or a resource error must not lose the other groups
+        reason = "oom" if is_out_of_memory(error) else "error"
         message = "".join(traceback.format_exception_only(error)).strip()
         return [
-            _fail(study, t, p, stage, "error", message, on_trial)
+            _fail(study, t, p, stage, reason, message, on_trial)
             for t, p in zip(trials, params, strict=True)
         ]
 
@@ -225,17 +253,23 @@ def _train_group(
     return outcomes
 
 
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether `error` is the accelerator (or host) running out of memory."""
+    text = str(error)
+    return isinstance(error, MemoryError) or "RESOURCE_EXHAUSTED" in text or "Out of memory" in text
+
+
 def _fail(study, trial, values, stage, reason, message, on_trial) -> TrialOutcome:
     trial.set_user_attr("reason", reason)
     trial.set_user_attr("message", message[:1000])
     study.tell(trial, state=TrialState.FAIL)
     if reason in RETRIED_REASONS:
         retry_trial(study, study._storage.get_trial(trial._trial_id))
-    return _outcome(trial, stage, TrialState.FAIL, None, values, on_trial)
+    return _outcome(trial, stage, TrialState.FAIL, None, values, on_trial, reason)
 
 
-def _outcome(trial, stage, state, value, values, on_trial) -> TrialOutcome:
-    outcome = TrialOutcome(trial.number, stage, state, value, values)
+def _outcome(trial, stage, state, value, values, on_trial, reason=None) -> TrialOutcome:
+    outcome = TrialOutcome(trial.number, stage, state, value, values, reason)
     if on_trial is not None:
         on_trial(outcome)
     return outcome

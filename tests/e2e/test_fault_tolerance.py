@@ -202,3 +202,59 @@ def test_workers_survive_their_connections_being_terminated(url, env):
         admin.dispose()
         stop(worker)
     assert_exact_budget(url, search_id)
+
+
+def test_restarting_the_api_mid_search_loses_nothing(url, env):
+    import socket
+
+    import httpx
+
+    from db.keys import create_key
+
+    with session_scope(url) as session:
+        token = create_key(session, "alice", "test")[1]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    base = f"http://127.0.0.1:{port}"
+    headers = {"Authorization": f"Bearer {token}"}
+
+    def serve():
+        return subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "serve", "--port", str(port)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    def up():
+        try:
+            return httpx.get(f"{base}/readyz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    api, worker = serve(), start_worker(env)
+    try:
+        wait_until(up, 60, "the API")
+        spec = parse_spec(SPEC).model_dump(mode="json", exclude_none=True)
+        search_id = httpx.post(f"{base}/v1/searches", json=spec, headers=headers).json()["id"]
+        wait_until(lambda: running(url, search_id) > 0, 90, "the worker to train")
+        api.send_signal(signal.SIGKILL)
+        api.wait(timeout=10)
+        api = serve()
+        wait_until(up, 60, "the restarted API")
+        wait_until(
+            lambda: (
+                httpx.get(f"{base}/v1/searches/{search_id}", headers=headers).json()["status"]
+                == "completed"
+            ),
+            180,
+            "the search to complete",
+        )
+        progress = httpx.get(f"{base}/v1/searches/{search_id}", headers=headers).json()["progress"]
+        assert progress["complete"] + progress["pruned"] == TRIALS
+    finally:
+        stop(worker)
+        api.terminate()
+        api.wait(timeout=20)
+    assert_exact_budget(url, search_id)

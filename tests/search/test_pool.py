@@ -111,3 +111,15 @@ def test_diverging_trials_fail_and_the_search_still_completes(url):
     failed = [t for t in trials if t.state == TrialState.FAIL]
     assert failed and all(t.user_attrs["reason"] == "diverged" for t in failed)
     assert status in ("completed", "failed")  # failed only if every trial diverged
+
+
+def test_out_of_memory_errors_are_recognised():
+    import jax
+
+    from search.worker import is_out_of_memory
+
+    assert is_out_of_memory(
+        jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate")
+    )
+    assert is_out_of_memory(MemoryError())
+    assert not is_out_of_memory(ValueError("batch_size 4096 exceeds the 300 training examples"))

@@ -123,3 +123,74 @@ def test_out_of_memory_errors_are_recognised():
     )
     assert is_out_of_memory(MemoryError())
     assert not is_out_of_memory(ValueError("batch_size 4096 exceeds the 300 training examples"))
+
+
+def test_a_search_on_an_uploaded_dataset_reads_it_from_the_database(url, tmp_path):
+    import hashlib
+
+    from db.models import Dataset
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 4))
+    labels = np.where(x[:, 0] + x[:, 1] > 0, "yes", "no")
+    rows = "\n".join(
+        f"{a:.4f},{b:.4f},{c:.4f},{d:.4f},{y}" for (a, b, c, d), y in zip(x, labels, strict=True)
+    )
+    content = ("a,b,c,d,label\n" + rows + "\n").encode()
+    with session_scope(url) as session:
+        session.add(
+            Dataset(
+                id="ds-1",
+                owner="alice",
+                name="d.csv",
+                format="csv",
+                target="label",
+                rows=300,
+                columns=4,
+                size=len(content),
+                sha256=hashlib.sha256(content).hexdigest(),
+                content=content,
+            )
+        )
+    spec = """
+name: uploaded
+dataset: {id: ds-1}
+budget: {trials: 2, epochs: 30}
+space: {learning_rate: {low: 1.0e-2, high: 3.0e-2, scale: log}}
+fixed: {optimizer: adam, batch_size: 32, hidden_units: 16, hidden_layers: 1}
+"""
+    search_id = queue(url, spec)
+    Worker(url, stream=0).run(until_idle=True)
+    with session_scope(url) as session:
+        search = session.get(Search, search_id)
+        assert search.status == "completed", search.error
+        assert search.best["test_accuracy"] > 0.8  # a linearly separable task
+
+
+def test_another_owners_dataset_is_not_found(url):
+    import hashlib
+
+    from db.models import Dataset
+
+    content = b"a,label\n" + b"1,0\n2,1\n" * 20
+    with session_scope(url) as session:
+        session.add(
+            Dataset(
+                id="ds-2",
+                owner="bob",
+                name="d.csv",
+                format="csv",
+                target="label",
+                rows=40,
+                columns=1,
+                size=len(content),
+                sha256=hashlib.sha256(content).hexdigest(),
+                content=content,
+            )
+        )
+    spec = SPEC.replace("{name: synthetic, samples: 400, features: 6, classes: 3}", "{id: ds-2}")
+    search_id = queue(url, spec, owner="alice")
+    Worker(url, stream=0).run(until_idle=True)
+    with session_scope(url) as session:
+        search = session.get(Search, search_id)
+        assert search.status == "failed" and "ds-2" in search.error

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import random
 import threading
 import time
@@ -330,8 +329,3 @@ def _timed_out(row: Search, spec: SearchSpec) -> bool:
 
 def _fail_search(row: Search, message: str) -> None:
     row.status, row.error, row.finished_at = "failed", message, utcnow()
-
-
-def worker_name() -> str:
-    """How this worker names itself in logs."""
-    return f"{os.uname().nodename}:{os.getpid()}"

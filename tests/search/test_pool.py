@@ -125,33 +125,38 @@ def test_out_of_memory_errors_are_recognised():
     assert not is_out_of_memory(ValueError("batch_size 4096 exceeds the 300 training examples"))
 
 
-def test_a_search_on_an_uploaded_dataset_reads_it_from_the_database(url, tmp_path):
+def store_csv(url, dataset_id: str, owner: str, content: bytes) -> None:
+    """An uploaded CSV dataset (target column `label`), as the API stores it."""
     import hashlib
 
     from db.models import Dataset
 
+    lines = content.decode().strip().splitlines()
+    with session_scope(url) as session:
+        session.add(
+            Dataset(
+                id=dataset_id,
+                owner=owner,
+                name="d.csv",
+                format="csv",
+                target="label",
+                rows=len(lines) - 1,
+                columns=lines[0].count(","),
+                size=len(content),
+                sha256=hashlib.sha256(content).hexdigest(),
+                content=content,
+            )
+        )
+
+
+def test_a_search_on_an_uploaded_dataset_reads_it_from_the_database(url):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(300, 4))
     labels = np.where(x[:, 0] + x[:, 1] > 0, "yes", "no")
     rows = "\n".join(
         f"{a:.4f},{b:.4f},{c:.4f},{d:.4f},{y}" for (a, b, c, d), y in zip(x, labels, strict=True)
     )
-    content = ("a,b,c,d,label\n" + rows + "\n").encode()
-    with session_scope(url) as session:
-        session.add(
-            Dataset(
-                id="ds-1",
-                owner="alice",
-                name="d.csv",
-                format="csv",
-                target="label",
-                rows=300,
-                columns=4,
-                size=len(content),
-                sha256=hashlib.sha256(content).hexdigest(),
-                content=content,
-            )
-        )
+    store_csv(url, "ds-1", "alice", ("a,b,c,d,label\n" + rows + "\n").encode())
     spec = """
 name: uploaded
 dataset: {id: ds-1}
@@ -168,26 +173,7 @@ fixed: {optimizer: adam, batch_size: 32, hidden_units: 16, hidden_layers: 1}
 
 
 def test_another_owners_dataset_is_not_found(url):
-    import hashlib
-
-    from db.models import Dataset
-
-    content = b"a,label\n" + b"1,0\n2,1\n" * 20
-    with session_scope(url) as session:
-        session.add(
-            Dataset(
-                id="ds-2",
-                owner="bob",
-                name="d.csv",
-                format="csv",
-                target="label",
-                rows=40,
-                columns=1,
-                size=len(content),
-                sha256=hashlib.sha256(content).hexdigest(),
-                content=content,
-            )
-        )
+    store_csv(url, "ds-2", "bob", b"a,label\n" + b"1,0\n2,1\n" * 20)
     spec = SPEC.replace("{name: synthetic, samples: 400, features: 6, classes: 3}", "{id: ds-2}")
     search_id = queue(url, spec, owner="alice")
     Worker(url, stream=0).run(until_idle=True)

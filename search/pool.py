@@ -32,8 +32,6 @@ from db.storage import (
     optuna_storage,
 )
 from models.data import DatasetError, from_arrays, read_csv, read_npz
-from models.export import TrainedModel as ModelFile
-from models.export import save_model
 from models.train import DEFAULT_GROUP_SIZE
 from search.heartbeat import Heartbeat
 from search.runner import finish_search, load_search_dataset, open_stage, used_slots
@@ -273,22 +271,7 @@ class Worker:
             _fail_search(row, "no trial completed")
             return
         row.best = {**result.best, "trials": result.counts}
-        fit = result.final
-        model = ModelFile(
-            shape=fit.shape,
-            variables=fit.variables,
-            feature_mean=dataset.feature_mean,
-            feature_std=dataset.feature_std,
-            target_mean=dataset.target_mean,
-            target_std=dataset.target_std,
-            metadata={
-                "search_id": row.id,
-                "params": result.best["params"],
-                "figures": fit.figures,
-                "diagnosis": fit.diagnosis,
-            },
-        )
-        content = save_model(model)
+        content = result.model_file(dataset)
         digest = hashlib.sha256(content).hexdigest()
         session.merge(
             TrainedModel(search_id=row.id, content=content, size=len(content), sha256=digest)

@@ -14,6 +14,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from db.storage import annotate_finished_trial
 from models.data import Dataset, load_dataset
+from models.export import TrainedModel, save_model
 from search.final import FinalFit, final_fit
 from search.refine import refine_space, top_fraction
 from search.space import engine_params
@@ -61,6 +62,27 @@ class SearchResult:
     counts: dict[str, int]
     best: dict[str, Any] | None
     final: FinalFit | None = field(default=None, repr=False)
+
+    def model_file(self, dataset: Dataset) -> bytes:
+        """The refit best model with the dataset's preprocessing, as one .npz file."""
+        if self.final is None or self.best is None:
+            raise ValueError("the search has no completed trial, so no model")
+        fit = self.final
+        model = TrainedModel(
+            shape=fit.shape,
+            variables=fit.variables,
+            feature_mean=dataset.feature_mean,
+            feature_std=dataset.feature_std,
+            target_mean=dataset.target_mean,
+            target_std=dataset.target_std,
+            metadata={
+                "search_id": self.search_id,
+                "params": self.best["params"],
+                "figures": fit.figures,
+                "diagnosis": fit.diagnosis,
+            },
+        )
+        return save_model(model)
 
     def summary(self) -> dict[str, Any]:
         """The JSON summary `caviar run --json` prints."""

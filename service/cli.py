@@ -43,6 +43,9 @@ def run(
         Path | None, typer.Option("--report", help="Write a self-contained HTML report here.")
     ] = None,
     batch: Annotated[int, typer.Option(min=1, help="Trials asked and trained at once.")] = 32,
+    model: Annotated[
+        Path | None, typer.Option("--model", help="Save the refit best model here (.npz).")
+    ] = None,
 ) -> None:
     """Run a whole search in this process: progress, best trials, then the test figures."""
     from db.storage import optuna_storage
@@ -74,6 +77,11 @@ def run(
             _fail(console, str(error))
 
     _print_best_trials(console, spec, storage, result)
+    if model is not None and result.final is not None:
+        from search.runner import load_search_dataset
+
+        model.write_bytes(result.model_file(load_search_dataset(spec)))
+        console.print(f"model written to {model} (load it with models.export.load_model)")
     if report is not None:
         from search.report import write_report
 

@@ -4,7 +4,12 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import optuna
+import pytest
+
+from models.data import load_dataset
+from models.export import load_model
 
 SPEC = """
 name: cli-tiny
@@ -37,6 +42,8 @@ def test_run_prints_progress_best_trials_json_and_writes_a_report(tmp_path):
         "--json",
         "--report",
         "report.html",
+        "--model",
+        "best.npz",
         "--database-url",
         f"sqlite:///{db}",
         cwd=tmp_path,
@@ -54,6 +61,11 @@ def test_run_prints_progress_best_trials_json_and_writes_a_report(tmp_path):
     report = (tmp_path / "report.html").read_text()
     assert "Optimization history by stage" in report and "1 - momentum (log axis)" in report
     assert "plotly" in report.lower() and "<script src=" not in report  # self-contained
+    model = load_model(tmp_path / "best.npz")
+    ds = load_dataset({"name": "synthetic", "samples": 300, "features": 5, "classes": 2})
+    raw_test = ds.x_test * ds.feature_std + ds.feature_mean
+    accuracy = float(np.mean(model.predict(raw_test) == ds.y_test))
+    assert accuracy == pytest.approx(best["test_accuracy"], abs=1e-6)
     storage = optuna.storages.RDBStorage(f"sqlite:///{db}")
     names = set(optuna.get_all_study_names(storage))
     assert set(summary["studies"]) <= names

@@ -120,6 +120,16 @@ def stop(process):
     process.communicate(timeout=30)
 
 
+def finish_with_a_new_worker(url, env, search_id) -> None:
+    """A worker started now completes the search with exactly its budget."""
+    worker = start_worker(env, batch=3)
+    try:
+        wait_until(lambda: status(url, search_id) == "completed", 180, "the search to complete")
+    finally:
+        stop(worker)
+    assert_exact_budget(url, search_id)
+
+
 def test_sigkilled_workers_trials_are_rerun_and_the_budget_is_exact(url, env):
     search_id = queue(url)
     first = start_worker(env)
@@ -147,12 +157,7 @@ def test_every_worker_killed_then_new_ones_finish_the_search(url, env):
     for worker in workers:
         worker.send_signal(signal.SIGKILL)
         stop(worker)
-    fresh = start_worker(env, batch=3)
-    try:
-        wait_until(lambda: status(url, search_id) == "completed", 180, "the search to complete")
-    finally:
-        stop(fresh)
-    assert_exact_budget(url, search_id)
+    finish_with_a_new_worker(url, env, search_id)
 
 
 def test_sigterm_preempts_within_10_seconds_and_the_trials_run_again(url, env):
@@ -172,12 +177,7 @@ def test_sigterm_preempts_within_10_seconds_and_the_trials_run_again(url, env):
         tuple(t.params.items()) for t in preempted
     }
 
-    again = start_worker(env, batch=3)
-    try:
-        wait_until(lambda: status(url, search_id) == "completed", 180, "the search to complete")
-    finally:
-        stop(again)
-    assert_exact_budget(url, search_id)
+    finish_with_a_new_worker(url, env, search_id)
 
 
 def test_workers_survive_their_connections_being_terminated(url, env):

@@ -440,9 +440,6 @@ def _programs(shape: Shape, monitor: tuple[str, bool], decay_every: int) -> _Pro
         score = jnp.asarray(-jnp.inf, jnp.float32)
         return _TrialState(params, batch_stats, opt_state, params, batch_stats, score, jnp.int32(0))
 
-    def loss_and_metric(out, y, target_std):
-        return data_loss(shape.task, out, y, target_std)
-
     def epoch_one(state: _TrialState, hp, xs, ys, x_dev, y_dev, epoch, target_std):
         key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(hp["seed"]), 2), epoch)
         lr = hp["learning_rate"] * lr_factor(hp["lr_decay"], hp["decay_rate"], epoch, decay_every)
@@ -463,7 +460,7 @@ def _programs(shape: Shape, monitor: tuple[str, bool], decay_every: int) -> _Pro
                     rngs={"dropout": jax.random.fold_in(key, index)},
                     mutable=["batch_stats"] if shape.batch_norm else [],
                 )
-                loss, metric = loss_and_metric(out, yb, target_std)
+                loss, metric = data_loss(shape.task, out, yb, target_std)
                 new_stats = updated["batch_stats"] if shape.batch_norm else batch_stats
                 return loss + l2_coef * sum_squared_weights(p), (loss, metric, new_stats)
 
@@ -498,7 +495,7 @@ def _programs(shape: Shape, monitor: tuple[str, bool], decay_every: int) -> _Pro
 
     def evaluate_one(variables_, x, y, target_std):
         out = model.apply(variables_, x, train=False)
-        loss, metric = loss_and_metric(out, y, target_std)
+        loss, metric = data_loss(shape.task, out, y, target_std)
         if classify:
             return {"dev_loss": loss, "dev_accuracy": metric}
         r2 = 1.0 - jnp.sum(jnp.square(out[:, 0] - y)) / jnp.sum(jnp.square(y - y.mean()))

@@ -7,21 +7,10 @@ from typing import Any
 
 import optuna
 import plotly.graph_objects as go
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import TrialState
 
-from search.runner import SearchResult
-from search.space import engine_params
+from search.runner import SearchResult, search_trials
 from search.spec import SearchSpec
-from search.studies import stage_space
-
-
-def trials_of(storage: optuna.storages.BaseStorage, result: SearchResult) -> list[FrozenTrial]:
-    """Every trial of every stage study of the search."""
-    return [
-        trial
-        for name in result.studies
-        for trial in optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
-    ]
 
 
 def write_report(
@@ -71,22 +60,16 @@ def render_report(
 
 
 def _rows(spec: SearchSpec, storage, result: SearchResult) -> list[dict[str, Any]]:
-    rows = []
-    for name in result.studies:
-        study = optuna.load_study(study_name=name, storage=storage)
-        space = stage_space(study)
-        for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-            rows.append(
-                {
-                    "number": trial.number,
-                    "stage": trial.user_attrs.get("stage", 1),
-                    "value": trial.value,
-                    "params": engine_params(trial, space, spec.fixed),
-                    "start": trial.datetime_start,
-                }
-            )
-    rows.sort(key=lambda r: r["start"])
-    return rows
+    complete = [
+        t
+        for t in search_trials(storage, spec, result.studies)
+        if t.trial.state == TrialState.COMPLETE
+    ]
+    complete.sort(key=lambda t: t.trial.datetime_start)
+    return [
+        {"number": t.trial.number, "stage": t.stage, "value": t.trial.value, "params": t.params}
+        for t in complete
+    ]
 
 
 def _history(rows, metric) -> go.Figure:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -181,17 +181,15 @@ def finish_search(
         for n in range(1, stage_count + 1)
         if _study_exists(storage, study_name(search_id, n))
     ]
-    trials = [t for name in studies for t in _load(storage, name).get_trials(deepcopy=False)]
-    counts = _count(trials)
+    trials = search_trials(storage, spec, studies)
+    counts = count_states(t.trial for t in trials)
     objective = spec.resolved_objective(dataset.task)
-    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    complete = [t for t in trials if t.trial.state == TrialState.COMPLETE]
     if not complete:
         return SearchResult(search_id, studies, counts, None)
     pick = max if objective.direction == "maximize" else min
-    best = pick(complete, key=lambda t: t.value)
-    stage = int(best.user_attrs["stage"])
+    stage, best, params = pick(complete, key=lambda t: t.trial.value)
     study = _load(storage, study_name(search_id, stage))
-    params = engine_params(best, stage_space(study), spec.fixed)
     fit = final_fit(
         spec,
         dataset,
@@ -227,6 +225,41 @@ def shown_params(params: dict[str, Any], spec: SearchSpec) -> dict[str, Any]:
     return {name: params[name] for name in names if is_active(name, params)}
 
 
+class SearchTrial(NamedTuple):
+    """A trial of a search with its stage and the engine hyperparameters it used (β as β)."""
+
+    stage: int
+    trial: FrozenTrial
+    params: dict[str, Any]
+
+
+def search_trials(
+    storage: optuna.storages.BaseStorage, spec: SearchSpec, studies: Sequence[str]
+) -> list[SearchTrial]:
+    """Every trial of a search's stage studies (`studies` in stage order), stage by stage."""
+    found = []
+    for stage, name in enumerate(studies, start=1):
+        study = _load(storage, name)
+        space = stage_space(study)
+        found += [
+            SearchTrial(stage, trial, engine_params(trial, space, spec.fixed))
+            for trial in study.get_trials(deepcopy=False)
+        ]
+    return found
+
+
+def count_states(trials: Iterable[FrozenTrial]) -> dict[str, int]:
+    """Trials by state: complete, pruned, failed, running (WAITING retries included), total."""
+    states = [trial.state for trial in trials]
+    return {
+        "complete": states.count(TrialState.COMPLETE),
+        "pruned": states.count(TrialState.PRUNED),
+        "failed": states.count(TrialState.FAIL),
+        "running": states.count(TrialState.RUNNING) + states.count(TrialState.WAITING),
+        "total": len(states),
+    }
+
+
 def used_slots(study: optuna.Study) -> int:
     """Trials of a stage that hold a slot of its budget: finished ones and those running.
 
@@ -237,20 +270,6 @@ def used_slots(study: optuna.Study) -> int:
         counts_toward_budget(t) or t.state == TrialState.RUNNING
         for t in study.get_trials(deepcopy=False)
     )
-
-
-def _count(trials: list[FrozenTrial]) -> dict[str, int]:
-    counts = {"complete": 0, "pruned": 0, "failed": 0, "running": 0, "total": len(trials)}
-    names = {
-        TrialState.COMPLETE: "complete",
-        TrialState.PRUNED: "pruned",
-        TrialState.FAIL: "failed",
-        TrialState.RUNNING: "running",
-    }
-    for trial in trials:
-        if trial.state in names:
-            counts[names[trial.state]] += 1
-    return counts
 
 
 def _study_exists(storage: optuna.storages.BaseStorage, name: str) -> bool:

@@ -365,12 +365,9 @@ class _SearchProgress:
 
 
 def _print_best_trials(console: Console, spec, storage, result, top: int = 10) -> None:
-    import optuna
     from optuna.trial import TrialState
 
-    from search.report import trials_of
-    from search.space import engine_params
-    from search.studies import stage_space, study_name
+    from search.runner import search_trials
 
     best = result.best
     counts = ", ".join(f"{v} {k}" for k, v in result.counts.items())
@@ -379,21 +376,17 @@ def _print_best_trials(console: Console, spec, storage, result, top: int = 10) -
         console.print("[red]no trial completed[/red]")
         return
     metric = next(k for k in best if k.startswith("dev_"))
-    complete = [t for t in trials_of(storage, result) if t.state == TrialState.COMPLETE]
-    complete.sort(key=lambda t: t.value, reverse=metric not in ("dev_mse", "dev_loss"))
-    spaces: dict[int, Any] = {}
+    complete = [
+        t
+        for t in search_trials(storage, spec, result.studies)
+        if t.trial.state == TrialState.COMPLETE
+    ]
+    complete.sort(key=lambda t: t.trial.value, reverse=metric not in ("dev_mse", "dev_loss"))
     table = Table(title=f"Best trials by {metric}")
     names = [name for name in spec.space if name in best["params"]]
     for column in ("stage", "trial", metric, *names):
         table.add_column(column, justify="right", overflow="fold")
-    for trial in complete[:top]:
-        stage = int(trial.user_attrs.get("stage", 1))
-        if stage not in spaces:
-            study = optuna.load_study(
-                study_name=study_name(result.search_id, stage), storage=storage
-            )
-            spaces[stage] = stage_space(study)
-        params = engine_params(trial, spaces[stage], spec.fixed)
+    for stage, trial, params in complete[:top]:
         table.add_row(
             str(stage), str(trial.number), f"{trial.value:.4f}", *[_fmt(params[n]) for n in names]
         )

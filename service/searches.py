@@ -7,20 +7,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Iterator
 from typing import Any
 
-import optuna
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from db.models import TERMINAL_STATUSES, Search
 from db.storage import optuna_storage
-from search.runner import SearchResult, new_search_id
-from search.space import engine_params
+from search import runner
+from search.runner import SearchResult, SearchTrial, count_states, new_search_id
 from search.spec import SearchSpec
-from search.studies import stage_space
 from service.schemas import Progress, SearchPublic, TrialPublic
 
 OPEN_STATUSES = ("queued", "running")
@@ -112,29 +111,16 @@ def cancel_search(session: Session, search: Search) -> None:
     search.status = "cancelled"
 
 
-def search_trials(database_url: str, search: Search) -> list[tuple[int, FrozenTrial, dict]]:
-    """(stage, trial, engine params) of every trial of a search, stage by stage."""
-    storage = optuna_storage(database_url)
+def search_trials(database_url: str, search: Search) -> list[SearchTrial]:
+    """Every trial of a search with its stage and engine parameters, stage by stage."""
     spec = SearchSpec.model_validate(search.spec)
-    found = []
-    for stage, name in enumerate(search.studies, start=1):
-        study = optuna.load_study(study_name=name, storage=storage)
-        space = stage_space(study)
-        for trial in study.get_trials(deepcopy=False):
-            found.append((stage, trial, engine_params(trial, space, spec.fixed)))
-    return found
+    return runner.search_trials(optuna_storage(database_url), spec, search.studies or [])
 
 
-def progress(search: Search, trials: list[tuple[int, FrozenTrial, dict]]) -> Progress:
-    """Counts of the search's trials by state."""
-    states = [trial.state for _, trial, _ in trials]
-    return Progress(
-        complete=states.count(TrialState.COMPLETE),
-        pruned=states.count(TrialState.PRUNED),
-        failed=states.count(TrialState.FAIL),
-        running=states.count(TrialState.RUNNING) + states.count(TrialState.WAITING),
-        total=int(search.spec["budget"]["trials"]),
-    )
+def progress(search: Search, trials: list[SearchTrial]) -> Progress:
+    """Counts of the search's trials by state; `total` is its budget."""
+    counts = count_states(t.trial for t in trials)
+    return Progress(**{**counts, "total": int(search.spec["budget"]["trials"])})
 
 
 def public_search(search: Search, progress_: Progress | None = None) -> SearchPublic:
@@ -174,9 +160,7 @@ def _one_minus(name: str, trial: FrozenTrial) -> bool:
 
 def search_result(database_url: str, search: Search) -> SearchResult:
     """The search as the report renders it."""
-    trials = search_trials(database_url, search)
-    counts = progress(search, trials).model_dump()
-    counts["total"] = len(trials)
+    counts = count_states(t.trial for t in search_trials(database_url, search))
     return SearchResult(search.id, list(search.studies or []), counts, search.best)
 
 
@@ -187,8 +171,6 @@ def events(
     database_url: str, owner: str, search_id: str, session_factory, poll_s: float = 0.5
 ) -> Iterator[str]:
     """Server-sent events: one per finished trial and per stage change, then `done`."""
-    import time
-
     sent: set[tuple[int, int]] = set()
     stage_sent = 0
     while True:

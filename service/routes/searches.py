@@ -9,6 +9,7 @@ from fastapi.responses import HTMLResponse, StreamingResponse
 
 from db.models import TrainedModel
 from db.session import session_scope
+from db.storage import optuna_storage
 from search.report import render_report
 from search.spec import SearchSpec
 from service import searches
@@ -102,8 +103,6 @@ def get_report(
         raise HTTPException(status.HTTP_409_CONFLICT, detail="the search has not started yet")
     spec = SearchSpec.model_validate(search.spec)
     result = searches.search_result(settings.database_url, search)
-    from db.storage import optuna_storage
-
     return HTMLResponse(render_report(spec, optuna_storage(settings.database_url), result))
 
 

@@ -28,7 +28,9 @@ def get_session(settings: SettingsDep) -> Iterator[Session]:
         yield session
 
 
-SessionDep = Annotated[Session, Depends(get_session)]
+#: scope="function": the session commits before the response is sent, so that a client never
+#: reads a 201 for a write that is not yet (or never) committed.
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 
 _bearer = HTTPBearer(auto_error=False, description="An API key from `caviar keys create`.")
 

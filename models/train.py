@@ -292,7 +292,7 @@ def train_batch(
         for i in np.flatnonzero(report.diverged):
             active[i], status[i] = False, "diverged"
         stop = callback(report) if callback is not None else None
-        if stop is not None:
+        if stop is not None and epoch + 1 < epochs:  # after the last epoch nothing is left to stop
             for i in np.flatnonzero(np.asarray(stop, bool) & active):
                 active[i], status[i] = False, "stopped"
     _park(groups, parked)

@@ -186,7 +186,8 @@ def test_workers_survive_their_connections_being_terminated(url, env):
     admin = create_engine(url, isolation_level="AUTOCOMMIT")
     try:
         wait_until(lambda: running(url, search_id) > 0, 90, "the worker to train")
-        for _ in range(3):
+
+        def terminate_connections() -> bool:
             with admin.connect() as connection:
                 killed = connection.execute(
                     text(
@@ -194,7 +195,10 @@ def test_workers_survive_their_connections_being_terminated(url, env):
                         "WHERE datname = current_database() AND pid <> pg_backend_pid()"
                     )
                 ).scalar()
-            assert killed >= 1
+            return killed >= 1
+
+        for _ in range(3):  # each time the worker has connected again (its heartbeat is every 1 s)
+            wait_until(terminate_connections, 30, "a connection to terminate")
             time.sleep(1.5)
         wait_until(lambda: status(url, search_id) == "completed", 180, "the search to complete")
         assert worker.poll() is None, "the worker should have kept going"

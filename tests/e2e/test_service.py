@@ -25,7 +25,13 @@ space:
 fixed: {optimizer: momentum, batch_size: 32, hidden_units: 8, hidden_layers: 1}
 stages: [{trials: 4}, {trials: 2}]
 """
-SLOW = SPEC.replace("name: e2e", "name: slow").replace("epochs: 3", "epochs: 400")
+# Long enough (over a minute) that a cancel always lands while its first trials train.
+SLOW = (
+    SPEC.replace("name: e2e", "name: slow")
+    .replace("epochs: 3", "epochs: 1000")
+    .replace("samples: 400", "samples: 20000")
+    .replace("batch_size: 32", "batch_size: 8")
+)
 
 
 def free_port() -> int:

@@ -30,17 +30,25 @@ class FinalFit:
 
 
 def final_fit(
-    spec: SearchSpec, dataset: Dataset, params: dict[str, Any], seed: int, best_epoch: int
+    spec: SearchSpec,
+    dataset: Dataset,
+    params: dict[str, Any],
+    seed: int,
+    best_epoch: int,
+    trained: dict | None = None,
 ) -> FinalFit:
     """Retrain the best trial's configuration and evaluate it once on the held-out test split.
 
     `final_fit: train` retrains on train with the same seed, keeping the best dev epoch (early
-    stopping), which reproduces the trial. `train_dev` refits on train+dev for the trial's best
-    number of epochs, so dev no longer measures it; its dev figures are then left out.
+    stopping), which reproduces the trial; `trained`, the trial's own best-epoch variables when
+    this process has them, is used instead of retraining. `train_dev` refits on train+dev for the
+    trial's best number of epochs, so dev no longer measures it; its dev figures are left out.
     """
     shape = shape_of(params, dataset)
     hparams = [continuous_hparams(params, seed)]
-    if spec.final_fit == "train_dev":
+    if spec.final_fit == "train" and trained is not None:
+        variables, epochs = trained, best_epoch
+    elif spec.final_fit == "train_dev":
         x = np.concatenate([dataset.x_train, dataset.x_dev])
         y = np.concatenate([dataset.y_train, dataset.y_dev])
         data = TrainData.from_arrays(x, y, dataset.x_dev, dataset.y_dev, dataset.target_std)
@@ -54,9 +62,9 @@ def final_fit(
         data = TrainData.from_arrays(
             dataset.x_train, dataset.y_train, dataset.x_dev, dataset.y_dev, dataset.target_std
         )
-        result = train_batch(shape, hparams, data, epochs=spec.budget.epochs, data_seed=spec.seed)
+        result = train_batch(shape, hparams, data, epochs=best_epoch, data_seed=spec.seed)
         variables = result.trial_variables(0)
-        epochs = result.trials[0].best_epoch or spec.budget.epochs
+        epochs = result.trials[0].best_epoch or best_epoch
     figures: dict[str, float] = {}
     splits = {"train": (dataset.x_train, dataset.y_train), "test": (dataset.x_test, dataset.y_test)}
     if spec.final_fit == "train":

@@ -5,7 +5,8 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -113,12 +114,14 @@ def run_search(
     stop = _with_deadline(should_stop, spec.budget.timeout_s)
 
     stages = spec.stage_plan()
+    best: TrialOutcome | None = None  # with its variables: the final fit need not retrain it
+    better = max if objective.direction == "maximize" else min
     for number, stage in enumerate(stages, start=1):
         study, space = open_stage(storage, spec, search_id, number, objective)
         if on_stage is not None:
             on_stage(number, space)
         while (remaining := stage.trials - used_slots(study)) > 0 and not stop():
-            run_batch(
+            outcomes = run_batch(
                 study,
                 ctx,
                 space,
@@ -128,10 +131,13 @@ def run_search(
                 on_trial=on_trial,
                 on_epoch=on_epoch,
             )
+            complete = [o for o in outcomes if o.state == TrialState.COMPLETE]
+            if complete:
+                best = better([best, *complete] if best else complete, key=lambda o: o.value)
         if stop():
             break
 
-    return finish_search(spec, storage, search_id, dataset, len(stages))
+    return finish_search(spec, storage, search_id, dataset, len(stages), best)
 
 
 def open_stage(
@@ -174,8 +180,13 @@ def finish_search(
     search_id: str,
     dataset: Dataset,
     stage_count: int,
+    trained: TrialOutcome | None = None,
 ) -> SearchResult:
-    """Pick the best trial over all stages, refit and test it once, and record the figures."""
+    """Pick the best trial over all stages, refit and test it once, and record the figures.
+
+    When `trained` (an outcome of this process, with its variables) is that best trial, the
+    `final_fit: train` refit is skipped: those variables are what it would reproduce.
+    """
     studies = [
         study_name(search_id, n)
         for n in range(1, stage_count + 1)
@@ -190,12 +201,14 @@ def finish_search(
     pick = max if objective.direction == "maximize" else min
     stage, best, params = pick(complete, key=lambda t: t.trial.value)
     study = _load(storage, study_name(search_id, stage))
+    own = trained is not None and (trained.stage, trained.number) == (stage, best.number)
     fit = final_fit(
         spec,
         dataset,
         params,
         trial_seed(spec.seed, stage, best.number),
         int(best.user_attrs.get("best_epoch") or spec.budget.epochs),
+        trained.variables() if own and trained.variables else None,
     )
     tests = {name: fit.figures[name] for name in TEST_FIGURES[dataset.task]}
     record = {
@@ -250,13 +263,17 @@ def search_trials(
 
 def count_states(trials: Iterable[FrozenTrial]) -> dict[str, int]:
     """Trials by state: complete, pruned, failed, running (WAITING retries included), total."""
-    states = [trial.state for trial in trials]
+    return tally_states(Counter(trial.state for trial in trials))
+
+
+def tally_states(states: Mapping[TrialState, int]) -> dict[str, int]:
+    """`count_states` from a count of trials per Optuna state."""
     return {
-        "complete": states.count(TrialState.COMPLETE),
-        "pruned": states.count(TrialState.PRUNED),
-        "failed": states.count(TrialState.FAIL),
-        "running": states.count(TrialState.RUNNING) + states.count(TrialState.WAITING),
-        "total": len(states),
+        "complete": states.get(TrialState.COMPLETE, 0),
+        "pruned": states.get(TrialState.PRUNED, 0),
+        "failed": states.get(TrialState.FAIL, 0),
+        "running": states.get(TrialState.RUNNING, 0) + states.get(TrialState.WAITING, 0),
+        "total": sum(states.values()),
     }
 
 

@@ -29,9 +29,14 @@ def study_name(search_id: str, stage: int) -> str:
     return f"{STUDY_PREFIX}/{search_id}/stage-{stage}"
 
 
+def sampler_seed(spec_seed: int, stage: int, stream: int = 0) -> int:
+    """The seed of a stage's sampler in one worker's `stream`, derived from the spec seed."""
+    return spec_seed * 1_000_003 + stage * 7_919 + stream
+
+
 def make_sampler(spec: SearchSpec, stage: int, stream: int = 0) -> optuna.samplers.BaseSampler:
     """The spec's sampler, seeded from the spec seed, the stage and the worker's `stream`."""
-    seed = spec.seed * 1_000_003 + stage * 7_919 + stream
+    seed = sampler_seed(spec.seed, stage, stream)
     match spec.sampler:
         case "random":
             return optuna.samplers.RandomSampler(seed=seed)

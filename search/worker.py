@@ -7,6 +7,7 @@ per-epoch callback into `trial.report` / `trial.should_prune` calls and its resu
 
 from __future__ import annotations
 
+import functools
 import traceback
 import zlib
 from collections.abc import Callable, Sequence
@@ -18,7 +19,7 @@ import optuna
 from optuna.trial import Trial, TrialState
 from sqlalchemy.exc import SQLAlchemyError
 
-from db.storage import retry_trial
+from db.storage import report_epoch, retry_trial, set_user_attrs
 from models.data import Dataset
 from models.train import (
     DEFAULT_GROUP_SIZE,
@@ -26,6 +27,7 @@ from models.train import (
     EpochReport,
     Shape,
     TrainData,
+    TrialResult,
     train_batch,
 )
 from search.space import sample_trial
@@ -64,6 +66,9 @@ class TrialOutcome:
     value: float | None
     params: dict[str, Any]
     reason: str | None = None  # why a failed trial failed
+    #: A complete trial's best-epoch variables, read on demand (its batch's result stays on the
+    #: device meanwhile), so that its own process can test it without a refit.
+    variables: Callable[[], dict] | None = field(default=None, repr=False, compare=False)
 
 
 #: Called after every epoch; a returned reason ("cancelled", "timeout", "preempted") stops every
@@ -139,10 +144,8 @@ def train_trials(
 
     `group_size` trials of a shape share one compiled call (see `models.train.train_batch`).
     """
-    params = []
-    for trial in trials:
-        trial.set_user_attr("stage", stage)
-        params.append(sample_trial(trial, space, ctx.spec.fixed))
+    set_user_attrs(study, [(trial, {"stage": stage}) for trial in trials])
+    params = [sample_trial(trial, space, ctx.spec.fixed) for trial in trials]
     groups: dict[Shape, list[int]] = {}
     for index, values in enumerate(params):
         groups.setdefault(shape_of(values, ctx.dataset), []).append(index)
@@ -189,8 +192,10 @@ def _train_group(
 
     def callback(report: EpochReport) -> np.ndarray:
         nonlocal stop_reason
-        for i in np.flatnonzero(report.trained & ~report.diverged):
-            trials[i].report(float(report.metrics[metric][i]), report.epoch)
+        reporting = np.flatnonzero(report.trained & ~report.diverged)
+        values = report.metrics[metric]
+        report_epoch(study, [(trials[i], float(values[i])) for i in reporting], report.epoch)
+        for i in reporting:
             if trials[i].should_prune():
                 pruned[i] = True
         if on_epoch is not None:
@@ -225,32 +230,46 @@ def _train_group(
             for t, p in zip(trials, params, strict=True)
         ]
 
+    fates = [_fate(o, bool(pruned[i]), stop_reason) for i, o in enumerate(result.trials)]
+    figures = []
+    for trial, outcome, fate in zip(trials, result.trials, fates, strict=True):
+        attrs: dict[str, Any] = {"epochs": outcome.epochs}
+        if fate == "diverged":
+            attrs["diverged_epoch"] = outcome.epochs
+        elif fate != "stopped":
+            attrs |= {**outcome.best, "best_epoch": outcome.best_epoch}
+        figures.append((trial, attrs))
+    set_user_attrs(study, figures)  # one transaction for the whole group
+
     outcomes = []
-    for i, (trial, values, outcome) in enumerate(zip(trials, params, result.trials, strict=True)):
-        trial.set_user_attr("epochs", outcome.epochs)
-        if outcome.status == "diverged":
-            trial.set_user_attr("diverged_epoch", outcome.epochs)
-            outcomes.append(
-                _fail(
-                    study, trial, values, stage, "diverged", "loss became NaN or infinite", on_trial
-                )
-            )
-            continue
-        if stop_reason and outcome.status == "stopped" and not pruned[i]:
-            message = f"stopped after {outcome.epochs} epochs: {stop_reason}"
+    for i, (trial, values, fate) in enumerate(zip(trials, params, fates, strict=True)):
+        epochs = result.trials[i].epochs
+        if fate == "diverged":
+            message = "loss became NaN or infinite"
+            outcomes.append(_fail(study, trial, values, stage, "diverged", message, on_trial))
+        elif fate == "stopped":
+            message = f"stopped after {epochs} epochs: {stop_reason}"
             outcomes.append(_fail(study, trial, values, stage, stop_reason, message, on_trial))
-            continue
-        for name, value in outcome.best.items():
-            trial.set_user_attr(name, value)
-        trial.set_user_attr("best_epoch", outcome.best_epoch)
-        if pruned[i]:
+        elif fate == "pruned":
             study.tell(trial, state=TrialState.PRUNED)
             outcomes.append(_outcome(trial, stage, TrialState.PRUNED, None, values, on_trial))
         else:
-            value = float(outcome.best[metric])
+            value = float(result.trials[i].best[metric])
             study.tell(trial, value)
-            outcomes.append(_outcome(trial, stage, TrialState.COMPLETE, value, values, on_trial))
+            kept = functools.partial(result.trial_variables, i)
+            outcomes.append(
+                _outcome(trial, stage, TrialState.COMPLETE, value, values, on_trial, None, kept)
+            )
     return outcomes
+
+
+def _fate(outcome: TrialResult, pruned: bool, stop_reason: str | None) -> str:
+    """How a trained trial ends: diverged, stopped (by a stop reason), pruned or complete."""
+    if outcome.status == "diverged":
+        return "diverged"
+    if stop_reason and outcome.status == "stopped" and not pruned:
+        return "stopped"
+    return "pruned" if pruned else "complete"
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -268,8 +287,10 @@ def _fail(study, trial, values, stage, reason, message, on_trial) -> TrialOutcom
     return _outcome(trial, stage, TrialState.FAIL, None, values, on_trial, reason)
 
 
-def _outcome(trial, stage, state, value, values, on_trial, reason=None) -> TrialOutcome:
-    outcome = TrialOutcome(trial.number, stage, state, value, values, reason)
+def _outcome(
+    trial, stage, state, value, values, on_trial, reason=None, variables=None
+) -> TrialOutcome:
+    outcome = TrialOutcome(trial.number, stage, state, value, values, reason, variables)
     if on_trial is not None:
         on_trial(outcome)
     return outcome

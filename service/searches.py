@@ -16,9 +16,9 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from db.models import TERMINAL_STATUSES, Search
-from db.storage import optuna_storage
+from db.storage import optuna_storage, trial_states
 from search import runner
-from search.runner import SearchResult, SearchTrial, count_states, new_search_id
+from search.runner import SearchResult, SearchTrial, new_search_id, tally_states
 from search.spec import SearchSpec
 from service.schemas import Progress, SearchPublic, TrialPublic
 
@@ -117,9 +117,9 @@ def search_trials(database_url: str, search: Search) -> list[SearchTrial]:
     return runner.search_trials(optuna_storage(database_url), spec, search.studies or [])
 
 
-def progress(search: Search, trials: list[SearchTrial]) -> Progress:
-    """Counts of the search's trials by state; `total` is its budget."""
-    counts = count_states(t.trial for t in trials)
+def progress(database_url: str, search: Search) -> Progress:
+    """Counts of the search's trials by state (one query); `total` is its budget."""
+    counts = tally_states(trial_states(database_url, search.studies or []))
     return Progress(**{**counts, "total": int(search.spec["budget"]["trials"])})
 
 
@@ -160,7 +160,7 @@ def _one_minus(name: str, trial: FrozenTrial) -> bool:
 
 def search_result(database_url: str, search: Search) -> SearchResult:
     """The search as the report renders it."""
-    counts = count_states(t.trial for t in search_trials(database_url, search))
+    counts = tally_states(trial_states(database_url, search.studies or []))
     return SearchResult(search.id, list(search.studies or []), counts, search.best)
 
 

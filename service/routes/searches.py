@@ -68,8 +68,7 @@ def get_search(
 ) -> SearchPublic:
     """Status, stage, progress and best trial of one search."""
     search = _owned(session, owner, search_id)
-    trials = searches.search_trials(settings.database_url, search)
-    return searches.public_search(search, searches.progress(search, trials))
+    return searches.public_search(search, searches.progress(settings.database_url, search))
 
 
 @router.get("/{search_id}/trials", response_model=TrialList)

@@ -7,7 +7,7 @@ import pytest
 from optuna.trial import TrialState
 
 from db.storage import optuna_storage
-from search.runner import run_search
+from search.runner import finish_search, load_search_dataset, run_search
 from search.spec import parse_spec
 
 TINY = """
@@ -124,3 +124,38 @@ def test_median_pruner_prunes_inside_a_batch(storage):
     assert result.counts["pruned"] > 0
     pruned = [t for t in all_trials(storage, result) if t.state == TrialState.PRUNED]
     assert all(t.user_attrs["epochs"] < 6 for t in pruned)
+
+
+def test_the_best_trial_is_tested_with_its_own_weights_and_a_refit_reproduces_it(storage):
+    spec = parse_spec(TINY)
+    result = run_search(spec, storage, batch=8)
+    assert result.final.figures["dev_accuracy"] == result.best["dev_accuracy"]
+
+    dataset = load_search_dataset(spec)  # a pool worker that did not train the best trial
+    refit = finish_search(spec, storage, result.search_id, dataset, stage_count=1)
+    dev_examples = len(dataset.y_dev)
+    assert refit.final.figures["dev_accuracy"] == pytest.approx(
+        result.best["dev_accuracy"], abs=1.5 / dev_examples
+    )
+
+
+def test_a_stop_after_the_last_epoch_keeps_the_finished_batch(storage):
+    one_shape = TINY.replace("  hidden_units: {low: 8, high: 16, type: int}\n", "").replace(
+        "hidden_layers: 1", "hidden_layers: 1, hidden_units: 8"
+    )
+    epochs_trained = []
+
+    def timeout_after_first_batch():
+        return "timeout" if len(epochs_trained) >= 4 else None
+
+    result = run_search(
+        parse_spec(one_shape),
+        storage,
+        batch=4,
+        should_stop=timeout_after_first_batch,
+        on_epoch=epochs_trained.append,
+    )
+    trials = all_trials(storage, result)
+    assert len(trials) == 4  # the search stopped before asking the next batch
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 4
+    assert result.best is not None

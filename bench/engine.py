@@ -42,12 +42,16 @@ def sample_hparams(trials: int, seed: int) -> list[dict]:
 
 def training_gflop(epochs_per_trial: list[int], train: int, dev: int) -> float:
     """FLOPs actually spent: 3× forward per training example (forward + backward), 1× on dev."""
+    return sum(epochs_per_trial) * epoch_gflop(HIDDEN[0], train, dev)
+
+
+def epoch_gflop(width: int, train: int, dev: int) -> float:
+    """GFLOP of one trial-epoch of the workload's MLP with hidden layers of `width` units:
+    3× forward per training example in full minibatches, 1× per dev example."""
     from models.train import Shape
 
-    shape = Shape(40, 10, HIDDEN, optimizer="momentum", batch_size=BATCH)
-    steps = train // BATCH
-    per_epoch = 3 * shape.forward_flops(steps * BATCH) + shape.forward_flops(dev)
-    return sum(epochs_per_trial) * per_epoch / 1e9
+    shape = Shape(40, 10, (width,) * len(HIDDEN), optimizer="momentum", batch_size=BATCH)
+    return (3 * shape.forward_flops(train // BATCH * BATCH) + shape.forward_flops(dev)) / 1e9
 
 
 def run_caviar(trials: int, epochs: int, group_size: int) -> dict:
@@ -72,79 +76,106 @@ def run_caviar(trials: int, epochs: int, group_size: int) -> dict:
         t.best.get("dev_accuracy", float("nan")) if t.status != "diverged" else float("nan")
         for t in result.trials
     ]
-    return _summary(wall, [t.epochs for t in result.trials], devs, tests, len(ds.y_train))
+    return summarise(
+        wall, [t.epochs for t in result.trials], devs, tests, len(ds.y_train), len(ds.y_dev)
+    )
 
 
 def run_per_trial(trials: int, epochs: int) -> dict:
     """Contender: the usual loop, a Flax model and a jitted train step per trial."""
-    import jax
-    import jax.numpy as jnp
-    import optax
-
     from models.data import load_dataset
-    from models.mlp import MLP, init_variables, sum_squared_weights
 
     ds = load_dataset(DATASET)
     hparams = sample_hparams(trials, seed=0)
     start = time.perf_counter()
-    epochs_done, devs, tests = [], [], []
-    for hp in hparams:
-        model = MLP(hidden=HIDDEN, num_outputs=ds.num_outputs)
-        key = jax.random.PRNGKey(hp["seed"])
-        params = init_variables(model, ds.num_features, key, jnp.int32(0))["params"]
-        tx = optax.chain(optax.ema(hp["momentum"], debias=False), optax.scale(-hp["learning_rate"]))
-        opt_state = tx.init(params)
-        l2 = hp["l2"]
-
-        @jax.jit
-        def train_step(params, opt_state, xb, yb, model=model, tx=tx, l2=l2):
-            def cost(p):
-                logits = model.apply({"params": p}, xb, train=True)
-                loss = optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
-                return loss + l2 / (2 * xb.shape[0]) * sum_squared_weights(p)
-
-            loss, grads = jax.value_and_grad(cost)(params)
-            updates, opt_state = tx.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), opt_state, loss
-
-        @jax.jit
-        def accuracy(params, x, y, model=model):
-            return jnp.mean(jnp.argmax(model.apply({"params": params}, x, train=False), -1) == y)
-
-        rng = np.random.default_rng(0)
-        best_dev, best_test, done = -1.0, float("nan"), 0
-        for _ in range(epochs):
-            order = rng.permutation(len(ds.y_train))
-            for step in range(len(order) // BATCH):
-                rows = order[step * BATCH : (step + 1) * BATCH]
-                params, opt_state, loss = train_step(
-                    params, opt_state, ds.x_train[rows], ds.y_train[rows]
-                )
-            done += 1
-            if not np.isfinite(float(loss)):
-                best_dev = float("nan")
-                break
-            dev = float(accuracy(params, ds.x_dev, ds.y_dev))
-            if dev > best_dev:
-                best_dev, best_test = dev, float(accuracy(params, ds.x_test, ds.y_test))
-        epochs_done.append(done)
-        devs.append(best_dev)
-        tests.append(best_test if np.isfinite(best_dev) else float("nan"))
+    results = [train_flax_trial(hp, ds, epochs) for hp in hparams]
     wall = time.perf_counter() - start
-    return _summary(wall, epochs_done, devs, tests, len(ds.y_train))
+    epochs_done, devs, tests = (list(column) for column in zip(*results, strict=True))
+    return summarise(wall, epochs_done, devs, tests, len(ds.y_train), len(ds.y_dev))
 
 
-def _summary(wall, epochs_done, devs, tests, train_size) -> dict:
-    devs_, tests_ = np.asarray(devs, float), np.asarray(tests, float)
-    selected = int(np.nanargmax(devs_))  # the trial a search would pick: best dev accuracy
-    return {
+def train_flax_trial(hp: dict, ds, epochs: int) -> tuple[int, float, float]:
+    """One trial the usual way: a Flax MLP, a jitted momentum-SGD step, dev accuracy per epoch.
+
+    `hp` holds learning_rate, momentum (β), l2 and seed. Returns (epochs trained, best dev
+    accuracy, test accuracy at the best dev epoch); both accuracies are NaN if the loss diverged.
+    """
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from models.mlp import MLP, init_variables, sum_squared_weights
+
+    model = MLP(hidden=HIDDEN, num_outputs=ds.num_outputs)
+    key = jax.random.PRNGKey(hp["seed"])
+    params = init_variables(model, ds.num_features, key, jnp.int32(0))["params"]
+    tx = optax.chain(optax.ema(hp["momentum"], debias=False), optax.scale(-hp["learning_rate"]))
+    opt_state = tx.init(params)
+    l2 = hp["l2"]
+
+    @jax.jit
+    def train_step(params, opt_state, xb, yb):
+        def cost(p):
+            logits = model.apply({"params": p}, xb, train=True)
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
+            return loss + l2 / (2 * xb.shape[0]) * sum_squared_weights(p)
+
+        loss, grads = jax.value_and_grad(cost)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    @jax.jit
+    def accuracy(params, x, y):
+        return jnp.mean(jnp.argmax(model.apply({"params": params}, x, train=False), -1) == y)
+
+    rng = np.random.default_rng(0)
+    best_dev, best_test, done = -1.0, float("nan"), 0
+    for _ in range(epochs):
+        order = rng.permutation(len(ds.y_train))
+        for step in range(len(order) // BATCH):
+            rows = order[step * BATCH : (step + 1) * BATCH]
+            params, opt_state, loss = train_step(
+                params, opt_state, ds.x_train[rows], ds.y_train[rows]
+            )
+        done += 1
+        if not np.isfinite(float(loss)):
+            return done, float("nan"), float("nan")
+        dev = float(accuracy(params, ds.x_dev, ds.y_dev))
+        if dev > best_dev:
+            best_dev, best_test = dev, float(accuracy(params, ds.x_test, ds.y_test))
+    return done, best_dev, best_test
+
+
+def summarise(
+    wall: float,
+    epochs_done: list[int],
+    devs: list[float],
+    tests: list[float] | None,
+    train_size: int,
+    dev_size: int,
+    selected_test: float | None = None,
+) -> dict:
+    """A contender's figures from its trials' epochs, best dev and test accuracies (NaN: diverged).
+
+    The selected trial is the one a search picks, best on dev. With `tests` None only that trial
+    was tested (`selected_test`), as Caviar does: there are no best or median test figures.
+    """
+    devs_ = np.asarray(devs, float)
+    row = {
         "wall_s": wall,
         "trials": len(devs),
-        "gflop": training_gflop(epochs_done, train_size, 1000),
-        "selected_test_accuracy": float(tests_[selected]),
+        "gflop": training_gflop(epochs_done, train_size, dev_size),
+        "median_dev_accuracy": float(np.nanmedian(devs_)),
+        "diverged": int(np.sum(~np.isfinite(devs_))),
+    }
+    if tests is None:
+        return {**row, "selected_test_accuracy": selected_test}
+    tests_ = np.asarray(tests, float)
+    return {
+        **row,
+        "selected_test_accuracy": float(tests_[int(np.nanargmax(devs_))]),
         "best_test_accuracy": float(np.nanmax(tests_)),
         "median_test_accuracy": float(np.nanmedian(tests_)),
-        "diverged": int(np.sum(~np.isfinite(devs_))),
     }
 
 

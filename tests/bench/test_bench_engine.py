@@ -1,0 +1,18 @@
+"""`python -m bench.engine` on a tiny workload: both contenders run and the figures add up.
+
+Not a timed test: it checks that the benchmark works, not how fast anything is.
+"""
+
+import pytest
+
+
+@pytest.mark.slow
+def test_engine_compares_caviar_cold_and_warm_with_the_per_trial_loop(bench):
+    lines, result = bench("engine", "--trials", "2", "--epochs", "1", "--group-sizes", "2")
+    assert lines[0].startswith("machine: ") and lines[1].startswith("workload: 2 trials")
+    rows = {row["contender"]: row for row in result["rows"]}
+    assert set(rows) == {"caviar g=2 (cold)", "caviar g=2 (warm cache)", "per-trial loop"}
+    assert rows["per-trial loop"]["speedup_vs_loop"] == 1
+    for row in rows.values():
+        assert row["wall_s"] > 0 and row["share_of_peak"] > 0
+        assert 0 <= row["selected_test_acc"] <= 1

@@ -13,16 +13,21 @@ import numpy as np
 
 
 def machine() -> dict:
-    """What the figures were measured on."""
+    """What the figures were measured on (`caviar_cpu_devices`: Caviar's split of a CPU)."""
     import jax
 
-    return {
+    from models.runtime import cpu_device_count
+
+    info = {
         "cpu": platform.processor() or platform.machine(),
         "cores": os.cpu_count(),
         "python": platform.python_version(),
         "jax": jax.__version__,
         "devices": [str(d) for d in jax.devices()],
     }
+    if jax.default_backend() == "cpu":
+        info["caviar_cpu_devices"] = cpu_device_count()
+    return info
 
 
 def run_contender(module: str, args: Sequence[str], env: dict | None = None) -> dict:

@@ -1,18 +1,22 @@
 """Caviar's `train_batch` against the usual per-trial loop, on one workload, side by side.
 
     python -m bench.engine [--trials 32] [--epochs 20] [--rounds 1] [--group-sizes 2,4,8,32]
+                           [--cpu-devices 1,2]
 
 Workload: MNIST-1D (4000 train / 1000 dev / 1250 test), MLP 40→256→256→10 ReLU, SGD with
 momentum (v = β·v + (1-β)·dW), minibatch 128, learning rate log-uniform in [1e-4, 1], 1-β
 log-uniform in [1e-3, 1e-1], L2 log-uniform in [1e-6, 1e-2]; both contenders get the same
 hyperparameters and the same update rule. Every contender runs in a fresh process, so each pays
 its own compilation; "warm cache" is a second Caviar process reusing the persistent
-compilation cache of the first. Prints a table and a final JSON line.
+compilation cache of the first. On a CPU, Caviar splits the cores into one JAX device each, as
+`caviar run` and workers do; `--cpu-devices 1,2` compares device counts (`CAVIAR_CPU_DEVICES`).
+Prints a table and a final JSON line.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import tempfile
 import time
@@ -185,6 +189,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=1, help="contenders run in turn, N times")
     parser.add_argument("--group-sizes", default="4", help="Caviar group sizes to compare")
+    parser.add_argument(
+        "--cpu-devices", default="", help="Caviar CPU device counts to compare (default: per core)"
+    )
     parser.add_argument("--contender", help=argparse.SUPPRESS)
     parser.add_argument("--group-size", type=int, default=4, help=argparse.SUPPRESS)
     parser.add_argument("--cache", help=argparse.SUPPRESS)
@@ -196,6 +203,9 @@ def main() -> None:
 
             enable_compilation_cache(args.cache)
         if args.contender == "caviar":
+            from models.runtime import use_every_core
+
+            use_every_core()  # as `caviar run` and workers do
             out = run_caviar(args.trials, args.epochs, args.group_size)
         else:
             out = run_per_trial(args.trials, args.epochs)
@@ -213,15 +223,18 @@ def main() -> None:
     )
     common = ["--trials", str(args.trials), "--epochs", str(args.epochs)]
     group_sizes = [int(g) for g in args.group_sizes.split(",")]
+    device_counts = args.cpu_devices.split(",") if args.cpu_devices else [""]
     runs: dict[str, list[dict]] = {}
     for _ in range(args.rounds):
-        for group in group_sizes:
+        for group, devices in itertools.product(group_sizes, device_counts):
+            env = {"CAVIAR_CPU_DEVICES": devices} if devices else {}
+            name = f"caviar g={group}" + (f" d={devices}" if devices else "")
             with tempfile.TemporaryDirectory() as cache:
                 caviar = [*common, "--contender", "caviar", "--group-size", str(group)]
-                cold = run_contender("bench.engine", [*caviar, "--cache", cache])
-                warm = run_contender("bench.engine", [*caviar, "--cache", cache])
-            runs.setdefault(f"caviar g={group} (cold)", []).append(cold)
-            runs.setdefault(f"caviar g={group} (warm cache)", []).append(warm)
+                cold = run_contender("bench.engine", [*caviar, "--cache", cache], env)
+                warm = run_contender("bench.engine", [*caviar, "--cache", cache], env)
+            runs.setdefault(f"{name} (cold)", []).append(cold)
+            runs.setdefault(f"{name} (warm cache)", []).append(warm)
         runs.setdefault("per-trial loop", []).append(
             run_contender("bench.engine", [*common, "--contender", "per-trial"])
         )

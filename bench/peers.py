@@ -318,8 +318,9 @@ def main() -> None:
     if args.contender:  # inside a contender's own process
         data = Path(args.data)
         if args.contender == "caviar":
-            from models.runtime import enable_compilation_cache
+            from models.runtime import enable_compilation_cache, use_every_core
 
+            use_every_core()  # as `caviar run` does
             enable_compilation_cache(os.environ["CAVIAR_COMPILE_CACHE"])
             with tempfile.TemporaryDirectory() as workdir:
                 out = run_caviar(data, args.trials, args.epochs, Path(workdir))

@@ -55,6 +55,7 @@ from optuna.trial import Trial, TrialState
 
 from bench.common import machine, median, print_table
 from db.storage import optuna_storage
+from models.runtime import use_every_core
 from search.runner import open_stage, run_search, search_trials
 from search.space import distribution, optuna_name
 from search.spec import FloatParam, SearchSpec
@@ -437,6 +438,7 @@ def main() -> None:
     if args.seeds < 1 or args.trials < 2:
         parser.error("--seeds must be at least 1 and --trials at least 2 (two stages)")
     targets = parse_targets(args.target)
+    use_every_core()  # as `caviar run` does
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
     specs = {

@@ -483,6 +483,9 @@ def main() -> None:
         parser.error(f"unknown sections {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
 
     if args.point:  # inside a training point's own process
+        from models.runtime import use_every_core
+
+        use_every_core()  # as `caviar run` and workers do
         print(json.dumps(run_point(args.point, args.trials, args.width, args.epochs)))
         return
 

@@ -241,7 +241,7 @@ def train_batch(
     status: list[TrialStatus] = ["completed"] * num_trials
     epochs_done = np.zeros(num_trials, int)
     history: list[list[dict[str, float]]] = [[] for _ in range(num_trials)]
-    placement = _Placement.local()
+    placement = _Placement.local(num_trials)
     group_size = placement.round_up(max(1, min(group_size, num_trials)))
     data = placement.replicate(data)
 
@@ -330,8 +330,9 @@ class _Placement:
     devices: int
 
     @classmethod
-    def local(cls) -> _Placement:
-        devices = jax.local_devices()
+    def local(cls, num_trials: int) -> _Placement:
+        """This host's devices, at most one per trial (a device with no trial would only pad)."""
+        devices = jax.local_devices()[: max(1, num_trials)]
         if len(devices) == 1:
             return cls(None, None, 1)
         mesh = jax.sharding.Mesh(np.asarray(devices), ("trials",))

@@ -58,8 +58,10 @@ def run(
         spec = load_spec(spec_path)
     except (SpecError, OSError) as error:
         _fail(console, f"{spec_path}: {error}")
+    settings = get_settings()
+    _prepare_jax(settings.compile_cache)
     _quiet_optuna()
-    storage = optuna_storage(database_url or get_settings().database_url)
+    storage = optuna_storage(database_url or settings.database_url)
     interrupted = _interrupt_flag(console)
 
     with _SearchProgress(console, spec) as progress:
@@ -161,14 +163,11 @@ def worker(
         os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = fraction
     import jax
 
-    from models.runtime import enable_compilation_cache
     from search.pool import Worker
     from service.settings import get_settings
 
+    _prepare_jax(get_settings().compile_cache)
     _quiet_optuna()
-    settings = get_settings()
-    if settings.compile_cache:
-        enable_compilation_cache(settings.compile_cache)
     url = _database_url(database_url)
     pool_worker = Worker(url, batch=batch, idle_sleep=idle_sleep)
     typer.echo(f"worker on {_safe(url)}; devices: {', '.join(map(str, jax.devices()))}")
@@ -180,6 +179,15 @@ def worker(
     signal.signal(signal.SIGINT, stop)
     pool_worker.run()
     typer.echo("worker stopped")
+
+
+def _prepare_jax(compile_cache: str | None) -> None:
+    """Before JAX starts: one device per CPU core, and the persistent compilation cache if set."""
+    from models.runtime import enable_compilation_cache, use_every_core
+
+    use_every_core()
+    if compile_cache:
+        enable_compilation_cache(compile_cache)
 
 
 @app.command()

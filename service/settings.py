@@ -19,7 +19,7 @@ class Settings(BaseSettings):
     api_url: str = Field("http://127.0.0.1:8000", description="Where the CLI finds the API.")
     token: str | None = Field(None, description="API token the CLI sends.")
     compile_cache: str | None = Field(
-        None, description="Directory of JAX's persistent compilation cache (workers)."
+        None, description="Directory of JAX's persistent compilation cache (workers, caviar run)."
     )
     max_trials: int = Field(2000, ge=1, description="Most trials one search may run.")
     max_epochs: int = Field(1000, ge=1, description="Most epochs a trial may train.")

@@ -7,11 +7,14 @@ import pytest
 
 
 @pytest.mark.slow
-def test_engine_compares_caviar_cold_and_warm_with_the_per_trial_loop(bench):
-    lines, result = bench("engine", "--trials", "2", "--epochs", "1", "--group-sizes", "2")
+def test_engine_compares_caviar_cold_warm_and_per_device_count_with_the_per_trial_loop(bench):
+    lines, result = bench(
+        "engine", "--trials", "2", "--epochs", "1", "--group-sizes", "2", "--cpu-devices", "1,2"
+    )
     assert lines[0].startswith("machine: ") and lines[1].startswith("workload: 2 trials")
     rows = {row["contender"]: row for row in result["rows"]}
-    assert set(rows) == {"caviar g=2 (cold)", "caviar g=2 (warm cache)", "per-trial loop"}
+    caviar = {f"caviar g=2 d={d} ({c})" for d in (1, 2) for c in ("cold", "warm cache")}
+    assert set(rows) == caviar | {"per-trial loop"}
     assert rows["per-trial loop"]["speedup_vs_loop"] == 1
     for row in rows.values():
         assert row["wall_s"] > 0 and row["share_of_peak"] > 0

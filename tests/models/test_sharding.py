@@ -23,7 +23,7 @@ trials = [{"learning_rate": 10 ** (-3 + i / 3), "dropout": 0.1 * (i % 3), "seed"
 result = train_batch(shape, trials, data, epochs=3, group_size=4)
 print(json.dumps({
     "devices": len(jax.devices()),
-    "placement": _Placement.local().devices,
+    "placement": _Placement.local(6).devices,
     "history": [[h["dev_loss"] for h in t.history] for t in result.trials],
 }))
 """

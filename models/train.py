@@ -252,7 +252,10 @@ def train_batch(
     groups = []
     for members, slots in _partition(np.arange(num_trials), group_size):
         group_hp = placement.shard(_rows(hp, slots))
-        groups.append(_Group(members, program.init(group_hp), group_hp))
+        # init's compiler may replicate some outputs; the epoch program returns them sharded, so
+        # shard them now, or its second call would compile again for the new layout.
+        state = placement.shard(program.init(group_hp))
+        groups.append(_Group(members, state, group_hp))
     for epoch in range(epochs):
         running = np.flatnonzero(active)
         if running.size == 0:

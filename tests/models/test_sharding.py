@@ -13,6 +13,10 @@ import numpy as np
 
 SCRIPT = """
 import json, jax
+compiles = []
+jax.monitoring.register_event_duration_secs_listener(
+    lambda event, _, **kw: compiles.append(1) if event.endswith("backend_compile_duration") else 0
+)
 from models.data import load_dataset
 from models.train import Shape, TrainData, _Placement, train_batch
 ds = load_dataset({"name": "synthetic", "samples": 500, "features": 8, "classes": 3}, seed=2)
@@ -20,8 +24,13 @@ data = TrainData.from_arrays(ds.x_train, ds.y_train, ds.x_dev, ds.y_dev)
 shape = Shape(8, 3, (16,), optimizer="adam", batch_size=32, use_dropout=True)
 trials = [{"learning_rate": 10 ** (-3 + i / 3), "dropout": 0.1 * (i % 3), "seed": i}
           for i in range(6)]
-result = train_batch(shape, trials, data, epochs=3, group_size=4)
+after_first_epoch = []
+def callback(report):
+    if report.epoch == 1:
+        after_first_epoch.append(len(compiles))
+result = train_batch(shape, trials, data, epochs=3, group_size=4, callback=callback)
 print(json.dumps({
+    "compiles_after_first_epoch": len(compiles) - after_first_epoch[0],
     "devices": len(jax.devices()),
     "placement": _Placement.local(6).devices,
     "history": [[h["dev_loss"] for h in t.history] for t in result.trials],
@@ -41,4 +50,6 @@ def run(devices: int) -> dict:
 def test_sharded_trials_match_single_device_results():
     one, four = run(1), run(4)
     assert (one["devices"], four["devices"], four["placement"]) == (1, 4, 4)
+    # Sharded or not, an epoch program compiles once per shape, not again for epoch 2's layout.
+    assert one["compiles_after_first_epoch"] == four["compiles_after_first_epoch"] == 0
     np.testing.assert_allclose(four["history"], one["history"], rtol=1e-5, atol=1e-6)

@@ -59,7 +59,7 @@ def run(
     except (SpecError, OSError) as error:
         _fail(console, f"{spec_path}: {error}")
     settings = get_settings()
-    _prepare_jax(settings.compile_cache)
+    _prepare_jax(console, settings.compile_cache)
     _quiet_optuna()
     storage = optuna_storage(database_url or settings.database_url)
     interrupted = _interrupt_flag(console)
@@ -166,7 +166,7 @@ def worker(
     from search.pool import Worker
     from service.settings import get_settings
 
-    _prepare_jax(get_settings().compile_cache)
+    _prepare_jax(_console(stderr=True), get_settings().compile_cache)
     _quiet_optuna()
     url = _database_url(database_url)
     pool_worker = Worker(url, batch=batch, idle_sleep=idle_sleep)
@@ -181,11 +181,14 @@ def worker(
     typer.echo("worker stopped")
 
 
-def _prepare_jax(compile_cache: str | None) -> None:
+def _prepare_jax(console: Console, compile_cache: str | None) -> None:
     """Before JAX starts: one device per CPU core, and the persistent compilation cache if set."""
     from models.runtime import enable_compilation_cache, use_every_core
 
-    use_every_core()
+    try:
+        use_every_core()
+    except ValueError as error:  # a bad CAVIAR_CPU_DEVICES
+        _fail(console, str(error))
     if compile_cache:
         enable_compilation_cache(compile_cache)
 

@@ -1,6 +1,7 @@
 """`caviar run` as a user runs it: a real process, a real SQLite file, its JSON and its report."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -23,10 +24,11 @@ stages: [{trials: 4}, {trials: 2}]
 """
 
 
-def caviar(*args, cwd):
+def caviar(*args, cwd, env=None):
     return subprocess.run(
         [sys.executable, "-m", "service.cli", *args],
         cwd=cwd,
+        env={**os.environ, **(env or {})},
         capture_output=True,
         text=True,
         timeout=300,
@@ -84,3 +86,10 @@ def test_missing_spec_file_is_a_clear_error(tmp_path):
     done = caviar("run", "nope.yaml", cwd=tmp_path)
     assert done.returncode == 2
     assert "nope.yaml" in done.stdout + done.stderr
+
+
+def test_a_bad_cpu_device_count_is_a_clear_error(tmp_path):
+    (tmp_path / "spec.yaml").write_text(SPEC)
+    done = caviar("run", "spec.yaml", cwd=tmp_path, env={"CAVIAR_CPU_DEVICES": "two"})
+    assert done.returncode == 2
+    assert "CAVIAR_CPU_DEVICES='two': expected a whole number" in done.stdout + done.stderr

@@ -17,10 +17,10 @@ def use_every_core() -> None:
     """Split the CPU into one JAX device per usable core, before JAX starts.
 
     `models.train.train_batch` shards its groups' trials across devices, so each core trains its
-    own trials instead of all cores sharing every small matmul (measured in bench/engine.py: 1.5×
-    on 2 cores). `$CAVIAR_CPU_DEVICES` overrides the count; a count already given in `XLA_FLAGS`
-    is left alone, as is a process whose JAX has already started. Only the CPU platform is
-    affected: on a GPU or TPU host the accelerators stay the devices trials run on.
+    own trials instead of all cores sharing every small matmul (`bench.engine --cpu-devices 1,2`:
+    1.4× cold, 1.5× warm on 2 cores). `$CAVIAR_CPU_DEVICES` overrides the count; a count already
+    given in `XLA_FLAGS` is left alone, as is a process whose JAX has already started. Only the
+    CPU platform is affected: on a GPU or TPU host the accelerators stay the devices trials run on.
     """
     if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
         return

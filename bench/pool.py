@@ -23,10 +23,11 @@ from sqlalchemy import create_engine, text
 
 from bench.common import machine, print_table
 
-ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 BENCH_URL = os.environ.get(
     "CAVIAR_BENCH_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/caviar_bench"
 )
+#: The benchmark database's server, for creating and watching that database.
+ADMIN_URL = BENCH_URL.rsplit("/", 1)[0] + "/postgres"
 
 
 def spec_text(trials: int, epochs: int) -> str:

@@ -1,14 +1,14 @@
 """The Optuna dashboard, started by `caviar dashboard` on a finished search, in Chromium."""
 
 import json
-import shutil
 import socket
 import subprocess
 import sys
 import time
 
 import httpx
-import pytest
+
+from external import CHROMIUM_HINT, find_chromium, missing
 
 SPEC = """
 name: dash
@@ -33,9 +33,10 @@ CHROMIUM_FLAGS = [
 
 
 def chromium() -> str:
-    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    """Chromium's path; fails (CI) or skips the test where it is not installed."""
+    path = find_chromium()
     if path is None:
-        pytest.fail("Debian's chromium package is required (.ci/run installs it)")
+        missing(f"Chromium: not found; {CHROMIUM_HINT}")
     return path
 
 
@@ -51,6 +52,7 @@ def render(url: str, profile) -> str:
 
 
 def test_dashboard_lists_the_search_and_shows_its_trials(tmp_path):
+    chromium()  # before the search: without a browser the test fails or skips at once
     (tmp_path / "spec.yaml").write_text(SPEC)
     url = f"sqlite:///{tmp_path / 'caviar.db'}"
     run = subprocess.run(

@@ -6,10 +6,11 @@ import json
 
 import numpy as np
 import pytest
-from support import SPEC, auth
 
 from service.app import create_app
 from service.settings import Settings
+
+from support import SPEC, auth
 
 
 def submit(client, token, spec=SPEC, **headers):

@@ -10,11 +10,12 @@ into `DatabaseError` (or `ConflictError` for a broken unique or foreign-key cons
 from __future__ import annotations
 
 import functools
+import hashlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, select
+from sqlalchemy import Engine, create_engine, event, false, select, text, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -102,3 +103,20 @@ def lock_search(session: Session, search_id: str) -> Search | None:
     if session.get_bind().dialect.name != "sqlite":
         query = query.with_for_update()
     return session.scalars(query).one_or_none()
+
+
+def lock_owner(session: Session, owner: str) -> None:
+    """Serialise, until the session's transaction ends, the writes of `owner` that read first.
+
+    A check then an insert (a per-owner limit, an idempotency key) is only exact when no other
+    transaction of the same owner runs between them. PostgreSQL takes a transaction-level
+    advisory lock on a hash of the owner. SQLite takes its database-wide write lock now, as
+    `BEGIN IMMEDIATE` would, with a write that changes nothing, before anything is read.
+    """
+    if session.get_bind().dialect.name == "sqlite":
+        table = Search.__table__
+        session.execute(update(table).where(false()).values(owner=table.c.owner))
+        return
+    digest = hashlib.blake2b(f"caviar owner {owner}".encode(), digest_size=8).digest()
+    key = int.from_bytes(digest, "big", signed=True)
+    session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})

@@ -16,6 +16,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from db.models import TERMINAL_STATUSES, Search
+from db.session import lock_owner
 from db.storage import optuna_storage, trial_states
 from search import runner
 from search.runner import SearchResult, SearchTrial, new_search_id, tally_states
@@ -51,8 +52,13 @@ def submit_search(
     idempotency_key: str | None,
     max_concurrent: int,
 ) -> tuple[Search, bool]:
-    """Queue a search; returns (search, created). The same key and body return the same search."""
+    """Queue a search; returns (search, created). The same key and body return the same search.
+
+    The owner's lock, held until the transaction commits, makes the limit and the key exact
+    however many of the owner's requests arrive at once.
+    """
     digest = request_digest(spec)
+    lock_owner(session, owner)
     if idempotency_key is not None:
         existing = session.scalar(
             select(Search).where(Search.owner == owner, Search.idempotency_key == idempotency_key)

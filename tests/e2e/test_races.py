@@ -1,0 +1,70 @@
+"""Races as users meet them: concurrent requests to a real API, workers started together."""
+
+import os
+import threading
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from test_service import SPEC, caviar, free_port, start, wait_for
+
+from search.spec import parse_spec
+
+LIMIT = 4
+
+
+@pytest.fixture
+def api(database_url, tmp_path):
+    """A real API on `database_url` (SQLite file or PostgreSQL) and a token of owner alice."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "CAVIAR_DATABASE_URL": database_url,
+        "CAVIAR_MAX_CONCURRENT_SEARCHES": str(LIMIT),
+    }
+    caviar("db", "upgrade", env=env)
+    token = caviar("keys", "create", "alice", env=env).stdout.strip().split()[-1]
+    server = start("serve", "--port", str(port), env=env)
+    try:
+        wait_for(f"http://127.0.0.1:{port}/healthz")
+        yield f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {token}"}
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
+
+
+def post_at_once(api, count: int, headers: dict[str, str] | None = None) -> list[httpx.Response]:
+    """`count` clients, each on its own open connection, POST the same search at the same time."""
+    base, auth = api
+    spec = parse_spec(SPEC).model_dump(mode="json", exclude_none=True)
+    barrier = threading.Barrier(count)
+
+    def post(_: int) -> httpx.Response:
+        with httpx.Client(base_url=base, headers=auth, timeout=60) as client:
+            client.get("/healthz")  # connected before the race starts
+            barrier.wait()
+            return client.post("/v1/searches", json=spec, headers=headers)
+
+    with ThreadPoolExecutor(count) as pool:
+        return list(pool.map(post, range(count)))
+
+
+def searches_of(api) -> list[dict]:
+    base, auth = api
+    return httpx.get(f"{base}/v1/searches", headers=auth).json()["items"]
+
+
+def test_the_open_search_limit_holds_under_concurrent_posts(api):
+    responses = post_at_once(api, 16)
+    assert Counter(r.status_code for r in responses) == {201: LIMIT, 429: 16 - LIMIT}
+    assert len(searches_of(api)) == LIMIT
+
+
+def test_concurrent_retries_of_one_idempotency_key_get_one_search(api):
+    responses = post_at_once(api, 8, headers={"Idempotency-Key": "retry-1"})
+    codes = [r.status_code for r in responses]
+    assert set(codes) <= {200, 201, 409}, [(r.status_code, r.text) for r in responses]
+    ids = {r.json()["id"] for r in responses if r.status_code in (200, 201)}
+    assert len(ids) == 1
+    assert [search["id"] for search in searches_of(api)] == list(ids)

@@ -145,6 +145,66 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
+MAX_NAME_LENGTH = 200
+"""Most characters of a search's name (the database's name columns hold this many)."""
+
+MAX_SPEC_DEPTH = 32
+"""Deepest nesting of mappings and lists a spec document may have."""
+
+MAX_SPEC_NODES = 10_000
+"""Most values (mappings, lists and scalars, aliases expanded) a spec document may hold."""
+
+
+def text_problem(value: str) -> str | None:
+    """Why ``value`` cannot be stored as text (a NUL character, a lone surrogate), or None."""
+    if "\0" in value:
+        return "must not contain a NUL character"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return "must be valid Unicode (it holds a lone surrogate)"
+    return None
+
+
+def _document_issues(data: Any) -> Iterator[InitErrorDetails]:
+    """Problems of a raw spec document found before validation, at their path: nesting deeper
+    than MAX_SPEC_DEPTH, more than MAX_SPEC_NODES values, unstorable text, non-finite numbers.
+
+    The walk is iterative and stops at the node limit, so an alias bomb's shared lists are never
+    expanded.
+    """
+    pending: list[tuple[tuple[str | int, ...], Any]] = [((), data)]
+    nodes = 0
+    while pending:
+        loc, value = pending.pop()
+        nodes += 1
+        if nodes > MAX_SPEC_NODES:
+            message = f"the spec holds more than {MAX_SPEC_NODES} values"
+            yield _issue((), message, None)
+            return
+        if isinstance(value, Mapping | list) and len(loc) >= MAX_SPEC_DEPTH:
+            yield _issue(loc, f"nested deeper than {MAX_SPEC_DEPTH} levels", None)
+            continue
+        if isinstance(value, Mapping):
+            for key, item in value.items():
+                name = _printable(key if isinstance(key, str) else str(key))
+                problem = text_problem(key) if isinstance(key, str) else None
+                if problem:
+                    yield _issue((*loc, name), f"key {problem}", None)
+                pending.append(((*loc, name), item))
+        elif isinstance(value, list):
+            pending.extend(((*loc, i), item) for i, item in enumerate(value))
+        elif isinstance(value, str) and text_problem(value):
+            yield _issue(loc, f"text {text_problem(value)}", _printable(value))
+        elif isinstance(value, float) and not math.isfinite(value):
+            yield _issue(loc, "must be a finite number", str(value))
+
+
+def _printable(value: str) -> str:
+    """``value`` with lone surrogates escaped, so that it can be encoded in an error."""
+    return value.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _invalid(message: str) -> PydanticCustomError:
     return PydanticCustomError("invalid_spec", message)
 
@@ -351,7 +411,11 @@ class Stage(_Model):
 class SearchSpec(_Model):
     """A hyperparameter search: data, objective, budget, search space and search strategy."""
 
-    name: str = Field(min_length=1, description="Name of the search (and of its Optuna study).")
+    name: str = Field(
+        min_length=1,
+        max_length=MAX_NAME_LENGTH,
+        description="Name of the search (and of its Optuna study).",
+    )
     dataset: DatasetRef = Field(description="The data to tune on.")
     task: Task | None = Field(None, description="classification or regression; None: inferred.")
     objective: Objective | None = Field(
@@ -378,6 +442,14 @@ class SearchSpec(_Model):
         "train",
         description="Data the best configuration is refit on before the single test evaluation.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _check_document(cls, data: Any) -> Any:
+        issues = list(_document_issues(data))
+        if issues:
+            raise ValidationError.from_exception_data(cls.__name__, issues)
+        return data
 
     @model_validator(mode="after")
     def _check_consistency(self) -> Self:
@@ -520,8 +592,68 @@ class SpecError(ValueError):
         return cls([{"loc": list(e["loc"]) or ["spec"], "msg": e["msg"]} for e in error.errors()])
 
 
+MAX_SPEC_DOCUMENT_BYTES = 2**20
+"""Largest spec document :func:`parse_spec` reads."""
+
+MAX_YAML_ALIASES = 50
+"""Most aliases (``*name``) a YAML spec may use."""
+
+
+class _DuplicateKey(yaml.YAMLError):
+    """A mapping of the YAML document gives one key twice."""
+
+    def __init__(self, loc: list[str | int], mark: yaml.Mark) -> None:
+        super().__init__(f"{'.'.join(map(str, loc))}: duplicate key")
+        self.loc = loc
+        self.line = mark.line + 1
+
+
 class _YamlLoader(yaml.SafeLoader):
-    """SafeLoader that also reads exponent floats without a dot, such as ``1e-4`` (YAML 1.2)."""
+    """SafeLoader that also reads exponent floats without a dot, such as ``1e-4`` (YAML 1.2).
+
+    While composing it refuses, before anything is constructed, nesting deeper than
+    MAX_SPEC_DEPTH, more than MAX_YAML_ALIASES aliases, and a key given twice in one mapping.
+    """
+
+    def __init__(self, stream: str | bytes) -> None:
+        super().__init__(stream)
+        self._depth = 0
+        self._aliases = 0
+        self._path: list[str | int] = []
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        mark = self.peek_event().start_mark
+        if self.check_event(yaml.AliasEvent):
+            self._aliases += 1
+            if self._aliases > MAX_YAML_ALIASES:
+                raise yaml.composer.ComposerError(
+                    None, None, f"more than {MAX_YAML_ALIASES} aliases", mark
+                )
+        if self._depth >= MAX_SPEC_DEPTH:
+            raise yaml.composer.ComposerError(
+                None, None, f"nested deeper than {MAX_SPEC_DEPTH} levels", mark
+            )
+        # A mapping's value is composed with its key node as `index`, a list item with its index.
+        step = index.value if isinstance(index, yaml.ScalarNode) else index
+        if step is not None:
+            self._path.append(step)
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+            if step is not None:
+                self._path.pop()
+
+    def compose_mapping_node(self, anchor: str | None) -> yaml.MappingNode:
+        node = super().compose_mapping_node(anchor)
+        seen = set()
+        for key, _ in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                if (key.tag, key.value) in seen:
+                    raise _DuplicateKey([*self._path, key.value], key.start_mark)
+                seen.add((key.tag, key.value))
+        return node
 
 
 _YamlLoader.add_implicit_resolver(
@@ -531,14 +663,37 @@ _YamlLoader.add_implicit_resolver(
 )
 
 
+def _json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object, refusing a key given twice."""
+    data: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in data:
+            raise ValueError(f"duplicate key {key!r}")
+        data[key] = value
+    return data
+
+
 def parse_spec(text: str | bytes, *, format: Literal["yaml", "json"] | None = None) -> SearchSpec:
     """Parse and validate a spec document; YAML (a superset of JSON) unless ``format`` says json.
 
-    Raises SpecError: at ``spec`` for a syntax error or a document that is not a mapping, else at
-    the path of each invalid field.
+    Raises SpecError: at ``spec`` for a syntax error, a document over the size, depth or alias
+    caps, or one that is not a mapping; at the key for a duplicate key; else at the path of each
+    invalid field.
     """
+    if len(text) > MAX_SPEC_DOCUMENT_BYTES:
+        message = f"the document is larger than {MAX_SPEC_DOCUMENT_BYTES} bytes"
+        raise SpecError([{"loc": ["spec"], "msg": message}])
     try:
-        data = json.loads(text) if format == "json" else yaml.load(text, Loader=_YamlLoader)
+        if format == "json":
+            data = json.loads(text, object_pairs_hook=_json_object)
+        else:
+            data = yaml.load(text, Loader=_YamlLoader)
+    except _DuplicateKey as error:
+        message = f"duplicate key (line {error.line}): give each key once"
+        raise SpecError([{"loc": error.loc, "msg": message}]) from None
+    except RecursionError:
+        message = f"not valid {format or 'yaml'}: nested deeper than {MAX_SPEC_DEPTH} levels"
+        raise SpecError([{"loc": ["spec"], "msg": message}]) from None
     except (yaml.YAMLError, ValueError) as error:
         message = f"not valid {format or 'yaml'}: {_syntax_problem(error)}"
         raise SpecError([{"loc": ["spec"], "msg": message}]) from None

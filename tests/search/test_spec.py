@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from search.spec import (
     Budget,
@@ -340,3 +341,109 @@ def test_models_are_documented_for_openapi(model: type[BaseModel]) -> None:
     assert model.__doc__
     assert all(field.description for field in model.model_fields.values())
     assert model.model_json_schema()["additionalProperties"] is False
+
+
+def _yaml(**fields: Any) -> str:
+    """MINIMAL as YAML with top-level fields added as raw YAML text."""
+    return yaml.safe_dump(MINIMAL) + "".join(f"{key}: {text}\n" for key, text in fields.items())
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        (_yaml(fixed="{l2: " + "[" * 10_000 + "]" * 10_000 + "}"), "nested deeper than 32"),
+        (_yaml(fixed="{l2: " + "{a: " * 10_000 + "1" + "}" * 10_001), "nested deeper than 32"),
+        ("name: " + "x" * 2**20, "larger than 1048576 bytes"),
+    ],
+    ids=["flow-lists", "flow-mappings", "huge"],
+)
+def test_documents_over_the_depth_or_size_caps_are_refused(text: str, reason: str) -> None:
+    errors = _errors(text)
+    assert list(errors) == [("spec",)]
+    assert reason in errors[("spec",)]
+
+
+def _alias_bomb(width: int, levels: int) -> str:
+    """``levels`` lists of ``width`` aliases of the previous one: width ** levels values."""
+    lines = [f"l0: &l0 [{', '.join(['lol'] * width)}]"]
+    lines += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * width)}]" for i in range(1, levels + 1)]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize(
+    ("width", "levels", "reason"),
+    [(9, 8, "more than 50 aliases"), (12, 4, "more than 10000 values")],
+    ids=["many-aliases", "few-aliases"],
+)
+def test_alias_bombs_are_refused_without_expanding_them(
+    width: int, levels: int, reason: str
+) -> None:
+    bomb = _alias_bomb(width, levels)
+    assert len(bomb) < 600 and width ** (levels + 1) > 10**5
+    with pytest.raises(SpecError) as caught:
+        parse_spec(_yaml() + bomb)
+    assert reason in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "loc"),
+    [
+        (_yaml(name="again"), ("name",)),
+        (
+            _yaml().replace("space:\n", "space:\n  learning_rate: {low: 0.1, high: 1.0}\n"),
+            ("space", "learning_rate"),
+        ),
+        (_yaml(fixed="{hidden_units: 8, hidden_units: 16}"), ("fixed", "hidden_units")),
+        (_yaml(stages="[{trials: 5}, {trials: 5, trials: 6}]"), ("stages", 1, "trials")),
+    ],
+    ids=["top", "space", "fixed", "in-a-list"],
+)
+def test_duplicate_yaml_keys_are_refused_by_name(text: str, loc: tuple) -> None:
+    errors = _errors(text)
+    assert list(errors) == [loc]
+    assert errors[loc].startswith("duplicate key (line ")
+
+
+def test_duplicate_json_keys_are_refused() -> None:
+    with pytest.raises(SpecError, match=r"^spec: not valid json: duplicate key 'name'$"):
+        parse_spec('{"name": "a", "name": "b"}', format="json")
+
+
+def test_yaml_merge_keys_are_not_duplicates() -> None:
+    text = _yaml(common="&c {hidden_units: 8}", fixed="{<<: *c, batch_size: 32}")
+    text = text.replace("common:", "x-common:")
+    errors = _errors(text)
+    assert list(errors) == [("x-common",)]  # only the unknown field, no duplicate key
+
+
+@pytest.mark.parametrize(
+    ("spec", "loc", "reason"),
+    [
+        (_spec(name="x" * 201), ("name",), "at most 200 characters"),
+        (_spec(name="a\0b"), ("name",), "NUL character"),
+        (_spec(name="\ud800"), ("name",), "lone surrogate"),
+        (_spec(dataset={"id": "ds-\0"}), ("dataset", "id"), "NUL character"),
+        (_spec(dataset={"path": "d\0.csv", "target": "y"}), ("dataset", "path"), "NUL"),
+        (_with_space(**{"l2\0": {"low": 0.0, "high": 1.0}}), ("space", "l2\0"), "key must not"),
+        (_spec(fixed={"l2": math.nan}), ("fixed", "l2"), "finite number"),
+        (_spec(fixed={"l2": math.inf}), ("fixed", "l2"), "finite number"),
+        (
+            _with_space(dropout={"choices": [0.1, -math.inf]}),
+            ("space", "dropout", "choices", 1),
+            "finite number",
+        ),
+    ],
+)
+def test_text_that_cannot_be_stored_and_non_finite_numbers_name_the_field(
+    spec: dict[str, Any], loc: tuple, reason: str
+) -> None:
+    with pytest.raises(ValidationError) as caught:
+        SearchSpec.model_validate(spec)
+    errors = {tuple(e["loc"]): e["msg"] for e in caught.value.errors()}
+    assert loc in errors, errors
+    assert reason in errors[loc]
+
+
+def test_a_name_of_200_characters_is_accepted() -> None:
+    assert SearchSpec.model_validate(_spec(name="x" * 200)).name == "x" * 200

@@ -4,12 +4,20 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install test demo lint format bench system-deps
+.PHONY: install test demo lint format bench system-deps lock
 
-$(INSTALLED): pyproject.toml
+# Installs come from the lock files in requirements/ (every package pinned, with hashes), through
+# uv; `make lock` refreshes them from pyproject.toml's ranges.
+UV_VERSION := 0.13.9
+UV := $(VENV)/bin/uv
+LOCK := requirements/dev.txt
+LOCK_ARGS := --universal --python-version 3.11 --generate-hashes --quiet
+
+$(INSTALLED): pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet uv==$(UV_VERSION)
+	$(UV) pip install --quiet --python $(PY) --require-hashes -r $(LOCK)
+	$(UV) pip install --quiet --python $(PY) --no-deps -e .
 	touch $(INSTALLED)
 
 install: $(INSTALLED)
@@ -38,3 +46,9 @@ format: $(INSTALLED)
 
 bench: $(INSTALLED)
 	$(PY) -m bench.engine
+
+# Re-resolve the lock files (base: the CPU image; dev: make and CI; cuda: the GPU image).
+lock: $(INSTALLED)
+	$(UV) pip compile pyproject.toml $(LOCK_ARGS) -o requirements/base.txt
+	$(UV) pip compile pyproject.toml $(LOCK_ARGS) --extra dev -o requirements/dev.txt
+	$(UV) pip compile pyproject.toml $(LOCK_ARGS) --extra cuda -o requirements/cuda.txt

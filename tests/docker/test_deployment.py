@@ -71,11 +71,13 @@ def test_pool_shape_of_the_main_compose_file():
 
 
 @pytest.mark.parametrize("dockerfile", ["Dockerfile", "Dockerfile.cuda"])
-def test_dockerfiles_install_the_project_and_run_as_non_root(dockerfile):
+def test_dockerfiles_install_the_locked_project_and_run_as_non_root(dockerfile):
     text = (DOCKER / dockerfile).read_text()
     for source in re.findall(r"^COPY (\S+)", text, re.MULTILINE):
         assert (DOCKER.parent / source).exists(), source
-    assert re.search(r'pip install "?\.(\[cuda\])?"?', text)
+    lock = "cuda" if dockerfile.endswith("cuda") else "base"
+    assert f"pip install --require-hashes -r requirements/{lock}.txt" in text  # the lock file
+    assert "pip install --no-deps ." in text
     user = re.findall(r"^USER (\S+)", text, re.MULTILINE)
     assert user and user[-1] not in ("root", "0")
     assert 'ENTRYPOINT ["caviar"]' in text

@@ -22,6 +22,7 @@ import numpy as np
 from numpy.lib import format as npy_format
 
 from models.data import DatasetError, from_arrays, read_csv, read_npz
+from search.spec import MAX_NAME_LENGTH, text_problem
 
 #: Array names whose first axis counts examples (their sum is the upload's rows).
 _X_ARRAYS = ("x", "x_dev", "x_test")
@@ -29,12 +30,15 @@ _X_ARRAYS = ("x", "x_dev", "x_test")
 
 @dataclass(frozen=True)
 class UploadLimits:
-    """Caps on an upload: file size and declared array bytes (413), columns and rows (422)."""
+    """Caps on an upload: file size and declared array bytes (413); columns, rows, npz members
+    and the length of the file name and target (422)."""
 
     max_bytes: int = 64 * 2**20
-    max_array_bytes: int = 512 * 2**20
+    max_array_bytes: int = 256 * 2**20
     max_columns: int = 10_000
     max_rows: int = 5_000_000
+    max_members: int = 16
+    max_name_length: int = MAX_NAME_LENGTH
 
 
 class UploadError(ValueError):
@@ -68,6 +72,9 @@ def parse_upload(
     ``.csv`` files have a header row and need ``target``, the label column. Too large → 413;
     anything malformed, over the column or row caps, or that models.data rejects → 422.
     """
+    _check_text("file name", filename, limits)
+    if target is not None:
+        _check_text("target", target, limits)
     suffix = PurePath(filename).suffix.lower()
     if suffix not in (".npz", ".csv"):
         raise UploadError(
@@ -76,9 +83,7 @@ def parse_upload(
     if not content:
         raise UploadError(400, "the uploaded file is empty")
     if len(content) > limits.max_bytes:
-        raise UploadError(
-            413, f"the file has {len(content)} bytes; the limit is {limits.max_bytes}"
-        )
+        raise UploadError(413, f"the file is larger than the limit of {limits.max_bytes} bytes")
     if suffix == ".npz":
         if target is not None:
             raise UploadError(422, "npz uploads take their labels from array y; give no target")
@@ -113,8 +118,38 @@ def parse_upload(
     )
 
 
+def _check_text(field: str, value: str, limits: UploadLimits) -> None:
+    problem = text_problem(value)
+    if problem:
+        raise UploadError(422, f"the {field} {problem}")
+    if len(value) > limits.max_name_length:
+        raise UploadError(
+            422, f"the {field} is longer than the limit of {limits.max_name_length} characters"
+        )
+
+
+#: Signature and size of a zip archive's end-of-central-directory record.
+_END_OF_ZIP, _END_OF_ZIP_SIZE = b"PK\x05\x06", 22
+
+
+def _declared_members(content: bytes) -> int:
+    """The member count a zip archive's end record declares (65535 for "at least that many"),
+    read without parsing the central directory; 0 where there is no end record."""
+    end = content.rfind(_END_OF_ZIP, max(0, len(content) - _END_OF_ZIP_SIZE - 0xFFFF))
+    if end < 0 or end + _END_OF_ZIP_SIZE > len(content):
+        return 0
+    return int.from_bytes(content[end + 10 : end + 12], "little")
+
+
 def _check_npz_headers(content: bytes, limits: UploadLimits) -> None:
-    """Check every member's .npy header (dtype, declared size, rows, columns) before loading."""
+    """Check the member count, then every member's .npy header (dtype, declared size, rows,
+    columns), before loading anything."""
+    if _declared_members(content) > limits.max_members:
+        raise UploadError(
+            422,
+            f"the npz archive has more than {limits.max_members} members; a dataset holds "
+            "arrays x and y, optionally x_dev, y_dev, x_test and y_test",
+        )
     try:
         archive = zipfile.ZipFile(io.BytesIO(content))
     except zipfile.BadZipFile as e:
@@ -143,7 +178,9 @@ def _check_npz_headers(content: bytes, limits: UploadLimits) -> None:
                     422,
                     f"array {name!r} has dtype {dtype}; store plain numbers, or strings for labels",
                 )
-            total += math.prod(shape) * dtype.itemsize
+            # What validation materialises: numbers as float64 (an int8 array takes 8 bytes a
+            # value there), strings at their width.
+            total += math.prod(shape) * max(dtype.itemsize, 8)
             if name in _X_ARRAYS and shape:
                 rows += shape[0]
             if name == "x" and len(shape) == 2 and shape[1] > limits.max_columns:
@@ -153,7 +190,8 @@ def _check_npz_headers(content: bytes, limits: UploadLimits) -> None:
     if total > limits.max_array_bytes:
         raise UploadError(
             413,
-            f"the arrays hold {total} bytes uncompressed; the limit is {limits.max_array_bytes}",
+            f"the arrays hold {total} bytes uncompressed as float64; the limit is "
+            f"{limits.max_array_bytes}",
         )
     _check_rows(rows, limits)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import time
 import zipfile
 
 import numpy as np
@@ -89,7 +90,8 @@ def test_size_limit_boundary() -> None:
     assert parse_upload("d.csv", exact, target="label", limits=limits).size == limits.max_bytes
     error = _refused("d.csv", exact + b"\n", target="label", limits=limits)
     assert error.status_code == 413
-    assert f"{limits.max_bytes + 1} bytes" in error.reason and str(limits.max_bytes) in error.reason
+    # The limit, not the bytes read: a route reads one byte past the limit, never the whole file.
+    assert error.reason == f"the file is larger than the limit of {limits.max_bytes} bytes"
 
 
 def test_compressible_npz_over_the_array_limit_is_refused_before_loading(
@@ -256,3 +258,43 @@ def test_non_zip_bytes_named_npz() -> None:
     assert error.status_code == 422 and "not an npz archive" in error.reason
     error = _refused("d.npz", _npz(**_xy())[:200])  # truncated: the directory at the end is gone
     assert error.status_code == 422 and "not an npz archive" in error.reason
+
+
+def test_npz_of_many_members_is_refused_quickly_stating_the_limit(forbid_loading: None) -> None:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for i in range(100_000):
+            archive.writestr(f"a{i}.npy", b"")
+    content = buffer.getvalue()
+    started = time.perf_counter()
+    error = _refused("d.npz", content, limits=UploadLimits(max_bytes=len(content)))
+    assert time.perf_counter() - started < 0.5  # reading every member header took seconds
+    assert error.status_code == 422
+    assert f"more than {LIMITS.max_members} members" in error.reason
+    assert "a0" not in error.reason and len(error.reason) < 200
+
+
+def test_npz_at_the_member_limit_is_read() -> None:
+    arrays = {**_xy(), **{f"x{i}": np.zeros(1) for i in range(LIMITS.max_members - 2)}}
+    error = _refused("d.npz", _npz(**arrays))
+    assert "members" not in error.reason and "unexpected" in error.reason
+
+
+@pytest.mark.parametrize(
+    ("filename", "target", "reason"),
+    [
+        ("x" * 197 + ".csv", "label", "the file name is longer than the limit of 200 characters"),
+        ("d\0.csv", "label", "the file name must not contain a NUL character"),
+        ("d.csv", "t" * 201, "the target is longer than the limit of 200 characters"),
+        ("d.csv", "label\0", "the target must not contain a NUL character"),
+    ],
+)
+def test_file_name_and_target_must_fit_their_columns(
+    filename: str, target: str, reason: str
+) -> None:
+    error = _refused(filename, _csv(), target=target)
+    assert (error.status_code, error.reason) == (422, reason)
+
+
+def test_file_name_of_200_characters_is_accepted() -> None:
+    assert parse_upload("x" * 196 + ".csv", _csv(), target="label", limits=LIMITS).rows == 30

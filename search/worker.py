@@ -272,10 +272,21 @@ def _fate(outcome: TrialResult, pruned: bool, stop_reason: str | None) -> str:
     return "pruned" if pruned else "complete"
 
 
+#: How XLA, CUDA, cuBLAS and cuDNN word an allocation failure (compared in lower case).
+OUT_OF_MEMORY_MARKERS = (
+    "resource_exhausted",
+    "out of memory",
+    "cuda_error_out_of_memory",
+    "cublas_status_alloc_failed",
+    "cudnn_status_alloc_failed",
+    "failed to allocate",
+)
+
+
 def is_out_of_memory(error: BaseException) -> bool:
-    """Whether `error` is the accelerator (or host) running out of memory."""
-    text = str(error)
-    return isinstance(error, MemoryError) or "RESOURCE_EXHAUSTED" in text or "Out of memory" in text
+    """Whether `error` is the accelerator (or host) running out of memory, in any wording."""
+    text = str(error).lower()
+    return isinstance(error, MemoryError) or any(m in text for m in OUT_OF_MEMORY_MARKERS)
 
 
 def _fail(study, trial, values, stage, reason, message, on_trial) -> TrialOutcome:

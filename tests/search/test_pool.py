@@ -122,6 +122,14 @@ def test_out_of_memory_errors_are_recognised():
         jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate")
     )
     assert is_out_of_memory(MemoryError())
+    # As CUDA, cuBLAS, cuDNN and XLA's allocator word it on GPU hosts.
+    for message in (
+        "INTERNAL: CUDA_ERROR_OUT_OF_MEMORY: out of memory",
+        "INTERNAL: cuBLAS status: CUBLAS_STATUS_ALLOC_FAILED",
+        "UNKNOWN: CUDNN_STATUS_ALLOC_FAILED in external/xla/xla/stream_executor/cuda/cuda_dnn.cc",
+        "INTERNAL: Failed to allocate 1073741824 bytes for new constant",
+    ):
+        assert is_out_of_memory(jax.errors.JaxRuntimeError(message)), message
     assert not is_out_of_memory(ValueError("batch_size 4096 exceeds the 300 training examples"))
 
 
@@ -180,3 +188,13 @@ def test_another_owners_dataset_is_not_found(url):
     with session_scope(url) as session:
         search = session.get(Search, search_id)
         assert search.status == "failed" and "ds-2" in search.error
+
+
+def test_the_largest_seed_runs_on_a_worker_with_the_largest_stream(url):
+    # The stage sampler's seed is derived from the spec seed and the worker's stream; it used to
+    # overflow NumPy's 32-bit seeds for spec seeds from about 2148, killing every worker.
+    search_id = queue(url, SPEC + "seed: 4294967295\n")
+    Worker(url, batch=4, stream=2**31 - 1).run(until_idle=True)
+    with session_scope(url) as session:
+        search = session.get(Search, search_id)
+        assert search.status == "completed", search.error

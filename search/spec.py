@@ -40,6 +40,9 @@ Scale = Literal["linear", "log", "one_minus_log"]
 SamplerName = Literal["random", "tpe", "qmc", "gp", "cmaes"]
 Choice = bool | int | float | str
 
+MAX_SEED = 2**32 - 1
+"""Largest spec seed: NumPy, scikit-learn and mnist1d take 32-bit seeds."""
+
 
 # --- engine hyperparameters -------------------------------------------------------------------
 
@@ -426,7 +429,7 @@ class SearchSpec(_Model):
     budget: Budget = Field(description="Compute budget.")
     sampler: SamplerName = Field("random", description="Optuna sampler (qmc: Sobol).")
     pruner: PrunerSpec = Field(default_factory=PrunerSpec, description="Early stopping of trials.")
-    seed: int = Field(0, ge=0, description="Seed of the sampler and the data split.")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed of the sampler and the data split.")
     space: dict[str, Annotated[Param, BeforeValidator(_parse_param)]] = Field(
         min_length=1, description="Hyperparameters to search, by engine name."
     )

@@ -30,8 +30,11 @@ def study_name(search_id: str, stage: int) -> str:
 
 
 def sampler_seed(spec_seed: int, stage: int, stream: int = 0) -> int:
-    """The seed of a stage's sampler in one worker's `stream`, derived from the spec seed."""
-    return spec_seed * 1_000_003 + stage * 7_919 + stream
+    """The seed of a stage's sampler in one worker's `stream`, derived from the spec seed.
+
+    Reduced modulo 2**32: Optuna's samplers seed NumPy, which takes 32-bit seeds only.
+    """
+    return (spec_seed * 1_000_003 + stage * 7_919 + stream) % 2**32
 
 
 def make_sampler(spec: SearchSpec, stage: int, stream: int = 0) -> optuna.samplers.BaseSampler:

@@ -5,11 +5,15 @@ from __future__ import annotations
 from typing import Any
 
 from models.mlp import count_parameters
+from search.datadir import DataPathError, resolve_data_path
 from search.spec import DEFAULTS, CategoricalParam, SearchSpec
 from service.settings import Settings
 
 #: Input and output sizes of the built-in datasets (for the parameter-count limit).
 _BUILTIN_SIZES = {"mnist1d": (40, 10), "digits": (64, 10)}
+
+#: Samples and features of a generated dataset whose spec leaves them out.
+_GENERATED = {"mnist1d": (5000, 40), "synthetic": (2000, 20)}
 
 
 def spec_limit_errors(
@@ -20,13 +24,7 @@ def spec_limit_errors(
 
     def check(loc: tuple, value: float, limit: int, what: str) -> None:
         if value > limit:
-            errors.append(
-                {
-                    "loc": list(loc),
-                    "msg": f"{what} {value:g} exceeds the limit {limit}",
-                    "type": "limit",
-                }
-            )
+            errors.append(_limit_error(loc, f"{what} {value:g} exceeds the limit {limit}"))
 
     check(("budget", "trials"), spec.budget.trials, settings.max_trials, "trials")
     check(("budget", "epochs"), spec.budget.epochs, settings.max_epochs, "epochs")
@@ -34,18 +32,54 @@ def spec_limit_errors(
     units_loc, units = _largest(spec, "hidden_units")
     check(layers_loc, layers, settings.max_hidden_layers, "hidden_layers")
     check(units_loc, units, settings.max_hidden_units, "hidden_units")
+    errors += dataset_limit_errors(spec, settings)
     inputs, outputs = input_output or _sizes(spec)
     parameters = count_parameters(inputs, (int(units),) * int(layers), outputs)
     if parameters > settings.max_parameters:
-        errors.append(
-            {
-                "loc": ["space"],
-                "type": "limit",
-                "msg": f"the largest model has {parameters:,} parameters, over the limit "
-                f"{settings.max_parameters:,}",
-            }
+        message = (
+            f"the largest model has {parameters:,} parameters, over the limit "
+            f"{settings.max_parameters:,}"
         )
+        errors.append(_limit_error(("space",), message))
     return errors
+
+
+def dataset_limit_errors(spec: SearchSpec, settings: Settings) -> list[dict[str, Any]]:
+    """The limits a generated dataset exceeds (samples, features, classes, samples x features),
+    and a `path` outside the operator's data directory, as errors naming the field."""
+    ref = spec.dataset
+    if ref.path is not None:
+        try:
+            resolve_data_path(ref.path, settings.data_dir)
+        except DataPathError as error:
+            return [{"loc": ["dataset", "path"], "msg": str(error), "type": "path"}]
+        return []
+    if ref.name not in _GENERATED:
+        return []
+    default_samples, default_features = _GENERATED[ref.name]
+    samples, features = ref.samples or default_samples, ref.features or default_features
+    sizes = [
+        ("samples", samples, settings.max_samples),
+        ("features", features, settings.max_features),
+        ("classes", ref.classes or 2, settings.max_classes),
+    ]
+    errors = [
+        _limit_error(("dataset", key), f"{key} {value:,} exceeds the limit {limit:,}")
+        for key, value, limit in sizes
+        if value > limit
+    ]
+    if not errors and samples * features > settings.max_dataset_values:
+        loc = ("dataset", "samples")
+        message = (
+            f"{samples:,} samples x {features:,} features = {samples * features:,} values, over "
+            f"the limit {settings.max_dataset_values:,}"
+        )
+        errors.append(_limit_error(loc, message))
+    return errors
+
+
+def _limit_error(loc: tuple[str, ...], message: str) -> dict[str, Any]:
+    return {"loc": list(loc), "msg": message, "type": "limit"}
 
 
 def _largest(spec: SearchSpec, name: str) -> tuple[tuple, float]:

@@ -28,6 +28,24 @@ class Settings(BaseSettings):
     max_parameters: int = Field(
         50_000_000, ge=1, description="Most weights and biases of the largest model a spec allows."
     )
+    max_samples: int = Field(
+        1_000_000, ge=1, description="Most examples a generated dataset (mnist1d, synthetic) has."
+    )
+    max_features: int = Field(10_000, ge=1, description="Most features of a synthetic dataset.")
+    max_classes: int = Field(1000, ge=2, description="Most classes of a synthetic dataset.")
+    max_dataset_values: int = Field(
+        50_000_000, ge=1, description="Most values (samples x features) of a generated dataset."
+    )
+    data_dir: str | None = Field(
+        None,
+        description="Directory whose files a submitted spec may name as dataset.path; "
+        "None: specs name uploads and built-ins only.",
+    )
+    max_search_attempts: int = Field(
+        5,
+        ge=1,
+        description="Workers that may fail or die on one search before it is failed.",
+    )
     max_concurrent_searches: int = Field(
         4, ge=1, description="Queued or running searches one owner may have at once (429 beyond)."
     )

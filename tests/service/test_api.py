@@ -264,3 +264,104 @@ def test_openapi_names_and_describes_every_schema(client):
     ]
     assert undescribed == []
     assert client.get("/docs").status_code == 200
+
+
+def test_a_seed_numpy_cannot_take_is_a_422_naming_seed(client, tokens):
+    assert submit(client, tokens["alice"], {**SPEC, "seed": 2**32 - 1}).status_code == 201
+    for seed in (2**32, 10**30):
+        response = submit(client, tokens["alice"], {**SPEC, "seed": seed})
+        assert response.status_code == 422, response.text
+        assert [error["loc"][-1] for error in response.json()["detail"]] == ["seed"]
+
+
+@pytest.mark.parametrize(
+    ("setting", "limit", "dataset", "field"),
+    [
+        ("max_samples", 300, {"name": "synthetic", "samples": 300, "features": 5}, "samples"),
+        ("max_samples", 5000, {"name": "mnist1d"}, "samples"),  # the default size counts
+        ("max_features", 5, {"name": "synthetic", "samples": 300, "features": 5}, "features"),
+        ("max_classes", 3, {"name": "synthetic", "samples": 300, "classes": 3}, "classes"),
+        ("max_dataset_values", 1500, {"name": "synthetic", "samples": 300, "features": 5}, None),
+        ("max_dataset_values", 200_000, {"name": "mnist1d", "samples": 5000}, None),
+    ],
+)
+def test_dataset_sizes_are_limited_at_their_boundary(
+    settings, tokens, setting, limit, dataset, field
+):
+    from fastapi.testclient import TestClient
+
+    with TestClient(create_app(settings.model_copy(update={setting: limit}))) as client:
+        at_limit = {**SPEC, "dataset": dataset}
+        assert submit(client, tokens["alice"], at_limit).status_code == 201
+        key = field or "samples"
+        value = dataset.get(key, 5000)
+        over = {**SPEC, "dataset": {**dataset, key: value + 1}}
+        response = submit(client, tokens["alice"], over)
+        assert response.status_code == 422, response.text
+        (error,) = response.json()["detail"]
+        assert error["loc"] == ["dataset", key]
+        assert f"{limit:,}" in error["msg"]
+
+
+def test_the_default_limits_refuse_datasets_that_would_exhaust_a_worker(client, tokens):
+    for dataset in (
+        {"name": "synthetic", "samples": 1_000_000_000},
+        {"name": "synthetic", "features": 40_000_000},
+        {"name": "mnist1d", "samples": 1_000_000_000},
+    ):
+        response = submit(client, tokens["alice"], {**SPEC, "dataset": dataset})
+        assert response.status_code == 422, response.text
+        assert response.json()["detail"][0]["loc"][:1] == ["dataset"]
+
+
+def path_spec(path: str) -> dict:
+    return {**SPEC, "dataset": {"path": path, "target": "label"}}
+
+
+def test_a_spec_may_not_name_a_file_without_a_data_directory(client, tokens, tmp_path):
+    secret = tmp_path / "secret.csv"
+    secret.write_text("password,label\nhunter2,1\n")
+    for path in (str(secret), str(tmp_path / "missing.csv")):
+        response = submit(client, tokens["alice"], path_spec(path))
+        assert response.status_code == 422, response.text
+        (error,) = response.json()["detail"]
+        assert error["loc"] == ["dataset", "path"]
+        assert "hunter2" not in response.text and "password" not in response.text
+    # Existing or not, the answer is the same: it reveals nothing of the worker's disk.
+    assert (
+        submit(client, tokens["alice"], path_spec(str(secret))).json()
+        == submit(client, tokens["alice"], path_spec(str(tmp_path / "missing.csv"))).json()
+    )
+
+
+def test_a_data_directory_admits_its_files_and_nothing_outside_it(settings, tokens, tmp_path):
+    from fastapi.testclient import TestClient
+
+    data = tmp_path / "data"
+    (data / "sub").mkdir(parents=True)
+    (data / "sub" / "train.csv").write_text("a,label\n1,0\n")
+    outside = tmp_path / "outside.csv"
+    outside.write_text("password,label\nhunter2,1\n")
+    (data / "link.csv").symlink_to(outside)
+    (data / "dirlink").symlink_to(tmp_path)
+    app = create_app(settings.model_copy(update={"data_dir": str(data)}))
+    with TestClient(app) as client:
+        for good in ("sub/train.csv", str(data / "sub" / "train.csv"), "sub/../sub/train.csv"):
+            assert submit(client, tokens["alice"], path_spec(good)).status_code == 201, good
+        refused = {}
+        for bad in (
+            "../outside.csv",
+            str(outside),
+            "link.csv",
+            "dirlink/outside.csv",
+            "../missing.csv",
+            "sub/missing.csv",
+        ):
+            response = submit(client, tokens["alice"], path_spec(bad))
+            assert response.status_code == 422, bad
+            assert response.json()["detail"][0]["loc"] == ["dataset", "path"]
+            assert "hunter2" not in response.text
+            refused[bad] = response.json()["detail"][0]["msg"]
+    # Outside the directory, existing and missing files are refused alike.
+    assert refused["../outside.csv"] == refused["../missing.csv"] == refused["link.csv"]
+    assert "sub/missing.csv" in refused["sub/missing.csv"]

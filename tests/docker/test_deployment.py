@@ -17,6 +17,8 @@ import yaml
 
 DOCKER = Path(__file__).parents[2] / "docker"
 COMPOSE_FILES = ["docker-compose.yml", "docker-compose.remote-workers.yml"]
+#: How long a GPU worker has, after SIGTERM, to give its trials back (Kubernetes too).
+WORKER_GRACE = "30s"
 
 
 def compose(name: str) -> dict:
@@ -55,19 +57,58 @@ def test_every_service_command_is_a_caviar_command(name):
 
 def test_pool_shape_of_the_main_compose_file():
     services = compose("docker-compose.yml")["services"]
-    assert set(services) == {"postgres", "migrate", "api", "worker", "dashboard"}
+    workers = {name for name in services if name.startswith("worker-gpu")}
+    assert set(services) - workers == {"postgres", "migrate", "api", "dashboard"}
     assert "healthcheck" in services["postgres"]
-    for name in ("api", "worker", "dashboard"):
+    for name in ("api", "dashboard", *workers):
         assert (
             services[name]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
         )
-    worker = services["worker"]
-    assert worker["init"] is True and worker["stop_grace_period"]
-    device = worker["deploy"]["resources"]["reservations"]["devices"][0]
-    assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
-    assert "ports" not in worker
+    assert all("ports" not in services[name] for name in workers)
     assert services["dashboard"]["ports"] == ["127.0.0.1:8080:8080"]
     assert (DOCKER / ".env.example").exists()
+
+
+def started_services(spec: dict, profiles: set[str]) -> dict:
+    """The services `docker compose up` starts with COMPOSE_PROFILES=`profiles`."""
+    return {
+        name: service
+        for name, service in spec["services"].items()
+        if not service.get("profiles") or profiles & set(service["profiles"])
+    }
+
+
+def gpu_devices(service: dict) -> list[dict]:
+    devices = service.get("deploy", {}).get("resources", {}).get("reservations", {})
+    return [d for d in devices.get("devices", []) if "gpu" in d.get("capabilities", [])]
+
+
+@pytest.mark.parametrize("name", COMPOSE_FILES)
+@pytest.mark.parametrize("gpus", range(1, 9))
+def test_a_host_with_n_gpus_runs_one_worker_on_each(name, gpus):
+    # What .env.example tells an operator of an N-GPU host to set: gpu1 ... gpuN-1.
+    profiles = {f"gpu{i}" for i in range(1, gpus)}
+    started = started_services(compose(name), profiles)
+    workers = {n: s for n, s in started.items() if s.get("command", [""])[0] == "worker"}
+    owned = []
+    for service in workers.values():
+        (device,) = gpu_devices(service)  # exactly one GPU reservation, by id, not `count`
+        assert device["driver"] == "nvidia" and "count" not in device
+        owned += device["device_ids"]
+    assert sorted(owned, key=int) == [str(i) for i in range(gpus)]
+    assert all(not gpu_devices(s) for n, s in started.items() if n not in workers)
+
+
+@pytest.mark.parametrize("name", COMPOSE_FILES)
+def test_gpu_workers_require_their_gpu_and_stop_gracefully(name):
+    for service in compose(name)["services"].values():
+        if not gpu_devices(service):
+            continue
+        assert service["environment"]["CAVIAR_REQUIRE_ACCELERATOR"] == "true"
+        assert service["environment"]["CAVIAR_DATABASE_URL"]
+        assert service["init"] is True  # SIGTERM reaches the worker
+        assert service["stop_grace_period"] == WORKER_GRACE
+        assert "compile-cache:/var/cache/caviar-xla" in service["volumes"]
 
 
 @pytest.mark.parametrize("dockerfile", ["Dockerfile", "Dockerfile.cuda"])

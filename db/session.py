@@ -17,7 +17,14 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, false, select, text, update
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import (
+    ArgumentError,
+    IntegrityError,
+    InterfaceError,
+    OperationalError,
+    SQLAlchemyError,
+)
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.models import Search
@@ -30,6 +37,10 @@ class DatabaseError(RuntimeError):
 
 class ConflictError(DatabaseError):
     """A write broke a constraint: a duplicate (idempotency) key, a missing parent, a bad status."""
+
+
+class DatabaseUnavailable(DatabaseError):
+    """The database cannot be reached or used now: connection refused or lost, timed out, locked."""
 
 
 def get_engine(url: str) -> Engine:
@@ -59,11 +70,15 @@ def _sessionmaker(url: str) -> sessionmaker[Session]:
 
 @contextmanager
 def database_errors(url: str) -> Iterator[None]:
-    """Turn SQLAlchemy errors raised inside into `ConflictError` or `DatabaseError`."""
+    """Turn SQLAlchemy errors raised inside into `ConflictError`, `DatabaseUnavailable` (the
+    connection failed or timed out) or `DatabaseError` (anything else, e.g. a value the column
+    cannot hold)."""
     try:
         yield
     except IntegrityError as error:
         raise ConflictError(_describe(error, url)) from error
+    except (OperationalError, InterfaceError, PoolTimeout) as error:
+        raise DatabaseUnavailable(_describe(error, url)) from error
     except SQLAlchemyError as error:
         raise DatabaseError(_describe(error, url)) from error
 
@@ -71,7 +86,10 @@ def database_errors(url: str) -> Iterator[None]:
 def _describe(error: SQLAlchemyError, url: str) -> str:
     cause = getattr(error, "orig", None) or error
     lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
-    where = make_url(normalise_url(url)).render_as_string(hide_password=True)
+    try:
+        where = make_url(normalise_url(url)).render_as_string(hide_password=True)
+    except ArgumentError:
+        where = "URL (not a valid SQLAlchemy URL)"
     return f"database {where}: {' '.join(lines) or type(cause).__name__}"
 
 

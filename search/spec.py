@@ -190,7 +190,7 @@ def _document_issues(data: Any) -> Iterator[InitErrorDetails]:
             continue
         if isinstance(value, Mapping):
             for key, item in value.items():
-                name = _printable(key if isinstance(key, str) else str(key))
+                name = printable(key if isinstance(key, str) else str(key))
                 problem = text_problem(key) if isinstance(key, str) else None
                 if problem:
                     yield _issue((*loc, name), f"key {problem}", None)
@@ -198,12 +198,12 @@ def _document_issues(data: Any) -> Iterator[InitErrorDetails]:
         elif isinstance(value, list):
             pending.extend(((*loc, i), item) for i, item in enumerate(value))
         elif isinstance(value, str) and text_problem(value):
-            yield _issue(loc, f"text {text_problem(value)}", _printable(value))
+            yield _issue(loc, f"text {text_problem(value)}", printable(value))
         elif isinstance(value, float) and not math.isfinite(value):
             yield _issue(loc, "must be a finite number", str(value))
 
 
-def _printable(value: str) -> str:
+def printable(value: str) -> str:
     """``value`` with lone surrogates escaped, so that it can be encoded in an error."""
     return value.encode("utf-8", "backslashreplace").decode("utf-8")
 

@@ -20,7 +20,7 @@ from db.session import lock_owner
 from db.storage import optuna_storage, trial_states
 from search import runner
 from search.runner import SearchResult, SearchTrial, new_search_id, tally_states
-from search.spec import SearchSpec
+from search.spec import SearchSpec, text_problem
 from service.schemas import Progress, SearchPublic, TrialPublic
 
 OPEN_STATUSES = ("queued", "running")
@@ -89,8 +89,8 @@ def submit_search(
 
 
 def owned_search(session: Session, owner: str, search_id: str) -> Search:
-    """The owner's search, or NotFound."""
-    search = session.get(Search, search_id)
+    """The owner's search, or NotFound (also for an id no database could hold)."""
+    search = session.get(Search, search_id) if text_problem(search_id) is None else None
     if search is None or search.owner != owner:
         raise NotFound(f"search {search_id!r} not found")
     return search

@@ -10,6 +10,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy import select
 
 from db.models import Dataset, Search
+from search.spec import text_problem
 from service.deps import Owner, SessionDep, SettingsDep
 from service.schemas import DatasetList, DatasetPublic
 from service.uploads import UploadError, UploadLimits, parse_upload
@@ -72,7 +73,7 @@ def list_datasets(owner: Owner, session: SessionDep) -> DatasetList:
 @router.delete("/{dataset_id}", status_code=status.HTTP_204_NO_CONTENT)
 def delete_dataset(dataset_id: str, owner: Owner, session: SessionDep) -> Response:
     """Delete a dataset that no queued or running search uses (409 otherwise)."""
-    row = session.get(Dataset, dataset_id)
+    row = session.get(Dataset, dataset_id) if text_problem(dataset_id) is None else None
     if row is None or row.owner != owner:
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"dataset {dataset_id!r} not found")
     open_searches = session.scalars(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from fastapi import APIRouter, status
 from fastapi.responses import JSONResponse, PlainTextResponse
 from sqlalchemy import func, inspect, select, text
@@ -12,6 +14,7 @@ from db.session import DatabaseError, session_scope
 from service.deps import SettingsDep
 from service.schemas import Health
 
+log = logging.getLogger("caviar.api")
 router = APIRouter(tags=["operations"])
 
 
@@ -29,7 +32,8 @@ def readyz(settings: SettingsDep):
             session.execute(text("SELECT 1"))
         current = is_current(settings.database_url)
     except DatabaseError as error:
-        return _unavailable(f"database unreachable: {error}")
+        log.error("readyz: %s", error)  # the reason names the database: only the log shows it
+        return _unavailable("database unreachable")
     if not current:
         return _unavailable("database migrations are not current: run `caviar db upgrade`")
     return Health(status="ok")

@@ -53,7 +53,7 @@ def submit_search(
 def list_searches(
     owner: Owner,
     session: SessionDep,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=2**63 - 1, description="Searches to skip.")] = 0,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
 ) -> SearchList:
     """The caller's searches, newest first."""

@@ -1,4 +1,5 @@
-"""Process-wide JAX settings: CPU devices, the persistent compilation cache, a matmul peak probe."""
+"""Process-wide JAX settings: CPU devices, matmul precision, the persistent compilation cache,
+the accelerator check, and a matmul peak probe."""
 
 from __future__ import annotations
 
@@ -40,6 +41,33 @@ def cpu_device_count() -> int:
     if not value.isdigit() or int(value) < 1:
         raise ValueError(f"{CPU_DEVICES_ENV}={value!r}: expected a whole number, at least 1")
     return int(value)
+
+
+#: Precisions of float32 matmuls, from exact float32 to the backend's fastest (TF32 on Ampere and
+#: later NVIDIA GPUs, bfloat16 passes on TPUs).
+MATMUL_PRECISIONS = ("highest", "high", "default")
+
+
+def set_matmul_precision(precision: str) -> None:
+    """Run float32 matmuls at `precision` in every program compiled from now on.
+
+    `highest` (Caviar's default) keeps GPU and TPU results within float32 tolerance of the CPU's;
+    the MLPs trained here are launch-bound, so the faster TF32 or bfloat16 passes buy little.
+    """
+    if precision not in MATMUL_PRECISIONS:
+        raise ValueError(f"matmul precision {precision!r}: expected one of {MATMUL_PRECISIONS}")
+    jax.config.update("jax_default_matmul_precision", precision)
+
+
+def require_accelerator() -> None:
+    """Raise `RuntimeError` unless JAX's default backend is a GPU or TPU (not a CPU fallback)."""
+    backend = jax.default_backend()
+    if backend == "cpu":
+        raise RuntimeError(
+            "an accelerator was required (CAVIAR_REQUIRE_ACCELERATOR) but JAX found only the "
+            f"CPU ({', '.join(map(str, jax.devices()))}): check the GPU driver, the container's "
+            "GPU access, and that the installed jaxlib has CUDA (pip install 'caviar[cuda]')"
+        )
 
 
 def enable_compilation_cache(directory: str | os.PathLike[str]) -> None:

@@ -9,6 +9,8 @@ skipped, with the reason in the run's header, elsewhere.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.pool import NullPool
@@ -18,6 +20,10 @@ from db.session import get_engine
 from db.storage import optuna_storage
 
 import external
+
+# Exact float32 matmuls in the tests and in every process they start, as workers and `caviar run`
+# use by default (CAVIAR_MATMUL_PRECISION), so tolerances hold on GPU hosts too.
+os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 
 
 def pytest_configure(config: pytest.Config) -> None:

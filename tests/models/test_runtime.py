@@ -89,3 +89,29 @@ def test_a_bad_device_count_is_a_clear_error():
     done = devices({"CAVIAR_CPU_DEVICES": "many"})
     assert done.returncode != 0
     assert "CAVIAR_CPU_DEVICES='many': expected a whole number, at least 1" in done.stderr
+
+
+def test_matmul_precision_is_set_for_every_program_compiled_after():
+    import jax
+    import jax.numpy as jnp
+
+    from models.runtime import set_matmul_precision
+
+    a = jnp.ones((4, 4), jnp.float32)
+    before = jax.config.jax_default_matmul_precision
+    try:
+        set_matmul_precision("highest")
+        assert "HIGHEST" in jax.jit(jnp.matmul).lower(a, a).as_text()
+        set_matmul_precision("default")
+        assert "HIGHEST" not in jax.jit(jnp.matmul).lower(a, a).as_text()
+    finally:
+        jax.config.update("jax_default_matmul_precision", before)
+    with pytest.raises(ValueError, match="'tf32'"):
+        set_matmul_precision("tf32")
+
+
+def test_a_required_accelerator_that_is_missing_is_a_clear_error():
+    from models.runtime import require_accelerator
+
+    with pytest.raises(RuntimeError, match="only the CPU"):
+        require_accelerator()  # the suite runs on the CPU platform

@@ -1,0 +1,39 @@
+"""What `caviar worker` says and does when it starts: its devices and precision, or a refusal."""
+
+import os
+import signal
+import subprocess
+import sys
+
+from db.migrate import upgrade
+
+
+def start_worker(url: str, **env: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "worker", "--database-url", url],
+        env={**os.environ, "JAX_PLATFORMS": "cpu", **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_a_worker_that_requires_an_accelerator_refuses_to_start_on_the_cpu(tmp_path):
+    url = f"sqlite:///{tmp_path / 'caviar.db'}"
+    upgrade(url)
+    worker = start_worker(url, CAVIAR_REQUIRE_ACCELERATOR="true")
+    _, err = worker.communicate(timeout=120)
+    assert worker.returncode == 2
+    assert "accelerator was required" in err and "only the CPU" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_worker_prints_its_devices_and_matmul_precision(tmp_path):
+    url = f"sqlite:///{tmp_path / 'caviar.db'}"
+    upgrade(url)
+    worker = start_worker(url, CAVIAR_MATMUL_PRECISION="high")
+    line = worker.stdout.readline()
+    worker.send_signal(signal.SIGTERM)
+    worker.communicate(timeout=60)
+    assert "devices: TFRT_CPU_0" in line or "devices: cpu" in line.lower(), line
+    assert "matmul precision: high" in line

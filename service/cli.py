@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -61,7 +63,9 @@ def run(
     settings = get_settings()
     _prepare_jax(console, settings.compile_cache)
     _quiet_optuna()
-    storage = optuna_storage(database_url or settings.database_url)
+    url = database_url or settings.database_url
+    with _database(url):
+        storage = optuna_storage(url)
     interrupted = _interrupt_flag(console)
 
     with _SearchProgress(console, spec) as progress:
@@ -105,7 +109,8 @@ def db_upgrade(database_url: DatabaseOption = None) -> None:
     from db.migrate import upgrade
 
     url = _database_url(database_url)
-    upgrade(url)
+    with _database(url):
+        upgrade(url)
     typer.echo(f"database at {_safe(url)} is current")
 
 
@@ -123,10 +128,11 @@ def keys_create(
     from db.session import session_scope
 
     url = _database_url(database_url)
-    upgrade(url)
-    with session_scope(url) as session:
-        key, token = create_key(session, owner or name, name)
-        key_owner = key.owner
+    with _database(url):
+        upgrade(url)
+        with session_scope(url) as session:
+            key, token = create_key(session, owner or name, name)
+            key_owner = key.owner
     typer.echo(f"key {name!r} for owner {key_owner!r} (shown once): {token}")
 
 
@@ -144,7 +150,8 @@ def serve(
     from service.settings import Settings
 
     url = _database_url(database_url)
-    upgrade(url)
+    with _database(url):
+        upgrade(url)
     uvicorn.run(create_app(Settings(database_url=url)), host=host, port=port, log_level="info")
 
 
@@ -169,7 +176,8 @@ def worker(
     _prepare_jax(_console(stderr=True), get_settings().compile_cache)
     _quiet_optuna()
     url = _database_url(database_url)
-    pool_worker = Worker(url, batch=batch, idle_sleep=idle_sleep)
+    with _database(url):
+        pool_worker = Worker(url, batch=batch, idle_sleep=idle_sleep)
     typer.echo(f"worker on {_safe(url)}; devices: {', '.join(map(str, jax.devices()))}")
 
     def stop(signum, frame) -> None:
@@ -307,6 +315,19 @@ def _database_url(option: str | None) -> str:
     from service.settings import get_settings
 
     return option or get_settings().database_url
+
+
+@contextlib.contextmanager
+def _database(url: str) -> Iterator[None]:
+    """Exit with code 2 and one line, not a traceback, where the database at `url` fails inside
+    (a wrong URL, unreachable, not upgraded)."""
+    from db.session import DatabaseError, database_errors
+
+    try:
+        with database_errors(url):
+            yield
+    except DatabaseError as error:
+        _fail(_console(stderr=True), str(error))
 
 
 def _safe(url: str) -> str:

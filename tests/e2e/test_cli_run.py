@@ -93,3 +93,45 @@ def test_a_bad_cpu_device_count_is_a_clear_error(tmp_path):
     done = caviar("run", "spec.yaml", cwd=tmp_path, env={"CAVIAR_CPU_DEVICES": "two"})
     assert done.returncode == 2
     assert "CAVIAR_CPU_DEVICES='two': expected a whole number" in done.stdout + done.stderr
+
+
+def _alias_bomb() -> str:
+    """Under 700 bytes of YAML whose last list expands to 9 ** 9 strings."""
+    lines = ['lol0: &lol0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"lol{i}: &lol{i} [{', '.join([f'*lol{i - 1}'] * 9)}]" for i in range(1, 9)]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize(
+    ("spec", "reason"),
+    [
+        (SPEC + "seed: " + "[" * 10_000 + "]" * 10_000 + "\n", "nested deeper than 32 levels"),
+        (SPEC + _alias_bomb(), "more than 50 aliases"),
+        (SPEC + "name: again\n", "name: duplicate key (line 10)"),
+    ],
+    ids=["deep", "alias-bomb", "duplicate-key"],
+)
+@pytest.mark.parametrize("command", ["run", "submit"])
+def test_hostile_yaml_specs_are_one_line_errors(tmp_path, command, spec, reason):
+    (tmp_path / "spec.yaml").write_text(spec)
+    done = caviar(command, "spec.yaml", cwd=tmp_path, env={"CAVIAR_API_URL": "http://127.0.0.1:1"})
+    assert done.returncode == 2, done.stderr
+    lines = (done.stdout + done.stderr).strip().splitlines()
+    assert len(lines) == 1 and reason in lines[0], lines
+
+
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("postgresql://someone:hunter2@127.0.0.1:1/caviar", "port 1 failed: Connection refused"),
+        ("not a url", "not a valid SQLAlchemy URL"),
+    ],
+    ids=["unreachable", "unparseable"],
+)
+@pytest.mark.parametrize("command", [["db", "upgrade"], ["worker"], ["serve"]], ids=" ".join)
+def test_a_wrong_database_url_is_one_line_and_exit_code_2(tmp_path, command, url, reason):
+    done = caviar(*command, "--database-url", url, cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    lines = (done.stdout + done.stderr).strip().splitlines()
+    assert len(lines) == 1 and reason in lines[0], lines
+    assert "hunter2" not in lines[0]

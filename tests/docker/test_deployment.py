@@ -9,20 +9,16 @@ import signal
 import subprocess
 import sys
 from importlib import resources
-from pathlib import Path
 
 import jsonschema
 import pytest
-import yaml
-
-DOCKER = Path(__file__).parents[2] / "docker"
-COMPOSE_FILES = ["docker-compose.yml", "docker-compose.remote-workers.yml"]
-#: How long a GPU worker has, after SIGTERM, to give its trials back (Kubernetes too).
-WORKER_GRACE = "30s"
-
-
-def compose(name: str) -> dict:
-    return yaml.safe_load((DOCKER / name).read_text())
+from deployment_files import (
+    COMPOSE_FILES,
+    DOCKER,
+    WORKER_GRACE,
+    assert_caviar_command,
+    compose,
+)
 
 
 @pytest.mark.parametrize("name", COMPOSE_FILES)
@@ -40,19 +36,8 @@ def test_compose_file_follows_the_compose_specification(name):
 @pytest.mark.parametrize("name", COMPOSE_FILES)
 def test_every_service_command_is_a_caviar_command(name):
     for service, spec in compose(name)["services"].items():
-        if "command" not in spec:
-            continue
-        words = [w for w in spec["command"] if not w.startswith("-")]
-        subcommand = words[:2] if words[0] in ("db", "keys") else words[:1]
-        done = subprocess.run(
-            [sys.executable, "-m", "service.cli", *subcommand, "--help"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert done.returncode == 0, (service, done.stderr)
-        for option in [w for w in spec["command"] if w.startswith("--")]:
-            assert option in done.stdout, (service, option)
+        if "command" in spec:
+            assert_caviar_command(service, spec["command"])
 
 
 def test_pool_shape_of_the_main_compose_file():

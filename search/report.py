@@ -140,7 +140,16 @@ def _load(spec: SearchSpec, storage: optuna.storages.BaseStorage, result: Search
     first = optuna.create_study(direction=direction)
     first.add_trials(t for t, s in zip(merged.get_trials(), stage_of, strict=True) if s == 1)
     return _Search(
-        spec, metric, direction, stages, merged, stage_of, best, final, first, _importance(first)
+        spec=spec,
+        metric=metric,
+        direction=direction,
+        stages=stages,
+        merged=merged,
+        stage_of=stage_of,
+        best=best,
+        final=final,
+        first=first,
+        importances=_importance(first),
     )
 
 

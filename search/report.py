@@ -187,7 +187,8 @@ def _copy(found: SearchTrial, distributions: dict[str, Any]) -> FrozenTrial:
 def _summary(search: _Search, result: SearchResult) -> str:
     best = result.best or {}
     rows = {
-        **{k: v for k, v in best.items() if k not in ("params", "study")},
+        # (the service's stored best also holds the trial counts, shown beside it)
+        **{k: v for k, v in best.items() if k not in ("params", "study", "trials")},
         **best.get("params", {}),
     }
     table = _table(["best trial", ""], [[k, v] for k, v in rows.items()])

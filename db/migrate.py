@@ -1,7 +1,8 @@
-"""Alembic migrations of Caviar's tables, run from code (no alembic.ini).
+"""Alembic migrations of Caviar's tables, run from code (no alembic.ini), and Optuna's schema.
 
 Optuna keeps its own tables and its own `alembic_version` table in the same database; ours are
-the `caviar_` tables, versioned in `caviar_alembic_version`, and migrations never touch the rest.
+the `caviar_` tables, versioned in `caviar_alembic_version`, and our migrations never touch the
+rest. `upgrade` also creates (or migrates) Optuna's schema, so workers and the API run no DDL.
 To write the next revision, change `db.models`, then autogenerate against a database at head:
 
     from alembic import command
@@ -16,6 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import optuna
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
@@ -23,7 +25,8 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, text
 
 from db.models import Base
-from db.session import database_errors, get_engine
+from db.session import DatabaseError, database_errors, get_engine
+from db.storage import engine_options, normalise_url, optuna_schema_is_current
 
 VERSION_TABLE = "caviar_alembic_version"
 TABLE_PREFIX = "caviar_"
@@ -66,18 +69,53 @@ def head_revision() -> str:
 def current_revision(url: str) -> str | None:
     """The revision the database at `url` is at; None before the first upgrade."""
     with database_errors(url), get_engine(url).connect() as connection:
-        context = MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE})
-        return context.get_current_revision()
+        return _revision(connection)
+
+
+def _revision(connection: Connection) -> str | None:
+    context = MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE})
+    return context.get_current_revision()
 
 
 def is_current(url: str) -> bool:
-    """Whether `url` is at `head_revision()`; raises `DatabaseError` if it cannot be reached."""
-    return current_revision(url) == head_revision()
+    """Whether `url` has our tables at `head_revision()` and Optuna's at the installed Optuna's
+    schema; raises `DatabaseError` if it cannot be reached."""
+    with database_errors(url), get_engine(url).connect() as connection:
+        return _revision(connection) == head_revision() and optuna_schema_is_current(connection)
+
+
+class NotUpgraded(DatabaseError):
+    """The database lacks tables, or has older ones, than this code needs."""
+
+
+def require_current(url: str) -> None:
+    """Raise `NotUpgraded`, saying to run `caviar db upgrade`, unless `url` is current."""
+    if not is_current(url):
+        raise NotUpgraded(
+            "the database's tables are missing or out of date: run `caviar db upgrade`"
+        )
 
 
 def upgrade(url: str) -> None:
-    """Bring Caviar's tables at `url` to the head revision; does nothing when already there."""
+    """Bring every table at `url`, Optuna's and ours, to the head revision (a no-op when there).
+
+    On PostgreSQL concurrent upgrades wait for each other on an advisory lock.
+    """
     with database_errors(url), get_engine(url).begin() as connection:
         if connection.dialect.name == "postgresql":
             connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _UPGRADE_LOCK})
+        _upgrade_optuna(url)
         command.upgrade(alembic_config(connection), "head")
+
+
+def _upgrade_optuna(url: str) -> None:
+    """Create Optuna's tables and stamp their revision, or migrate an older Optuna schema."""
+    url = normalise_url(url)
+    storage = optuna.storages.RDBStorage(
+        url, engine_kwargs=engine_options(url), skip_compatibility_check=True
+    )
+    try:
+        if storage.get_current_version() != storage.get_head_version():
+            storage.upgrade()
+    finally:
+        storage.engine.dispose()

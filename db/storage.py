@@ -10,12 +10,16 @@ import warnings
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import optuna
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from optuna.trial import FrozenTrial, Trial, TrialState
-from sqlalchemy import event, func, insert
+from sqlalchemy import Connection, create_engine, event, func, insert
 from sqlalchemy.engine import make_url
+from sqlalchemy.pool import NullPool
 
 DEFAULT_DATABASE_URL = "sqlite:///caviar.db"
 
@@ -41,19 +45,44 @@ HEARTBEAT_INTERVAL_S = int(os.environ.get("CAVIAR_HEARTBEAT_S", "10"))
 GRACE_PERIOD_S = int(os.environ.get("CAVIAR_GRACE_S", "60"))
 
 
+@functools.cache
+def optuna_head_revision() -> str:
+    """The newest revision of Optuna's own schema (table `alembic_version`) this Optuna knows."""
+    from optuna.storages import _rdb
+
+    head = ScriptDirectory(str(Path(_rdb.__file__).with_name("alembic"))).get_current_head()
+    assert head is not None, "the installed Optuna ships no schema revision"
+    return head
+
+
+def optuna_schema_is_current(connection: Connection) -> bool:
+    """Whether Optuna's tables are there, stamped with the installed Optuna's schema revision."""
+    return MigrationContext.configure(connection).get_current_revision() == optuna_head_revision()
+
+
 @functools.lru_cache(maxsize=8)
 def optuna_storage(url: str) -> optuna.storages.RDBStorage:
-    """The Optuna RDB storage of `url` (cached per process; creates Optuna's tables if missing).
+    """The Optuna RDB storage of `url` (cached per process).
 
-    Heartbeats are on: a trial whose worker stops writing them for `GRACE_PERIOD_S` is failed
-    by the reaper and enqueued again with the same parameters (Optuna's stale-trial retry).
+    On a database whose Optuna schema is current (`caviar db upgrade`), this runs no DDL, so
+    any number of workers may start at once; elsewhere (`caviar run`'s own file) Optuna creates
+    its tables. Heartbeats are on: a trial whose worker stops writing them for `GRACE_PERIOD_S`
+    is failed by the reaper and enqueued again with the same parameters (Optuna's stale-trial
+    retry).
     """
     url = normalise_url(url)
+    probe = create_engine(url, poolclass=NullPool)
+    try:
+        with probe.connect() as connection:
+            current = optuna_schema_is_current(connection)
+    finally:
+        probe.dispose()
     with warnings.catch_warnings():  # heartbeats are marked experimental in Optuna
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         storage = optuna.storages.RDBStorage(
             url,
             engine_kwargs=engine_options(url),
+            skip_table_creation=current,
             heartbeat_interval=HEARTBEAT_INTERVAL_S,
             grace_period=GRACE_PERIOD_S,
             heartbeat_stale_trial_callback=retry_stale_trial,

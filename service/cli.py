@@ -142,16 +142,14 @@ def serve(
     port: Annotated[int, typer.Option(help="Port to bind.")] = 8000,
     database_url: DatabaseOption = None,
 ) -> None:
-    """Serve the API with uvicorn (applies the migrations first)."""
+    """Serve the API with uvicorn (on a database that `caviar db upgrade` brought current)."""
     import uvicorn
 
-    from db.migrate import upgrade
     from service.app import create_app
     from service.settings import Settings
 
     url = _database_url(database_url)
-    with _database(url):
-        upgrade(url)
+    _require_upgraded(url)
     uvicorn.run(create_app(Settings(database_url=url)), host=host, port=port, log_level="info")
 
 
@@ -164,6 +162,8 @@ def worker(
     """Train trials of every open search until stopped (SIGTERM/Ctrl-C: stop cleanly)."""
     import os
 
+    url = _database_url(database_url)
+    _require_upgraded(url)
     # A worker shares its accelerators: allocate on demand, or a configured fraction per process.
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     if fraction := os.environ.get("CAVIAR_GPU_MEMORY_FRACTION"):
@@ -175,7 +175,6 @@ def worker(
 
     _prepare_jax(_console(stderr=True), get_settings().compile_cache)
     _quiet_optuna()
-    url = _database_url(database_url)
     with _database(url):
         pool_worker = Worker(url, batch=batch, idle_sleep=idle_sleep)
     typer.echo(f"worker on {_safe(url)}; devices: {', '.join(map(str, jax.devices()))}")
@@ -315,6 +314,14 @@ def _database_url(option: str | None) -> str:
     from service.settings import get_settings
 
     return option or get_settings().database_url
+
+
+def _require_upgraded(url: str) -> None:
+    """Refuse, in one line, a database that `caviar db upgrade` has not brought current."""
+    from db.migrate import require_current
+
+    with _database(url):
+        require_current(url)
 
 
 @contextlib.contextmanager

@@ -10,15 +10,17 @@ from sqlalchemy import MetaData, inspect, text
 
 from db.migrate import (
     VERSION_TABLE,
+    NotUpgraded,
     context_options,
     current_revision,
     head_revision,
     is_current,
+    require_current,
     upgrade,
 )
 from db.models import Base
 from db.session import get_engine
-from db.storage import optuna_storage
+from db.storage import optuna_head_revision, optuna_storage
 
 CAVIAR_TABLES = {"caviar_searches", "caviar_datasets", "caviar_api_keys", "caviar_models"}
 
@@ -38,13 +40,28 @@ def test_models_define_exactly_the_caviar_tables():
     assert set(Base.metadata.tables) == CAVIAR_TABLES
 
 
-def test_upgrade_creates_exactly_our_tables_and_version_table(database_url):
+def test_upgrade_creates_our_tables_and_optunas_with_their_version_tables(database_url):
     assert current_revision(database_url) is None
     assert not is_current(database_url)
     upgrade(database_url)
-    assert table_names(database_url) == CAVIAR_TABLES | {VERSION_TABLE}
+    optuna_tables = set(optuna.storages._rdb.models.BaseModel.metadata.tables)
+    expected = CAVIAR_TABLES | {VERSION_TABLE} | optuna_tables | {"alembic_version"}
+    assert table_names(database_url) == expected
     assert current_revision(database_url) == head_revision()
+    with get_engine(database_url).connect() as connection:
+        optuna_version = connection.execute(text("SELECT version_num FROM alembic_version"))
+        assert optuna_version.scalar_one() == optuna_head_revision()
     assert is_current(database_url)
+
+
+def test_caviar_tables_without_optunas_are_not_current(database_url):
+    upgrade(database_url)
+    with get_engine(database_url).begin() as connection:
+        connection.execute(text("DROP TABLE alembic_version"))
+    assert current_revision(database_url) == head_revision()
+    assert not is_current(database_url)
+    with pytest.raises(NotUpgraded, match="run `caviar db upgrade`"):
+        require_current(database_url)
 
 
 def test_upgrade_twice_is_a_no_op(database_url):

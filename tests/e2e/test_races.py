@@ -9,6 +9,7 @@ import httpx
 import pytest
 from test_service import SPEC, caviar, free_port, start, wait_for
 
+from db.migrate import upgrade
 from search.spec import parse_spec
 
 LIMIT = 4
@@ -68,3 +69,43 @@ def test_concurrent_retries_of_one_idempotency_key_get_one_search(api):
     ids = {r.json()["id"] for r in responses if r.status_code in (200, 201)}
     assert len(ids) == 1
     assert [search["id"] for search in searches_of(api)] == list(ids)
+
+
+def started(workers: list, seconds: float = 180) -> list[str]:
+    """Each worker's output up to its ready line (or up to its exit, if it died first)."""
+
+    def until_ready(worker) -> str:
+        lines = []
+        for line in worker.stdout:
+            lines.append(line)
+            if line.startswith("worker on "):
+                break
+        return "".join(lines)
+
+    with ThreadPoolExecutor(len(workers)) as pool:
+        return list(pool.map(until_ready, workers, timeout=seconds))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("attempt", range(10))
+def test_workers_started_together_on_a_fresh_upgraded_database_all_start(postgres_url, attempt):
+    env = {**os.environ, "CAVIAR_DATABASE_URL": postgres_url}
+    upgrade(postgres_url)
+    workers = [start("worker", "--idle-sleep", "0.2", env=env) for _ in range(8)]
+    try:
+        outputs = started(workers)
+    finally:
+        for worker in workers:
+            worker.terminate()
+            worker.communicate(timeout=30)
+    for output in outputs:
+        assert output.splitlines()[-1].startswith("worker on "), output
+
+
+@pytest.mark.parametrize("command", [["worker"], ["serve", "--port", "0"]], ids=["worker", "serve"])
+def test_a_worker_or_the_api_refuses_a_database_not_upgraded(database_url, command):
+    env = {**os.environ, "CAVIAR_DATABASE_URL": database_url}
+    done = caviar(*command, env=env, timeout=60, check=False)
+    lines = (done.stdout + done.stderr).strip().splitlines()
+    assert done.returncode == 2
+    assert len(lines) == 1 and lines[0].endswith("run `caviar db upgrade`"), lines

@@ -13,7 +13,8 @@ import functools
 import hashlib
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from pathlib import Path
+from typing import IO, Any
 
 from sqlalchemy import Engine, create_engine, event, false, select, text, update
 from sqlalchemy.engine import make_url
@@ -138,3 +139,36 @@ def lock_owner(session: Session, owner: str) -> None:
     digest = hashlib.blake2b(f"caviar owner {owner}".encode(), digest_size=8).digest()
     key = int.from_bytes(digest, "big", signed=True)
     session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
+
+
+#: Lock files this process holds, by path: each stays open (and locked) until the process ends.
+_sole_worker_locks: dict[Path, IO[str]] = {}
+
+
+def claim_sole_sqlite_worker(url: str) -> None:
+    """On a SQLite file, make this process its only worker until it ends; elsewhere, nothing.
+
+    `lock_search` takes no lock on SQLite, so two workers on one file would both fill a stage's
+    slots and overrun its budget. An exclusive lock on `<database>.worker-lock` beside the file,
+    which the system releases when the process ends however it ends, refuses a second one with
+    a `DatabaseError` that says so.
+    """
+    parsed = make_url(normalise_url(url))
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return
+    import fcntl  # POSIX only, as the worker pool is
+
+    database = Path(parsed.database).resolve()
+    path = database.with_name(f"{database.name}.worker-lock")
+    if path in _sole_worker_locks:
+        return
+    handle = path.open("a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise DatabaseError(
+            f"another worker already works on {database.name}: SQLite takes one worker per "
+            "database (use PostgreSQL for a pool)"
+        ) from None
+    _sole_worker_locks[path] = handle

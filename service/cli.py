@@ -162,8 +162,12 @@ def worker(
     """Train trials of every open search until stopped (SIGTERM/Ctrl-C: stop cleanly)."""
     import os
 
+    from db.session import claim_sole_sqlite_worker
+
     url = _database_url(database_url)
     _require_upgraded(url)
+    with _database(url):
+        claim_sole_sqlite_worker(url)
     # A worker shares its accelerators: allocate on demand, or a configured fraction per process.
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     if fraction := os.environ.get("CAVIAR_GPU_MEMORY_FRACTION"):

@@ -71,8 +71,8 @@ def test_concurrent_retries_of_one_idempotency_key_get_one_search(api):
     assert [search["id"] for search in searches_of(api)] == list(ids)
 
 
-def started(workers: list, seconds: float = 180) -> list[str]:
-    """Each worker's output up to its ready line (or up to its exit, if it died first)."""
+def assert_started(workers: list, seconds: float = 180) -> None:
+    """Every worker prints its ready line (rather than dying first)."""
 
     def until_ready(worker) -> str:
         lines = []
@@ -83,7 +83,9 @@ def started(workers: list, seconds: float = 180) -> list[str]:
         return "".join(lines)
 
     with ThreadPoolExecutor(len(workers)) as pool:
-        return list(pool.map(until_ready, workers, timeout=seconds))
+        outputs = list(pool.map(until_ready, workers, timeout=seconds))
+    for output in outputs:
+        assert output.splitlines()[-1].startswith("worker on "), output
 
 
 @pytest.mark.slow
@@ -93,13 +95,11 @@ def test_workers_started_together_on_a_fresh_upgraded_database_all_start(postgre
     upgrade(postgres_url)
     workers = [start("worker", "--idle-sleep", "0.2", env=env) for _ in range(8)]
     try:
-        outputs = started(workers)
+        assert_started(workers)
     finally:
         for worker in workers:
             worker.terminate()
             worker.communicate(timeout=30)
-    for output in outputs:
-        assert output.splitlines()[-1].startswith("worker on "), output
 
 
 @pytest.mark.parametrize("command", [["worker"], ["serve", "--port", "0"]], ids=["worker", "serve"])
@@ -109,3 +109,26 @@ def test_a_worker_or_the_api_refuses_a_database_not_upgraded(database_url, comma
     lines = (done.stdout + done.stderr).strip().splitlines()
     assert done.returncode == 2
     assert len(lines) == 1 and lines[0].endswith("run `caviar db upgrade`"), lines
+
+
+def test_a_second_worker_on_one_sqlite_file_is_refused_until_the_first_ends(tmp_path):
+    url = f"sqlite:///{tmp_path / 'caviar.db'}"
+    env = {**os.environ, "CAVIAR_DATABASE_URL": url}
+    upgrade(url)
+    first = start("worker", env=env)
+    try:
+        assert_started([first])
+        second = caviar("worker", env=env, timeout=60, check=False)
+        lines = (second.stdout + second.stderr).strip().splitlines()
+        assert second.returncode == 2
+        assert len(lines) == 1 and "SQLite takes one worker per database" in lines[0], lines
+        assert first.poll() is None, "the first worker should keep working"
+    finally:
+        first.kill()  # however it ends, the database is free again
+        first.communicate(timeout=30)
+    after = start("worker", env=env)
+    try:
+        assert_started([after])
+    finally:
+        after.terminate()
+        after.communicate(timeout=30)

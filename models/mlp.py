@@ -22,16 +22,35 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 INITS: tuple[str, ...] = ("he", "xavier", "glorot")
 
 
-def init_std(init_code: jax.Array, fan_in: int, fan_out: int) -> jax.Array:
-    """Standard deviation of initial kernel weights for the initialisation `INITS[init_code]`."""
-    variances = jnp.array([2.0 / fan_in, 1.0 / fan_in, 2.0 / (fan_in + fan_out)])
+def init_std(init_code: jax.Array, fan_in: jax.Array, fan_out: jax.Array) -> jax.Array:
+    """Standard deviation of initial kernel weights for the initialisation `INITS[init_code]`.
+
+    The fans may be traced (a padded layer passes its trial's real widths).
+    """
+    fan_in, fan_out = jnp.asarray(fan_in, jnp.float32), jnp.asarray(fan_out, jnp.float32)
+    variances = jnp.stack([2.0 / fan_in, 1.0 / fan_in, 2.0 / (fan_in + fan_out)])
     return jnp.sqrt(variances[init_code])
 
 
+def normal_kernel(key: jax.Array, rows: int, cols: int) -> jax.Array:
+    """Standard normal weights of shape [rows, cols], column j drawn from `fold_in(key, j)`.
+
+    A larger draw holds a smaller one in its top-left corner, so a padded layer starts from the
+    same weights as the layer of its trial's real widths.
+    """
+    return jax.vmap(lambda j: jax.random.normal(jax.random.fold_in(key, j), (rows,)))(
+        jnp.arange(cols)
+    ).T
+
+
 def inverted_dropout(x: jax.Array, rate: jax.Array, key: jax.Array) -> jax.Array:
-    """Zero each unit with probability `rate`; scale survivors by 1/keep_prob (training only)."""
+    """Zero each unit with probability `rate`; scale survivors by 1/keep_prob (training only).
+
+    The mask is drawn unit-major ([units, examples]), so padding the units leaves the draws of
+    the real units unchanged.
+    """
     keep_prob = 1.0 - rate
-    keep = jax.random.bernoulli(key, keep_prob, x.shape)
+    keep = jax.random.bernoulli(key, keep_prob, x.shape[::-1]).T
     return jnp.where(keep, x / keep_prob, 0.0)
 
 
@@ -81,19 +100,12 @@ def init_variables(model: MLP, input_dim: int, key: jax.Array, init_code: jax.Ar
         name = getattr(path[-1], "key", None)
         if name == "kernel":
             fan_in, fan_out = leaf.shape
-            return jax.random.normal(k, leaf.shape, leaf.dtype) * init_std(
-                init_code, fan_in, fan_out
-            )
+            return normal_kernel(k, fan_in, fan_out) * init_std(init_code, fan_in, fan_out)
         if name in ("scale", "var"):
             return jnp.ones(leaf.shape, leaf.dtype)
         return jnp.zeros(leaf.shape, leaf.dtype)
 
     return jax.tree_util.tree_map_with_path(fresh, dict(template))
-
-
-def kernel_mask(params: dict) -> dict:
-    """A pytree of booleans, True on weight matrices (L2 and weight decay apply to those only)."""
-    return jax.tree_util.tree_map_with_path(lambda path, _: _is_kernel(path), params)
 
 
 def sum_squared_weights(params: dict) -> jax.Array:

@@ -1,76 +1,103 @@
-"""Optimizers and learning-rate decay, with every continuous hyperparameter injected as an array.
+"""One traced optimizer update for every family, and learning-rate decay.
 
-One optimizer object is built per (family, parameter structure); the per-trial values live in
-`opt_state.hyperparams` (optax `inject_hyperparams`), so changing them never recompiles.
+gd, momentum, rmsprop, adam and adamw share one state (first moment, second moment, step count);
+each trial's family is a traced integer, so trials of different families train in one compiled
+program. A program computes only the families it is built for (`families`) and selects a trial's
+own. Every hyperparameter is an array, so changing one never recompiles.
 """
 
 from __future__ import annotations
 
-import inspect
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import optax
 
 OPTIMIZERS: tuple[str, ...] = ("gd", "momentum", "rmsprop", "adam", "adamw")
 LR_DECAYS: tuple[str, ...] = ("none", "exponential", "inverse_time", "inverse_sqrt", "step")
 
-
-def _gd(learning_rate):
-    return optax.sgd(learning_rate)
+Params = Any  # a pytree of arrays
 
 
-def _momentum(learning_rate, momentum):
-    # v = β·v + (1-β)·dW ; W -= α·v   (the exponentially weighted form, no bias correction)
-    return optax.chain(
-        optax.ema(momentum, debias=False), optax.scale_by_learning_rate(learning_rate)
-    )
+class Moments(NamedTuple):
+    """Optimizer state: first moment (momentum, adam, adamw), second (rmsprop, adam, adamw)."""
+
+    first: Params
+    second: Params
+    count: jax.Array  # steps taken
 
 
-def _rmsprop(learning_rate, beta2, epsilon):
-    # s = β2·s + (1-β2)·dW² ; W -= α·dW/√(s+ε)
-    return optax.rmsprop(learning_rate, decay=beta2, eps=epsilon, eps_in_sqrt=True)
+class Hyper(NamedTuple):
+    """A trial's optimizer hyperparameters (traced scalars)."""
+
+    family: jax.Array  # index into OPTIMIZERS
+    learning_rate: jax.Array
+    momentum: jax.Array  # β1
+    beta2: jax.Array
+    epsilon: jax.Array
+    weight_decay: jax.Array  # adamw's decoupled decay (on `decay_mask` leaves)
 
 
-def _adam(learning_rate, momentum, beta2, epsilon):
-    return optax.adam(learning_rate, b1=momentum, b2=beta2, eps=epsilon)
+def init_moments(params: Params) -> Moments:
+    """Zero moments and step count."""
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+    return Moments(zeros, jax.tree_util.tree_map(jnp.zeros_like, params), jnp.int32(0))
 
 
-def _adamw(learning_rate, momentum, beta2, epsilon, weight_decay, mask):
-    return optax.adamw(
-        learning_rate, b1=momentum, b2=beta2, eps=epsilon, weight_decay=weight_decay, mask=mask
-    )
+def update(
+    families: tuple[str, ...],
+    hyper: Hyper,
+    grads: Params,
+    moments: Moments,
+    params: Params,
+    decay_mask: Params,
+) -> tuple[Params, Moments]:
+    """One step of the trial's family among `families`; returns (new params, new moments).
 
-
-# Values the state starts with before `set_hyperparams` writes the trial's own.
-_PLACEHOLDERS = {"learning_rate": 0.0, "momentum": 0.9, "beta2": 0.999, "epsilon": 1e-8}
-
-_FACTORIES = {"gd": _gd, "momentum": _momentum, "rmsprop": _rmsprop, "adam": _adam, "adamw": _adamw}
-
-
-def make_optimizer(family: str, weight_mask=None) -> optax.GradientTransformation:
-    """The shape's single optimizer object; its hyperparameters are set per trial in the state.
-
-    `weight_mask` (adamw only) selects the weights that decoupled weight decay applies to.
+    gd: W -= α·dW. momentum: v = β1·v + (1-β1)·dW, W -= α·v. rmsprop: s = β2·s + (1-β2)·dW²,
+    W -= α·dW/√(s+ε). adam: both moments, bias-corrected, W -= α·v̂/(√ŝ+ε). adamw: adam plus
+    decoupled decay, W -= α·(v̂/(√ŝ+ε) + λ·W) on the `decay_mask` leaves.
     """
-    if family not in _FACTORIES:
-        raise ValueError(f"unknown optimizer {family!r}; expected one of {OPTIMIZERS}")
-    if family == "adamw":
-        return optax.inject_hyperparams(_adamw, static_args="mask")(
-            **_PLACEHOLDERS, weight_decay=0.0, mask=weight_mask
-        )
-    factory = _FACTORIES[family]
-    names = inspect.signature(factory).parameters
-    return optax.inject_hyperparams(factory)(**{name: _PLACEHOLDERS[name] for name in names})
+    b1, b2, eps = hyper.momentum, hyper.beta2, hyper.epsilon
+    count = moments.count + 1
+    uses_first = {"momentum", "adam", "adamw"} & set(families)
+    uses_second = {"rmsprop", "adam", "adamw"} & set(families)
+    tree = jax.tree_util.tree_map
+    first = tree(lambda g, m: (1 - b1) * g + b1 * m, grads, moments.first) if uses_first else None
+    second = (
+        tree(lambda g, s: (1 - b2) * jnp.square(g) + b2 * s, grads, moments.second)
+        if uses_second
+        else None
+    )
+    t = count.astype(jnp.float32)
 
+    def direction(family: str, g, m, s, w, decays):
+        if family == "gd":
+            return g
+        if family == "momentum":
+            return m
+        if family == "rmsprop":
+            return g * jax.lax.rsqrt(s + eps)
+        adam = (m / (1 - b1**t)) / (jnp.sqrt(s / (1 - b2**t)) + eps)
+        return adam + hyper.weight_decay * w if family == "adamw" and decays else adam
 
-def set_hyperparams(opt_state, values: dict[str, jax.Array]):
-    """Return `opt_state` with the injected hyperparameters it has replaced by `values`."""
-    hp = dict(opt_state.hyperparams)
-    for name in hp:
-        if name in values:
-            hp[name] = jnp.asarray(values[name], dtype=jnp.asarray(hp[name]).dtype)
-    return opt_state._replace(hyperparams=hp)
+    def step(g, m, s, w, decays):
+        chosen = direction(families[0], g, m, s, w, decays)
+        for family in families[1:]:
+            code = OPTIMIZERS.index(family)
+            chosen = jnp.where(hyper.family == code, direction(family, g, m, s, w, decays), chosen)
+        return w - hyper.learning_rate * chosen
+
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    grads_, masks = treedef.flatten_up_to(grads), treedef.flatten_up_to(decay_mask)
+    firsts = treedef.flatten_up_to(first) if first is not None else [None] * len(leaves)
+    seconds = treedef.flatten_up_to(second) if second is not None else [None] * len(leaves)
+    new = [step(*args) for args in zip(grads_, firsts, seconds, leaves, masks, strict=True)]
+    return treedef.unflatten(new), Moments(
+        moments.first if first is None else first,
+        moments.second if second is None else second,
+        count,
+    )
 
 
 def lr_factor(

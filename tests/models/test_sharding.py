@@ -1,4 +1,5 @@
-"""The trial axis sharded across several devices gives the single-device results.
+"""The trial axis sharded across several devices gives the single-device results (trials of
+different shapes in one bucket).
 
 Four CPU devices are simulated in a subprocess with
 XLA_FLAGS=--xla_force_host_platform_device_count=4 (the flag must be set before JAX starts).
@@ -18,21 +19,23 @@ jax.monitoring.register_event_duration_secs_listener(
     lambda event, _, **kw: compiles.append(1) if event.endswith("backend_compile_duration") else 0
 )
 from models.data import load_dataset
-from models.train import Shape, TrainData, _Placement, train_batch
+from models.placement import Placement
+from models.train import Shape, TrainData, train_batch
 ds = load_dataset({"name": "synthetic", "samples": 500, "features": 8, "classes": 3}, seed=2)
 data = TrainData.from_arrays(ds.x_train, ds.y_train, ds.x_dev, ds.y_dev)
-shape = Shape(8, 3, (16,), optimizer="adam", batch_size=32, use_dropout=True)
+shapes = [Shape(8, 3, (16 - 3 * (i % 3),) * (1 + i % 2), optimizer=("adam", "momentum")[i % 2],
+               batch_size=32, use_dropout=True) for i in range(6)]
 trials = [{"learning_rate": 10 ** (-3 + i / 3), "dropout": 0.1 * (i % 3), "seed": i}
           for i in range(6)]
 after_first_epoch = []
 def callback(report):
     if report.epoch == 1:
         after_first_epoch.append(len(compiles))
-result = train_batch(shape, trials, data, epochs=3, group_size=4, callback=callback)
+result = train_batch(shapes, trials, data, epochs=3, group_size=4, callback=callback)
 print(json.dumps({
     "compiles_after_first_epoch": len(compiles) - after_first_epoch[0],
     "devices": len(jax.devices()),
-    "placement": _Placement.local(6).devices,
+    "placement": Placement.local(6).devices,
     "history": [[h["dev_loss"] for h in t.history] for t in result.trials],
 }))
 """

@@ -306,10 +306,21 @@ class Objective(_Model):
         return natural
 
 
+def _trials_optional(schema: dict[str, Any]) -> None:
+    schema["required"].remove("trials")
+
+
 class Budget(_Model):
     """How much compute the whole search may use."""
 
-    trials: int = Field(ge=1, description="Trials over all stages.")
+    # `trials` may be left out of a spec whose stages give theirs (see `_budget_from_stages`).
+    model_config = ConfigDict(json_schema_extra=_trials_optional)
+
+    trials: int = Field(
+        ge=1,
+        description="Trials over all stages; may be omitted when `stages` give their trials "
+        "(it is then their sum).",
+    )
     epochs: int = Field(ge=1, description="Most epochs a trial trains for.")
     timeout_s: float | None = Field(None, gt=0, description="Wall-clock limit of the search.")
 
@@ -439,7 +450,8 @@ class SearchSpec(_Model):
     stages: list[Stage] | None = Field(
         None,
         min_length=1,
-        description="Coarse-to-fine stages; their trials sum to budget.trials. None: one stage.",
+        description="Coarse-to-fine stages; their trials sum to budget.trials (which they set "
+        "when it is left out). None: one stage of budget.trials.",
     )
     final_fit: Literal["train", "train_dev"] = Field(
         "train",
@@ -452,7 +464,7 @@ class SearchSpec(_Model):
         issues = list(_document_issues(data))
         if issues:
             raise ValidationError.from_exception_data(cls.__name__, issues)
-        return data
+        return _budget_from_stages(data)
 
     @model_validator(mode="after")
     def _check_consistency(self) -> Self:
@@ -471,10 +483,18 @@ class SearchSpec(_Model):
             if total != self.budget.trials:
                 message = f"stage trials sum to {total} but budget.trials is {self.budget.trials}"
                 yield _issue(("stages",), message, total)
-        if self.objective is not None:
-            problem = _metric_problem(self.objective.metric, self.task)
+        if self.task and self.dataset.task and self.task != self.dataset.task:
+            message = f"task {self.task} conflicts with dataset.task {self.dataset.task}; give one"
+            yield _issue(("task",), message, self.task)
+        elif self.objective is not None:
+            problem = _metric_problem(self.objective.metric, self.declared_task)
             if problem:
                 yield _issue(("objective", "metric"), problem, self.objective.metric)
+
+    @property
+    def declared_task(self) -> Task | None:
+        """The task the spec gives, as ``task`` or ``dataset.task``; None: inferred from the data."""
+        return self.task or self.dataset.task
 
     def stage_plan(self) -> list[Stage]:
         """The stages to run: ``stages``, or one stage of ``budget.trials``."""
@@ -488,6 +508,25 @@ class SearchSpec(_Model):
         if problem:
             raise SpecError([{"loc": ["objective", "metric"], "msg": problem}])
         return self.objective
+
+
+def _budget_from_stages(data: Any) -> Any:
+    """The spec document with ``budget.trials`` set to the stages' sum where only they give it.
+
+    Left as it is when the stages' trial counts are not all whole numbers >= 1: their own errors
+    (and a missing ``budget.trials``) are reported at their fields.
+    """
+    if not isinstance(data, Mapping):
+        return data
+    budget, stages = data.get("budget"), data.get("stages")
+    if not isinstance(budget, Mapping) or budget.get("trials") is not None:
+        return data
+    if not isinstance(stages, list) or not stages:
+        return data
+    counts = [stage.get("trials") if isinstance(stage, Mapping) else None for stage in stages]
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in counts):
+        return data
+    return {**data, "budget": {**budget, "trials": sum(counts)}}
 
 
 def _space_issues(

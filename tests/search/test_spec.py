@@ -143,6 +143,25 @@ def test_objective_that_does_not_fit_the_inferred_task() -> None:
         spec.resolved_objective("regression")
 
 
+def test_budget_trials_may_be_left_to_the_stages() -> None:
+    spec = SearchSpec.model_validate(
+        _spec(budget={"epochs": 5}, stages=[{"trials": 6}, {"trials": 2, "keep_top": 0.5}])
+    )
+    assert spec.budget.trials == 8
+    assert [stage.trials for stage in spec.stage_plan()] == [6, 2]
+    stored = spec.model_dump(mode="json", exclude_none=True)  # as a search row keeps it
+    assert stored["budget"] == {"trials": 8, "epochs": 5}
+    assert "trials" not in SearchSpec.model_json_schema()["$defs"]["Budget"]["required"]
+
+
+def test_a_task_given_twice_the_same_way_is_accepted() -> None:
+    spec = SearchSpec.model_validate(
+        _spec(task="regression", dataset={"id": "ds_1", "task": "regression"})
+    )
+    assert spec.declared_task == "regression"
+    assert SearchSpec.model_validate(_spec(dataset={"id": "ds_1"})).declared_task is None
+
+
 @pytest.mark.parametrize(
     "dataset",
     [
@@ -246,6 +265,25 @@ BAD = [
     (_spec(sampler="grid"), ("sampler",), "'random', 'tpe', 'qmc', 'gp' or 'cmaes'"),
     (_spec(pruner={"name": "asha"}), ("pruner", "name"), "'none', 'median' or 'hyperband'"),
     (_spec(stages=[{"trials": 4}, {"trials": 4}]), ("stages",), "sum to 8 but budget.trials is 10"),
+    (_spec(budget={"epochs": 1}), ("budget", "trials"), "required"),
+    (
+        _spec(budget={"epochs": 1}, stages=[{"trials": 0}]),
+        ("stages", 0, "trials"),
+        "greater than or equal to 1",
+    ),
+    (
+        _spec(task="classification", dataset={"id": "ds_1", "task": "regression"}),
+        ("task",),
+        "task classification conflicts with dataset.task regression",
+    ),
+    (
+        _spec(
+            dataset={"name": "synthetic", "task": "regression"},
+            objective={"metric": "dev_accuracy"},
+        ),
+        ("objective", "metric"),
+        "dev_accuracy does not fit a regression task",
+    ),
     (_spec(stages=[{"trials": 5}, {"trials": 5, "keep_top": 0}]), ("stages", 1, "keep_top"), "0"),
     (_spec(budget={"trials": 0, "epochs": 1}), ("budget", "trials"), "greater than or equal to 1"),
     (_spec(budget={"trials": 1, "epochs": 1, "timeout_s": 0}), ("budget", "timeout_s"), "0"),

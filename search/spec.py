@@ -493,7 +493,7 @@ class SearchSpec(_Model):
 
     @property
     def declared_task(self) -> Task | None:
-        """The task the spec gives, as ``task`` or ``dataset.task``; None: inferred from the data."""
+        """The task the spec gives (``task`` or ``dataset.task``); None: inferred from the data."""
         return self.task or self.dataset.task
 
     def stage_plan(self) -> list[Stage]:

@@ -106,6 +106,8 @@ class Search(Base):
     best: Mapped[dict[str, Any] | None] = mapped_column(MutableDict.as_mutable(_json()))
     error: Mapped[str | None] = mapped_column(Text)
     cancel_requested: Mapped[bool] = mapped_column(default=False)
+    #: Workers that died or failed while working on the search; at a limit, it fails.
+    attempts: Mapped[int] = mapped_column(default=0, server_default="0")
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
     request_sha256: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = _created_at()
@@ -114,6 +116,20 @@ class Search(Base):
     )
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
+
+
+class Lease(Base):
+    """A worker working on a search (loading its data, training its trials), alive while it
+    writes heartbeats; a stale lease is a worker that died there."""
+
+    __tablename__ = "caviar_leases"
+
+    search_id: Mapped[str] = mapped_column(
+        ForeignKey("caviar_searches.id", ondelete="CASCADE"), primary_key=True
+    )
+    worker: Mapped[str] = mapped_column(String(64), primary_key=True, index=True)
+    phase: Mapped[str] = mapped_column(String(16))
+    heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class Dataset(Base):

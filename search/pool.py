@@ -4,7 +4,12 @@ Any number of workers may share a PostgreSQL database (on SQLite, one). A worker
 trials of a search's current stage while holding that search's row lock, so together the workers
 never ask for more trials than a stage's budget. The same lock serialises the stage changes
 (creating the next, narrowed stage study) and the end of the search (refit, test, store the
-model), so each happens exactly once.
+model), so each happens exactly once. A search's data is loaded outside the lock.
+
+While it works on a search a worker holds a lease on it (`caviar_leases`) and keeps the lease's
+heartbeat fresh. A stale lease is a worker that died there (a poison search may kill every worker
+that loads it): it counts as a failed attempt, and a search with `max_attempts` failed attempts
+fails instead of taking the pool down again and again.
 """
 
 from __future__ import annotations
@@ -14,16 +19,20 @@ import logging
 import random
 import threading
 import time
+import uuid
 from dataclasses import dataclass
-from datetime import UTC
+from datetime import UTC, timedelta
+from typing import Any
 
 import optuna
 from optuna.trial import Trial, TrialState
-from sqlalchemy import select
+from pydantic import ValidationError
+from sqlalchemy import delete, select, update
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
 
 from db.models import Dataset as DatasetRow
-from db.models import Search, TrainedModel, utcnow
+from db.models import Lease, Search, TrainedModel, utcnow
 from db.session import DatabaseError, lock_search, session_scope
 from db.storage import (
     GRACE_PERIOD_S,
@@ -31,18 +40,35 @@ from db.storage import (
     fail_orphaned_trials,
     optuna_storage,
 )
-from models.data import DatasetError, from_arrays, read_csv, read_npz
+from models.data import Dataset, DatasetError, from_arrays, read_csv, read_npz
 from models.train import DEFAULT_GROUP_SIZE
+from search.datadir import DataPathError, resolve_data_path
 from search.heartbeat import Heartbeat
 from search.runner import finish_search, load_search_dataset, open_stage, used_slots
 from search.spec import Objective, Param, SearchSpec, SpecError
 from search.studies import ask, study_name
-from search.worker import DEFAULT_BATCH, SearchContext, TrialOutcome, train_trials
+from search.worker import (
+    DEFAULT_BATCH,
+    SearchContext,
+    TrialOutcome,
+    give_back,
+    is_out_of_memory,
+    train_trials,
+)
 
 log = logging.getLogger("caviar.worker")
 
 #: Statuses a worker looks for work in.
 OPEN_STATUSES = ("queued", "running")
+
+#: Failed attempts on one search after which it fails (`CAVIAR_MAX_SEARCH_ATTEMPTS`).
+DEFAULT_MAX_ATTEMPTS = 5
+
+#: What a worker holding a lease of each phase was doing.
+PHASES = {"load": "loading its dataset", "train": "training its trials"}
+
+#: Database failures: the worker retries them, they are no fault of the search.
+DATABASE_ERRORS = (DatabaseError, optuna.exceptions.StorageInternalError, SQLAlchemyError)
 
 
 @dataclass
@@ -67,11 +93,16 @@ class Worker:
         idle_sleep: float = 1.0,
         only_search: str | None = None,
         stream: int | None = None,
+        data_dir: str | None = None,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
     ) -> None:
         self.url = database_url
         self.batch = batch
         self.idle_sleep = idle_sleep
         self.only_search = only_search
+        self.data_dir = data_dir
+        self.max_attempts = max_attempts
+        self.id = uuid.uuid4().hex
         # Each worker samples from its own random stream, so two workers never ask Optuna's
         # seeded samplers for the same sequence of points.
         self.stream = random.SystemRandom().randrange(1, 2**31) if stream is None else stream
@@ -80,15 +111,66 @@ class Worker:
         self._studies: dict[tuple[str, int], tuple[optuna.Study, dict[str, Param]]] = {}
         self.stop_event = threading.Event()
         self._last_reap = 0.0
+        self._in_flight: Claim | None = None
 
     def run(self, until_idle: bool = False) -> None:
         """Work until `stop_event` is set (or, with `until_idle`, until nothing is left to do)."""
-        while not self.stop_event.is_set():
-            if self.step():
-                continue
-            if until_idle:
-                return
-            self.stop_event.wait(self.idle_sleep)
+        done = threading.Event()
+        keeper = threading.Thread(
+            target=self._keep_leases, args=(done,), name="caviar-leases", daemon=True
+        )
+        keeper.start()
+        try:
+            while not self.stop_event.is_set():
+                if self.step():
+                    continue
+                if until_idle:
+                    return
+                self.stop_event.wait(self.idle_sleep)
+        finally:
+            done.set()
+
+    def run_until_stopped(self, grace_s: float = 3.0) -> bool:
+        """`run` on a thread of its own until `stop_event` is set; True if it stopped cleanly.
+
+        The main thread stays free for signal handlers whatever the worker does (generating a
+        dataset, compiling). Once stopped, the work in hand gets `grace_s` seconds to end; past
+        that, its trials are failed as preempted (and enqueued again) and its leases released,
+        and False says the caller should exit at once, leaving the worker's thread behind.
+        """
+        failure: list[BaseException] = []
+
+        def work() -> None:
+            try:
+                self.run()
+            except BaseException as error:  # handed to the main thread, which raises it
+                failure.append(error)
+
+        thread = threading.Thread(target=work, name="caviar-worker", daemon=True)
+        thread.start()
+        while thread.is_alive() and not self.stop_event.wait(0.5):
+            pass
+        thread.join(grace_s)
+        if failure:
+            raise failure[0]
+        if not thread.is_alive():
+            return True
+        abandon = threading.Thread(target=self.abandon, name="caviar-abandon", daemon=True)
+        abandon.start()
+        abandon.join(grace_s)
+        return False
+
+    def abandon(self) -> None:
+        """Give up the work in hand: fail its trials as preempted (they are enqueued again) and
+        release this worker's leases, so that no other worker counts it as a failed attempt."""
+        claim = self._in_flight
+        try:
+            if claim is not None:
+                give_back(claim.study, claim.trials, "preempted", "the worker was stopped")
+            with session_scope(self.url) as session:
+                session.execute(delete(Lease).where(Lease.worker == self.id))
+        except DATABASE_ERRORS as error:  # the reaper fails the trials after the grace period
+            log.warning("could not give the work in hand back: %s", error)
 
     def step(self) -> bool:
         """One unit of work (a batch of trials, a stage change, a search's end); False if idle.
@@ -98,7 +180,7 @@ class Worker:
         """
         try:
             return self._step()
-        except (DatabaseError, optuna.exceptions.StorageInternalError, SQLAlchemyError) as error:
+        except DATABASE_ERRORS as error:
             log.warning("database unavailable, retrying: %s", error)
             self.stop_event.wait(self.idle_sleep)
             return False
@@ -106,6 +188,10 @@ class Worker:
     def _step(self) -> bool:
         self._reap()
         for search_id in self._open_searches():
+            if search_id not in self._contexts:
+                if self._load(search_id):
+                    return True
+                continue
             claim = self._claim(search_id)
             if claim is True:
                 return True
@@ -127,21 +213,87 @@ class Worker:
                 query = query.where(Search.id == self.only_search)
             return list(session.scalars(query))
 
+    def _locked(self, session: Session, search_id: str) -> Search | None:
+        """The search, locked, if there is work in it: cancellations are carried out, and the
+        stale leases of dead workers are counted as failed attempts."""
+        row = lock_search(session, search_id)
+        if row is None or row.status not in OPEN_STATUSES:
+            return None
+        if row.cancel_requested:
+            row.status = "cancelled"
+            row.finished_at = utcnow()
+            return None
+        cutoff = utcnow() - timedelta(seconds=GRACE_PERIOD_S)
+        stale = session.scalars(
+            select(Lease).where(Lease.search_id == search_id, Lease.heartbeat_at < cutoff)
+        )
+        for lease in stale:
+            session.delete(lease)
+            message = f"a worker died while {PHASES.get(lease.phase, 'working on it')}"
+            self._count_failure(row, message)
+        return row if row.status in OPEN_STATUSES else None
+
+    def _count_failure(self, row: Search, reason: str) -> None:
+        """One more failed attempt on the search; at `max_attempts`, the search fails."""
+        row.attempts += 1
+        log.warning("search %s, failed attempt %d: %s", row.id, row.attempts, reason)
+        if row.attempts >= self.max_attempts:
+            _fail_search(row, f"{row.attempts} worker attempts failed; the last: {reason}")
+
+    def _lease(self, session: Session, search_id: str, phase: str) -> None:
+        session.merge(
+            Lease(search_id=search_id, worker=self.id, phase=phase, heartbeat_at=utcnow())
+        )
+
+    def _release(self, search_id: str) -> None:
+        with session_scope(self.url) as session:
+            session.execute(
+                delete(Lease).where(Lease.search_id == search_id, Lease.worker == self.id)
+            )
+
+    def _keep_leases(self, done: threading.Event) -> None:
+        """Refresh the heartbeat of this worker's leases until `done` (a thread of its own)."""
+        while not done.wait(HEARTBEAT_INTERVAL_S):
+            try:
+                with session_scope(self.url) as session:
+                    session.execute(
+                        update(Lease).where(Lease.worker == self.id).values(heartbeat_at=utcnow())
+                    )
+            except DatabaseError as error:  # the leases go stale if this lasts the grace period
+                log.warning("lease heartbeat failed: %s", error)
+
+    def _load(self, search_id: str) -> bool:
+        """Load the search's spec and data, outside its lock; False if there is nothing to do.
+
+        A search that cannot be loaded fails with the reason.
+        """
+        with session_scope(self.url) as session:
+            row = self._locked(session, search_id)
+            if row is None:
+                return False
+            self._lease(session, search_id, "load")
+            owner, spec = row.owner, dict(row.spec)
+        try:
+            self._contexts[search_id] = self._context(search_id, owner, spec)
+        except DATABASE_ERRORS:
+            raise
+        except Exception as error:  # whatever the spec or its data do, only this search fails
+            with session_scope(self.url) as session:
+                row = lock_search(session, search_id)
+                if row is not None and row.status in OPEN_STATUSES:
+                    _fail_search(row, f"could not load the dataset: {_problem(error)}")
+        finally:
+            self._release(search_id)
+        return True
+
     def _claim(self, search_id: str) -> Claim | bool | None:
         """Under the search's lock: trials to train (a Claim), other work done (True), or None."""
+        ctx = self._contexts[search_id]
         with session_scope(self.url) as session:
-            row = lock_search(session, search_id)
-            if row is None or row.status not in OPEN_STATUSES:
+            row = self._locked(session, search_id)
+            if row is None:
+                self._contexts.pop(search_id, None)
                 return None
-            if row.cancel_requested:
-                row.status = "cancelled"
-                row.finished_at = utcnow()
-                return True
-            try:
-                ctx = self._context(row)
-            except (DatasetError, SpecError, ValueError) as error:
-                _fail_search(row, f"could not load the dataset: {error}")
-                return True
             objective = ctx.objective
             if row.stage == 0:
                 self._open(row, 1, objective)
@@ -156,7 +308,9 @@ class Worker:
                         trials.append(ask(study))
                         # From now on the reaper knows whether this worker lives.
                         self.storage.record_heartbeat(trials[-1]._trial_id)
-                    return Claim(row.id, row.stage, study, space, trials)
+                    self._lease(session, row.id, "train")
+                    self._in_flight = Claim(row.id, row.stage, study, space, trials)
+                    return self._in_flight
                 if _running(study):
                     return None  # other workers are finishing this stage
                 if row.stage < len(stages) and not _timed_out(row, ctx.spec):
@@ -181,17 +335,32 @@ class Worker:
             )
         return self._studies[key]
 
-    def _context(self, row: Search) -> SearchContext:
-        if row.id not in self._contexts:
-            spec = SearchSpec.model_validate(row.spec)
-            dataset = (
-                self._uploaded_dataset(row.owner, spec)
-                if spec.dataset.id is not None
-                else load_search_dataset(spec)
-            )
-            objective = spec.resolved_objective(dataset.task)
-            self._contexts[row.id] = SearchContext(spec, row.id, dataset, objective)
-        return self._contexts[row.id]
+    def _context(self, search_id: str, owner: str, spec_data: dict[str, Any]) -> SearchContext:
+        """The spec, its dataset (on the device) and objective; raises if any is unusable."""
+        spec = SearchSpec.model_validate(spec_data)
+        if spec.dataset.id is not None:
+            dataset = self._uploaded_dataset(owner, spec)
+        elif spec.dataset.path is not None:
+            dataset = self._data_dir_dataset(spec)
+        else:
+            dataset = load_search_dataset(spec)
+        objective = spec.resolved_objective(dataset.task)
+        return SearchContext(spec, search_id, dataset, objective)
+
+    def _data_dir_dataset(self, spec: SearchSpec) -> Dataset:
+        """A file of the operator's data directory. The path is checked again here (the file
+        may have changed since the spec was submitted), and no error quotes the file."""
+        try:
+            path = resolve_data_path(spec.dataset.path or "", self.data_dir)
+        except DataPathError as error:
+            raise DataPathError(f"dataset.path: {error}") from None
+        source = spec.dataset.model_copy(update={"path": str(path)})
+        try:
+            return load_search_dataset(spec.model_copy(update={"dataset": source}))
+        except DatasetError as error:
+            log.warning("dataset.path %s: %s", path, error)  # the operator may read the file
+            message = f"dataset.path {spec.dataset.path!r} is not a dataset Caviar can read"
+            raise DatasetError(f"{message} (the worker's log says why)") from None
 
     def _uploaded_dataset(self, owner: str, spec: SearchSpec):
         """A dataset uploaded through the API, read from the database (never from a disk)."""
@@ -223,16 +392,29 @@ class Worker:
     def _train(self, claim: Claim) -> list[TrialOutcome]:
         ctx = self._contexts[claim.search_id]
         ids = [trial._trial_id for trial in claim.trials]
-        with Heartbeat(self.storage, ids, HEARTBEAT_INTERVAL_S) as heartbeat:
-            outcomes = train_trials(
-                claim.study,
-                ctx,
-                claim.space,
-                claim.stage,
-                claim.trials,
-                should_stop=self._stop_check(claim.search_id, heartbeat),
-                group_size=min(DEFAULT_GROUP_SIZE, self.batch),
-            )
+        try:
+            with Heartbeat(self.storage, ids, HEARTBEAT_INTERVAL_S) as heartbeat:
+                outcomes = train_trials(
+                    claim.study,
+                    ctx,
+                    claim.space,
+                    claim.stage,
+                    claim.trials,
+                    should_stop=self._stop_check(claim.search_id, heartbeat),
+                    group_size=min(DEFAULT_GROUP_SIZE, self.batch),
+                )
+        except DATABASE_ERRORS:
+            raise
+        except Exception as error:  # a failure outside the engine's groups: retried, boundedly
+            give_back(claim.study, claim.trials, "preempted", _problem(error))
+            with session_scope(self.url) as session:
+                row = lock_search(session, claim.search_id)
+                if row is not None and row.status in OPEN_STATUSES:
+                    self._count_failure(row, f"training failed: {_problem(error)}")
+            return []
+        finally:
+            self._in_flight = None
+            self._release(claim.search_id)
         if any(outcome.reason == "oom" for outcome in outcomes) and self.batch > 1:
             # Out of memory: the trials were enqueued again; retry them in smaller batches.
             self.batch //= 2
@@ -312,3 +494,12 @@ def _timed_out(row: Search, spec: SearchSpec) -> bool:
 
 def _fail_search(row: Search, message: str) -> None:
     row.status, row.error, row.finished_at = "failed", message, utcnow()
+
+
+def _problem(error: BaseException) -> str:
+    """What went wrong, in one line: field paths for an invalid spec, else the error."""
+    if isinstance(error, ValidationError):
+        error = SpecError.from_validation_error(error)
+    if is_out_of_memory(error):
+        return "out of memory"
+    return " ".join(str(error).split()) or type(error).__name__

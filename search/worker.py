@@ -289,6 +289,18 @@ def is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, MemoryError) or any(m in text for m in OUT_OF_MEMORY_MARKERS)
 
 
+def give_back(study: optuna.Study, trials: Sequence[Trial], reason: str, message: str) -> None:
+    """Fail those of `trials` still running with `reason` (enqueued again when it is a retried
+    reason); trials that finish meanwhile, on another thread, are left as they are."""
+    for trial in trials:
+        if study._storage.get_trial(trial._trial_id).state != TrialState.RUNNING:
+            continue
+        try:
+            _fail(study, trial, {}, 0, reason, message, None)
+        except (RuntimeError, ValueError):  # told in between
+            continue
+
+
 def _fail(study, trial, values, stage, reason, message, on_trial) -> TrialOutcome:
     trial.set_user_attr("reason", reason)
     trial.set_user_attr("message", message[:1000])

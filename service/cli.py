@@ -159,8 +159,9 @@ def worker(
     database_url: DatabaseOption = None,
     idle_sleep: Annotated[float, typer.Option(help="Seconds to wait when idle.")] = 1.0,
 ) -> None:
-    """Train trials of every open search until stopped (SIGTERM/Ctrl-C: stop cleanly)."""
+    """Train trials of every open search until stopped (SIGTERM/Ctrl-C: stop within seconds)."""
     import os
+    import sys
 
     from db.session import claim_sole_sqlite_worker
 
@@ -177,10 +178,17 @@ def worker(
     from search.pool import Worker
     from service.settings import get_settings
 
-    _prepare_jax(_console(stderr=True), get_settings().compile_cache)
+    settings = get_settings()
+    _prepare_jax(_console(stderr=True), settings.compile_cache)
     _quiet_optuna()
     with _database(url):
-        pool_worker = Worker(url, batch=batch, idle_sleep=idle_sleep)
+        pool_worker = Worker(
+            url,
+            batch=batch,
+            idle_sleep=idle_sleep,
+            data_dir=settings.data_dir,
+            max_attempts=settings.max_search_attempts,
+        )
     typer.echo(f"worker on {_safe(url)}; devices: {', '.join(map(str, jax.devices()))}")
 
     def stop(signum, frame) -> None:
@@ -188,8 +196,11 @@ def worker(
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    pool_worker.run()
-    typer.echo("worker stopped")
+    clean = pool_worker.run_until_stopped()
+    typer.echo("worker stopped" if clean else "worker stopped: the work in hand was given back")
+    if not clean:  # the worker's thread is still inside a long call (generating data, compiling)
+        sys.stdout.flush()
+        os._exit(0)
 
 
 def _prepare_jax(console: Console, compile_cache: str | None) -> None:

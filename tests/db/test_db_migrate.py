@@ -22,7 +22,13 @@ from db.models import Base
 from db.session import get_engine
 from db.storage import optuna_head_revision, optuna_storage
 
-CAVIAR_TABLES = {"caviar_searches", "caviar_datasets", "caviar_api_keys", "caviar_models"}
+CAVIAR_TABLES = {
+    "caviar_searches",
+    "caviar_datasets",
+    "caviar_api_keys",
+    "caviar_models",
+    "caviar_leases",
+}
 
 
 def table_names(url: str) -> set[str]:

@@ -80,19 +80,48 @@ def test_cancelled_search_is_not_worked_on(url):
         assert session.get(Search, search_id).studies == []
 
 
-def test_a_search_whose_dataset_fails_to_load_fails_with_the_reason(url):
-    search_id = queue(
-        url,
-        SPEC.replace(
-            "{name: synthetic, samples: 400, features: 6, classes: 3}",
-            "{path: /nonexistent/data.csv, target: y}",
-        ),
-    )
-    Worker(url, stream=0).run(until_idle=True)
+def with_dataset(dataset: str) -> str:
+    return SPEC.replace("{name: synthetic, samples: 400, features: 6, classes: 3}", dataset)
+
+
+def queue_unchecked(url, spec: dict, owner="alice") -> str:
+    """A search whose stored spec was never validated (as an older Caviar may have stored it)."""
+    from search.runner import new_search_id
+
     with session_scope(url) as session:
-        search = session.get(Search, search_id)
-        assert search.status == "failed"
-        assert "/nonexistent/data.csv" in search.error
+        search = Search(id=new_search_id("raw"), owner=owner, name="raw", spec=spec)
+        session.add(search)
+        return search.id
+
+
+def errors_of(url, *search_ids) -> list[tuple[str, str | None]]:
+    with session_scope(url) as session:
+        return [(s.status, s.error) for s in map(lambda i: session.get(Search, i), search_ids)]
+
+
+def test_a_search_reads_files_only_inside_the_workers_data_directory(url, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "bad.csv").write_text("password,label\nhunter2,1\n" * 20)
+    (tmp_path / "secret.csv").write_text("password,label\nhunter2,1\n" * 20)
+    bad = queue(url, with_dataset("{path: bad.csv, target: nope}"))
+    outside = queue(url, with_dataset("{path: ../secret.csv, target: label}"))
+    missing = queue(url, with_dataset("{path: ../missing.csv, target: label}"))
+    Worker(url, stream=0, data_dir=str(data)).run(until_idle=True)
+    (bad_status, bad_error), *refused = errors_of(url, bad, outside, missing)
+    assert bad_status == "failed" and "dataset.path 'bad.csv'" in bad_error
+    assert refused[0] == refused[1]  # a file outside exists or not: the same answer
+    assert refused[0][0] == "failed" and "inside the data directory" in refused[0][1]
+    for _, error in (bad_status, bad_error), *refused:
+        assert "password" not in error and "hunter2" not in error
+
+
+def test_without_a_data_directory_a_worker_reads_no_file(url, tmp_path):
+    (tmp_path / "secret.csv").write_text("password,label\nhunter2,1\n" * 20)
+    search_id = queue(url, with_dataset(f"{{path: {tmp_path / 'secret.csv'}, target: label}}"))
+    Worker(url, stream=0).run(until_idle=True)
+    ((status, error),) = errors_of(url, search_id)
+    assert status == "failed" and "dataset.path" in error and "hunter2" not in error
 
 
 def test_diverging_trials_fail_and_the_search_still_completes(url):
@@ -198,3 +227,81 @@ def test_the_largest_seed_runs_on_a_worker_with_the_largest_stream(url):
     with session_scope(url) as session:
         search = session.get(Search, search_id)
         assert search.status == "completed", search.error
+
+
+def test_a_search_that_cannot_be_loaded_fails_alone(url):
+    spec = parse_spec(SPEC).model_dump(mode="json", exclude_none=True)
+    poisoned = queue_unchecked(url, {**spec, "seed": 2**40}, owner="alice")
+    healthy = queue(url, owner="bob")
+    Worker(url, batch=4, stream=2**31 - 1).run(until_idle=True)
+    (poison_status, poison_error), (healthy_status, healthy_error) = errors_of(
+        url, poisoned, healthy
+    )
+    assert poison_status == "failed" and poison_error.startswith("could not load the dataset")
+    assert "seed" in poison_error
+    assert healthy_status == "completed", healthy_error
+
+
+def test_a_search_whose_workers_keep_dying_fails_after_the_attempt_limit(url):
+    from datetime import timedelta
+
+    from db.models import Lease, utcnow
+    from db.storage import GRACE_PERIOD_S
+
+    search_id = queue(url)
+    for attempt in range(2):  # two workers died while loading it: their leases went stale
+        with session_scope(url) as session:
+            stale = utcnow() - timedelta(seconds=GRACE_PERIOD_S + 1)
+            session.add(Lease(search_id=search_id, worker=f"dead-{attempt}", phase="load"))
+            session.flush()
+            session.get(Lease, (search_id, f"dead-{attempt}")).heartbeat_at = stale
+        worker = Worker(url, stream=0, max_attempts=2)
+        if attempt == 0:  # one death is under the limit: the search goes on
+            worker.step()
+            with session_scope(url) as session:
+                assert session.get(Search, search_id).attempts == 1
+                assert session.get(Search, search_id).status in ("queued", "running")
+    worker.run(until_idle=True)
+    ((status, error),) = errors_of(url, search_id)
+    assert status == "failed"
+    assert error == "2 worker attempts failed; the last: a worker died while loading its dataset"
+
+
+def test_no_lock_is_held_while_a_dataset_loads(postgres_url):
+    import threading
+    import time
+
+    from sqlalchemy import text
+
+    from db.session import lock_search
+
+    upgrade(postgres_url)
+    slow = queue(postgres_url, with_dataset("{name: mnist1d, samples: 8000}"))  # seconds to make
+    loader = threading.Thread(target=Worker(postgres_url, stream=0).step)
+    loader.start()
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            with session_scope(postgres_url) as session:
+                if session.scalars(select_leases(slow)).first() is not None:
+                    break
+            assert time.monotonic() < deadline, "the worker never started loading"
+            time.sleep(0.05)
+        with session_scope(postgres_url) as session:  # what POST /cancel does, at once
+            session.execute(text("SET LOCAL lock_timeout = '2s'"))
+            search = lock_search(session, slow)
+            search.cancel_requested, search.status = True, "cancelled"
+        assert loader.is_alive(), "the dataset should still be loading"
+    finally:
+        loader.join(120)
+    with session_scope(postgres_url) as session:
+        assert session.get(Search, slow).status == "cancelled"
+        assert session.scalars(select_leases(slow)).first() is None
+
+
+def select_leases(search_id: str):
+    from sqlalchemy import select
+
+    from db.models import Lease
+
+    return select(Lease).where(Lease.search_id == search_id)

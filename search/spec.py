@@ -423,7 +423,17 @@ class Stage(_Model):
 
 
 class SearchSpec(_Model):
-    """A hyperparameter search: data, objective, budget, search space and search strategy."""
+    """A hyperparameter search: data, objective, budget, search space and search strategy.
+
+    Rules across fields, each reported at its field: a hyperparameter is searched (``space``)
+    or fixed, not both, and takes the values of its domain (rates and betas in their intervals,
+    counts as integers >= 1, the categorical ones from their choices); momentum needs an
+    optimizer among momentum, adam and adamw, beta2 and epsilon one among rmsprop, adam and
+    adamw, decay_rate an lr_decay among exponential, inverse_time and step; a range has
+    low < high, a log scale low > 0, one_minus_log 0 < low < high < 1; the stages' trials sum to
+    ``budget.trials``; the objective's metric fits the task. A document holds at most 10,000
+    values nested at most 32 deep, and no NUL character, lone surrogate, NaN or infinity.
+    """
 
     name: str = Field(
         min_length=1,
@@ -442,10 +452,12 @@ class SearchSpec(_Model):
     pruner: PrunerSpec = Field(default_factory=PrunerSpec, description="Early stopping of trials.")
     seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed of the sampler and the data split.")
     space: dict[str, Annotated[Param, BeforeValidator(_parse_param)]] = Field(
-        min_length=1, description="Hyperparameters to search, by engine name."
+        min_length=1,
+        description=f"Hyperparameters to search, by engine name: {', '.join(DOMAINS)}.",
     )
     fixed: dict[str, Any] = Field(
-        default_factory=dict, description="Hyperparameters set to one value, by engine name."
+        default_factory=dict,
+        description="Hyperparameters set to one value, by engine name (as in space).",
     )
     stages: list[Stage] | None = Field(
         None,

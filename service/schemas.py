@@ -101,3 +101,36 @@ class Health(BaseModel):
 
     status: Literal["ok", "unavailable"] = Field(description="ok when the check passes.")
     detail: str | None = Field(None, description="What is wrong, when something is.")
+
+
+class Problem(BaseModel):
+    """Why a request failed."""
+
+    detail: str | list[dict[str, Any]] = Field(
+        description="A message, or one entry per invalid field: `loc` (its path), `msg` (why)."
+    )
+
+
+_ERRORS = {
+    400: "The body cannot be read: an empty upload, a malformed or too deeply nested body.",
+    401: "The bearer token is missing, wrong or revoked.",
+    404: "No such search or dataset among the caller's (another owner's id is not found either).",
+    409: "The request contradicts the resource's state (the route's description says when).",
+    411: "The request has no Content-Length.",
+    413: "The body is over the configured size limit; the detail states the limit.",
+    415: "The file type is not supported.",
+    422: "A field is invalid or over a configured limit: each problem names its field.",
+    429: "The caller is over a per-owner concurrency limit.",
+    503: "The database is unreachable; retry later.",
+}
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` documenting the error statuses `codes` with the Problem body."""
+    return {code: {"model": Problem, "description": _ERRORS[code]} for code in codes}
+
+
+def content_response(media_type: str, description: str) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for a 200 that is not JSON. Declare its route with
+    `response_class=Response`, so that its errors are documented as the JSON they are."""
+    return {200: {"content": {media_type: {}}, "description": description}}

@@ -12,10 +12,12 @@ from sqlalchemy import select
 from db.models import Dataset, Search
 from search.spec import text_problem
 from service.deps import Owner, SessionDep, SettingsDep
-from service.schemas import DatasetList, DatasetPublic
+from service.schemas import DatasetList, DatasetPublic, error_responses
 from service.uploads import UploadError, UploadLimits, parse_upload
 
-router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+router = APIRouter(
+    prefix="/v1/datasets", tags=["datasets"], responses=error_responses(401, 422, 503)
+)
 
 
 class DatasetUpload(BaseModel):
@@ -25,7 +27,12 @@ class DatasetUpload(BaseModel):
     target: str | None = Field(None, description="Target column of a .csv file.")
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=DatasetPublic)
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=DatasetPublic,
+    responses=error_responses(400, 413, 415),
+)
 async def upload_dataset(
     owner: Owner,
     session: SessionDep,
@@ -70,7 +77,11 @@ def list_datasets(owner: Owner, session: SessionDep) -> DatasetList:
     return DatasetList(items=[DatasetPublic.model_validate(row) for row in rows])
 
 
-@router.delete("/{dataset_id}", status_code=status.HTTP_204_NO_CONTENT)
+@router.delete(
+    "/{dataset_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    responses=error_responses(404, 409),
+)
 def delete_dataset(dataset_id: str, owner: Owner, session: SessionDep) -> Response:
     """Delete a dataset that no queued or running search uses (409 otherwise)."""
     row = session.get(Dataset, dataset_id) if text_problem(dataset_id) is None else None

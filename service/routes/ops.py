@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from fastapi import APIRouter, status
+from fastapi import APIRouter, Response, status
 from fastapi.responses import JSONResponse, PlainTextResponse
 from sqlalchemy import func, inspect, select, text
 
@@ -12,7 +12,7 @@ from db.migrate import is_current
 from db.models import SEARCH_STATUSES, Search
 from db.session import DatabaseError, session_scope
 from service.deps import SettingsDep
-from service.schemas import Health
+from service.schemas import Health, content_response, error_responses
 
 log = logging.getLogger("caviar.api")
 router = APIRouter(tags=["operations"])
@@ -43,8 +43,15 @@ def readyz(settings: SettingsDep):
 DURATION_BUCKETS = (1, 5, 15, 60, 300, 900, 3600)
 
 
-@router.get("/metrics", response_class=PlainTextResponse)
-def metrics(settings: SettingsDep) -> str:
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={
+        **content_response("text/plain", "Prometheus text format."),
+        **error_responses(503),
+    },
+)
+def metrics(settings: SettingsDep) -> PlainTextResponse:
     """Prometheus text: searches by status, trials by state, trial durations."""
     with session_scope(settings.database_url) as session:
         by_status = dict(
@@ -76,7 +83,7 @@ def metrics(settings: SettingsDep) -> str:
     lines.append(f'caviar_trial_duration_seconds_bucket{{le="+Inf"}} {len(durations)}')
     lines.append(f"caviar_trial_duration_seconds_sum {sum(durations):.3f}")
     lines.append(f"caviar_trial_duration_seconds_count {len(durations)}")
-    return "\n".join(lines) + "\n"
+    return PlainTextResponse("\n".join(lines) + "\n")
 
 
 def _unavailable(detail: str) -> JSONResponse:

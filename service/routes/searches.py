@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, HTTPException, Query, Response, status
+from fastapi import APIRouter, Body, Header, HTTPException, Query, Response, status
 from fastapi.responses import HTMLResponse, StreamingResponse
 
 from db.models import TrainedModel
@@ -15,14 +15,75 @@ from search.spec import SearchSpec
 from service import searches
 from service.deps import Owner, SessionDep, SettingsDep
 from service.limits import spec_limit_errors
-from service.schemas import SearchCreated, SearchList, SearchPublic, TrialList
+from service.schemas import (
+    SearchCreated,
+    SearchList,
+    SearchPublic,
+    TrialList,
+    content_response,
+    error_responses,
+)
 
-router = APIRouter(prefix="/v1/searches", tags=["searches"])
+#: Specs shown in the docs; the contract test submits each of them.
+SPEC_EXAMPLES: dict[str, dict[str, Any]] = {
+    "coarse_to_fine": {
+        "summary": "MNIST-1D, Adam's β1 on a 1-β log scale, two stages",
+        "value": {
+            "name": "quickstart",
+            "dataset": {"name": "mnist1d"},
+            "budget": {"trials": 48, "epochs": 60},
+            "space": {
+                "learning_rate": {"low": 1e-4, "high": 1.0, "scale": "log"},
+                "momentum": {"low": 0.9, "high": 0.999, "scale": "one_minus_log"},
+                "hidden_units": {"low": 32, "high": 512, "scale": "log", "type": "int"},
+                "optimizer": {"choices": ["momentum", "adam"]},
+            },
+            "fixed": {"batch_size": 128},
+            "stages": [{"trials": 32}, {"trials": 16, "keep_top": 0.25, "margin": 0.1}],
+            "final_fit": "train_dev",
+        },
+    },
+    "pruned": {
+        "summary": "scikit-learn digits, momentum SGD, median pruning",
+        "value": {
+            "name": "digits",
+            "dataset": {"name": "digits"},
+            "budget": {"trials": 24, "epochs": 40},
+            "pruner": {"name": "median", "warmup_epochs": 5},
+            "space": {
+                "learning_rate": {"low": 1e-3, "high": 0.5, "scale": "log"},
+                "l2": {"low": 1e-6, "high": 1e-2, "scale": "log"},
+            },
+            "fixed": {"optimizer": "momentum", "hidden_layers": 2},
+        },
+    },
+    "regression": {
+        "summary": "Synthetic regression ranked by dev R²",
+        "value": {
+            "name": "regression",
+            "dataset": {"name": "synthetic", "task": "regression", "samples": 2000, "features": 8},
+            "task": "regression",
+            "objective": {"metric": "dev_r2"},
+            "budget": {"trials": 16, "epochs": 30},
+            "sampler": "tpe",
+            "space": {"dropout": {"low": 0.0, "high": 0.5}},
+        },
+    },
+}
+
+router = APIRouter(
+    prefix="/v1/searches", tags=["searches"], responses=error_responses(401, 422, 503)
+)
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=SearchCreated)
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=SearchCreated,
+    responses=error_responses(400, 409, 411, 413, 429),
+)
 def submit_search(
-    spec: SearchSpec,
+    spec: Annotated[SearchSpec, Body(openapi_examples=SPEC_EXAMPLES)],
     owner: Owner,
     session: SessionDep,
     settings: SettingsDep,
@@ -30,7 +91,13 @@ def submit_search(
         str | None, Header(max_length=255, description="Same key and body: same search.")
     ] = None,
 ) -> SearchCreated:
-    """Queue a search; workers pick it up. A spec over a configured limit is a 422."""
+    """Queue a search; workers pick it up.
+
+    422 names each invalid field: the rules across fields are in SearchSpec's description, and a
+    spec over a configured limit (`CAVIAR_MAX_*`) is refused too. 409: the `Idempotency-Key`
+    was used with another spec. 411 or 413: no Content-Length, or a body over
+    `CAVIAR_MAX_SPEC_BYTES`. 429: the owner has `CAVIAR_MAX_CONCURRENT_SEARCHES` open searches.
+    """
     errors = spec_limit_errors(spec, settings)
     if errors:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=errors)
@@ -62,7 +129,7 @@ def list_searches(
     return SearchList(items=items, total=total, offset=offset, limit=limit)
 
 
-@router.get("/{search_id}", response_model=SearchPublic)
+@router.get("/{search_id}", response_model=SearchPublic, responses=error_responses(404))
 def get_search(
     search_id: str, owner: Owner, session: SessionDep, settings: SettingsDep
 ) -> SearchPublic:
@@ -71,7 +138,7 @@ def get_search(
     return searches.public_search(search, searches.progress(settings.database_url, search))
 
 
-@router.get("/{search_id}/trials", response_model=TrialList)
+@router.get("/{search_id}/trials", response_model=TrialList, responses=error_responses(404))
 def get_trials(
     search_id: str, owner: Owner, session: SessionDep, settings: SettingsDep
 ) -> TrialList:
@@ -81,7 +148,9 @@ def get_trials(
     return TrialList(items=[searches.public_trial(*t) for t in trials])
 
 
-@router.post("/{search_id}/cancel", response_model=SearchPublic)
+@router.post(
+    "/{search_id}/cancel", response_model=SearchPublic, responses=error_responses(404, 409)
+)
 def cancel_search(search_id: str, owner: Owner, session: SessionDep) -> SearchPublic:
     """Cancel the search; workers stop its trials within an epoch."""
     search = _owned(session, owner, search_id)
@@ -92,7 +161,14 @@ def cancel_search(search_id: str, owner: Owner, session: SessionDep) -> SearchPu
     return searches.public_search(search)
 
 
-@router.get("/{search_id}/report", response_class=HTMLResponse)
+@router.get(
+    "/{search_id}/report",
+    response_class=Response,
+    responses={
+        **content_response("text/html", "The HTML report."),
+        **error_responses(404, 409),
+    },
+)
 def get_report(
     search_id: str, owner: Owner, session: SessionDep, settings: SettingsDep
 ) -> HTMLResponse:
@@ -105,7 +181,14 @@ def get_report(
     return HTMLResponse(render_report(spec, optuna_storage(settings.database_url), result))
 
 
-@router.get("/{search_id}/events", response_class=StreamingResponse)
+@router.get(
+    "/{search_id}/events",
+    response_class=StreamingResponse,
+    responses={
+        **content_response("text/event-stream", "The event stream."),
+        **error_responses(404),
+    },
+)
 def get_events(
     search_id: str, owner: Owner, session: SessionDep, settings: SettingsDep
 ) -> StreamingResponse:
@@ -118,7 +201,14 @@ def get_events(
     )
 
 
-@router.get("/{search_id}/model")
+@router.get(
+    "/{search_id}/model",
+    response_class=Response,
+    responses={
+        **content_response("application/octet-stream", "The model file (.npz)."),
+        **error_responses(404),
+    },
+)
 def get_model(search_id: str, owner: Owner, session: SessionDep) -> Response:
     """The refit best model (parameters, architecture, preprocessing) as one .npz file."""
     _owned(session, owner, search_id)

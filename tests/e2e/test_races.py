@@ -16,7 +16,7 @@ LIMIT = 4
 
 
 @pytest.fixture
-def api(database_url, tmp_path):
+def api(database_url):
     """A real API on `database_url` (SQLite file or PostgreSQL) and a token of owner alice."""
     port = free_port()
     env = {

@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse
 from db.session import DatabaseError, DatabaseUnavailable
 from db.storage import GRACE_PERIOD_S
 from search.pool import reap_stale_trials
+from service.events import EventStreams
 from search.spec import printable
 from service.routes import datasets, ops, searches
 from service.settings import Settings, get_settings
@@ -48,6 +49,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="Caviar", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     app.state.settings = settings
+    app.state.event_streams = EventStreams(settings.max_event_streams)
 
     @app.middleware("http")
     async def limit_spec_size(request: Request, call_next):

@@ -150,7 +150,15 @@ def serve(
 
     url = _database_url(database_url)
     _require_upgraded(url)
-    uvicorn.run(create_app(Settings(database_url=url)), host=host, port=port, log_level="info")
+    # Open event streams would hold SIGTERM off for as long as their searches run: they are
+    # closed after a grace period, and their clients resume after the restart.
+    uvicorn.run(
+        create_app(Settings(database_url=url)),
+        host=host,
+        port=port,
+        log_level="info",
+        timeout_graceful_shutdown=5,
+    )
 
 
 @app.command()
@@ -249,18 +257,25 @@ def status(search_id: str) -> None:
 
 @app.command()
 def watch(search_id: str) -> None:
-    """Follow a search live (progress bar fed by its event stream) until it ends."""
+    """Follow a search live (progress bar fed by its event stream) until it ends.
+
+    A restarted API is reconnected to, and the stream carries on where it broke.
+    """
     from service.client import ApiError
 
     console = _console()
     total = _call(console, "GET", f"/v1/searches/{search_id}").json()["progress"]["total"]
     bar = _progress_bar(console)
-    done = None
+    done, trials = None, 0
     with bar:
         task = bar.add_task(search_id, total=total, status="")
         try:
-            for event, data in _client().events(search_id):
+            stream = _client().events(
+                search_id, on_retry=lambda reason: bar.update(task, status=reason)
+            )
+            for event, data in stream:
                 if event == "trial":
+                    trials += 1
                     bar.update(
                         task, advance=1, status=f"stage {data['stage']} · last {data['state']}"
                     )
@@ -270,7 +285,8 @@ def watch(search_id: str) -> None:
                     done = data
         except ApiError as error:
             _fail(console, str(error))
-    console.print(f"search {search_id}: {done['status'] if done else 'stream ended'}")
+    ended = done["status"] if done else "stream ended"
+    console.print(f"search {search_id}: {ended} ({trials} trials finished)")
     if done and done.get("best"):
         console.print_json(data=done["best"])
 

@@ -1,4 +1,4 @@
-"""Searches as the API and the CLI see them: submit, read, list, cancel, trials, events.
+"""Searches as the API and the CLI see them: submit, read, list, cancel, trials.
 
 Routes stay thin and call these functions; each takes a database session and returns values.
 """
@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
-from collections.abc import Iterator
 from typing import Any
 
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import FrozenTrial
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -168,38 +166,3 @@ def search_result(database_url: str, search: Search) -> SearchResult:
     """The search as the report renders it."""
     counts = tally_states(trial_states(database_url, search.studies or []))
     return SearchResult(search.id, list(search.studies or []), counts, search.best)
-
-
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-
-
-def events(
-    database_url: str, owner: str, search_id: str, session_factory, poll_s: float = 0.5
-) -> Iterator[str]:
-    """Server-sent events: one per finished trial and per stage change, then `done`."""
-    sent: set[tuple[int, int]] = set()
-    stage_sent = 0
-    while True:
-        with session_factory() as session:
-            search = owned_search(session, owner, search_id)
-            status, stage, best = search.status, search.stage, search.best
-            trials = search_trials(database_url, search) if search.studies else []
-        if stage > stage_sent:
-            for number in range(stage_sent + 1, stage + 1):
-                yield _sse("stage", {"stage": number})
-            stage_sent = stage
-        for trial_stage, trial, params in trials:
-            key = (trial_stage, trial.number)
-            if trial.state in FINISHED and key not in sent:
-                sent.add(key)
-                yield _sse(
-                    "trial", public_trial(trial_stage, trial, params).model_dump(mode="json")
-                )
-        if status in TERMINAL_STATUSES:
-            yield _sse("done", {"status": status, "best": best})
-            return
-        time.sleep(poll_s)
-
-
-def _sse(event: str, data: dict[str, Any]) -> str:
-    return f"event: {event}\ndata: {json.dumps(data, default=str)}\n\n"

@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     max_concurrent_searches: int = Field(
         4, ge=1, description="Queued or running searches one owner may have at once (429 beyond)."
     )
+    max_event_streams: int = Field(
+        8, ge=1, description="Event streams one owner may have open at once per API process (429)."
+    )
     max_spec_bytes: int = Field(64 * 1024, ge=1, description="Largest search spec body (413).")
     max_upload_bytes: int = Field(64 * 2**20, ge=1, description="Largest dataset upload (413).")
     max_upload_array_bytes: int = Field(

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Header, HTTPException, Query, Response, status
+from fastapi import APIRouter, Body, Header, HTTPException, Query, Request, Response, status
 from fastapi.responses import HTMLResponse, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from db.models import TrainedModel
 from db.session import session_scope
@@ -14,8 +16,10 @@ from search.report import render_report
 from search.spec import SearchSpec
 from service import searches
 from service.deps import Owner, SessionDep, SettingsDep
+from service.events import EventCursor, EventStreams, events
 from service.limits import spec_limit_errors
 from service.schemas import (
+    Problem,
     SearchCreated,
     SearchList,
     SearchPublic,
@@ -187,18 +191,60 @@ def get_report(
     responses={
         **content_response("text/event-stream", "The event stream."),
         **error_responses(404),
+        429: {
+            "model": Problem,
+            "description": "The owner has CAVIAR_MAX_EVENT_STREAMS streams open.",
+        },
     },
 )
-def get_events(
-    search_id: str, owner: Owner, session: SessionDep, settings: SettingsDep
+async def get_events(
+    search_id: str,
+    owner: Owner,
+    settings: SettingsDep,
+    request: Request,
+    last_event_id: Annotated[
+        str | None,
+        Header(max_length=8192, description="Resume after this event: the `id` it carried."),
+    ] = None,
 ) -> StreamingResponse:
-    """Server-sent events: `trial` per finished trial, `stage` per stage change, then `done`."""
-    _owned(session, owner, search_id)
+    """Server-sent events: `stage` per stage opened, `trial` per finished trial, then `done`.
+
+    Each event carries an `id`; a client that reconnects with `Last-Event-ID` gets every later
+    event once. An owner may hold CAVIAR_MAX_EVENT_STREAMS streams at once (429 beyond).
+    """
+    try:
+        after = EventCursor.decode(last_event_id) if last_event_id else None
+    except ValueError as error:
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT, detail=f"Last-Event-ID: {error}"
+        ) from None
+    streams: EventStreams = request.app.state.event_streams
     url = settings.database_url
-    stream = searches.events(url, owner, search_id, lambda: session_scope(url))
-    return StreamingResponse(
-        stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+    await streams.run(_check_owned, url, owner, search_id)
+    try:
+        streams.acquire(owner)
+    except searches.TooMany as error:
+        raise HTTPException(status.HTTP_429_TOO_MANY_REQUESTS, detail=str(error)) from None
+    return _EventStream(
+        events(streams, url, owner, search_id, after),
+        release=lambda: streams.release(owner),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache"},
     )
+
+
+class _EventStream(StreamingResponse):
+    """A stream that gives its owner's slot back however it ends (done, disconnect, error)."""
+
+    def __init__(self, content: AsyncIterator[str], release: Callable[[], None], **kwargs) -> None:
+        super().__init__(content, **kwargs)
+        self.release = release
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.release()
 
 
 @router.get(
@@ -222,6 +268,11 @@ def get_model(search_id: str, owner: Owner, session: SessionDep) -> Response:
         media_type="application/octet-stream",
         headers={"Content-Disposition": f'attachment; filename="{search_id}.npz"'},
     )
+
+
+def _check_owned(database_url: str, owner: str, search_id: str) -> None:
+    with session_scope(database_url) as session:
+        _owned(session, owner, search_id)
 
 
 def _owned(session, owner: str, search_id: str):

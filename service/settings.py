@@ -55,7 +55,9 @@ class Settings(BaseSettings):
     max_spec_bytes: int = Field(64 * 1024, ge=1, description="Largest search spec body (413).")
     max_upload_bytes: int = Field(64 * 2**20, ge=1, description="Largest dataset upload (413).")
     max_upload_array_bytes: int = Field(
-        512 * 2**20, ge=1, description="Most uncompressed bytes an uploaded npz may declare (413)."
+        256 * 2**20,
+        ge=1,
+        description="Most bytes an uploaded npz's arrays may take uncompressed as float64 (413).",
     )
     max_upload_columns: int = Field(10_000, ge=1, description="Most columns of an upload.")
 

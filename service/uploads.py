@@ -49,6 +49,9 @@ class UploadError(ValueError):
         self.status_code = status_code
         self.reason = reason
 
+    def __reduce__(self) -> tuple[type, tuple[int, str]]:  # raised in a parser process
+        return UploadError, (self.status_code, self.reason)
+
 
 @dataclass(frozen=True)
 class ParsedUpload:

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import multiprocessing
 import uuid
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Annotated
 
+import anyio.to_thread
 from fastapi import APIRouter, Form, HTTPException, Response, UploadFile, status
 from pydantic import BaseModel, Field
 from sqlalchemy import select
@@ -13,7 +19,7 @@ from db.models import Dataset, Search
 from search.spec import text_problem
 from service.deps import Owner, SessionDep, SettingsDep
 from service.schemas import DatasetList, DatasetPublic, error_responses
-from service.uploads import UploadError, UploadLimits, parse_upload
+from service.uploads import ParsedUpload, UploadError, UploadLimits, parse_upload
 
 router = APIRouter(
     prefix="/v1/datasets", tags=["datasets"], responses=error_responses(401, 422, 503)
@@ -39,16 +45,20 @@ async def upload_dataset(
     settings: SettingsDep,
     upload: Annotated[DatasetUpload, Form(media_type="multipart/form-data")],
 ) -> DatasetPublic:
-    """Upload a dataset; name it in a spec as `dataset: {id: <id>}`."""
-    file, target = upload.file, upload.target
+    """Upload a dataset; name it in a spec as `dataset: {id: <id>}`.
+
+    The file is parsed in a child process, one upload at a time: parsing holds the GIL for
+    seconds and takes several times the file's size in memory, which the API must not.
+    """
     limits = UploadLimits(
         max_bytes=settings.max_upload_bytes,
         max_array_bytes=settings.max_upload_array_bytes,
         max_columns=settings.max_upload_columns,
     )
+    file = upload.file
     content = await file.read(limits.max_bytes + 1)
     try:
-        parsed = parse_upload(file.filename or "", content, target=target, limits=limits)
+        parsed = await _parse_apart(file.filename or "", content, upload.target, limits)
     except UploadError as error:
         raise HTTPException(error.status_code, detail=error.reason) from None
     row = Dataset(
@@ -64,8 +74,31 @@ async def upload_dataset(
         content=content,
     )
     session.add(row)
-    session.flush()
+    await anyio.to_thread.run_sync(session.flush)  # sends the whole file to the database
     return DatasetPublic.model_validate(row)
+
+
+#: The upload parser: one child process at a time, a fresh one per upload (forked from a server
+#: that has imported the parser), so that its memory goes back to the system when it is done.
+_parser: ProcessPoolExecutor | None = None
+
+
+async def _parse_apart(
+    filename: str, content: bytes, target: str | None, limits: UploadLimits
+) -> ParsedUpload:
+    """`parse_upload` in the parser process; an UploadError there is raised here."""
+    global _parser
+    if _parser is None:
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["service.uploads"])
+        _parser = ProcessPoolExecutor(1, mp_context=context, max_tasks_per_child=1)
+    call = functools.partial(parse_upload, filename, content, target=target, limits=limits)
+    try:
+        # Submitting may start the process (and, the first time, its server): not on the loop.
+        return await asyncio.wrap_future(await anyio.to_thread.run_sync(_parser.submit, call))
+    except BrokenProcessPool:  # the parser died, e.g. killed for its memory
+        _parser = None
+        raise UploadError(413, "the upload is too large to parse on this server") from None
 
 
 @router.get("", response_model=DatasetList)

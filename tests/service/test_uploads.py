@@ -298,3 +298,10 @@ def test_file_name_and_target_must_fit_their_columns(
 
 def test_file_name_of_200_characters_is_accepted() -> None:
     assert parse_upload("x" * 196 + ".csv", _csv(), target="label", limits=LIMITS).rows == 30
+
+
+def test_narrow_numbers_count_as_float64_against_the_array_limit(forbid_loading: None) -> None:
+    """Validation holds an int8 x as float64: the limit counts what it would materialise."""
+    content = _npz(x=np.zeros((1000, 100), dtype=np.int8), y=np.zeros(1000, dtype=np.int8))
+    error = _refused("narrow.npz", content, limits=UploadLimits(max_array_bytes=200_000))
+    assert error.status_code == 413 and str(8 * 101_000) in error.reason

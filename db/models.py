@@ -119,8 +119,8 @@ class Search(Base):
 
 
 class Lease(Base):
-    """A worker working on a search (loading its data, training its trials), alive while it
-    writes heartbeats; a stale lease is a worker that died there."""
+    """A worker working on a search (`phase`: load its data, train its trials, finish it), alive
+    while it writes heartbeats; a stale lease is a worker that died there."""
 
     __tablename__ = "caviar_leases"
 

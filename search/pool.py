@@ -44,7 +44,13 @@ from models.data import Dataset, DatasetError, from_arrays, read_csv, read_npz
 from models.train import DEFAULT_GROUP_SIZE
 from search.datadir import DataPathError, resolve_data_path
 from search.heartbeat import Heartbeat
-from search.runner import finish_search, load_search_dataset, open_stage, used_slots
+from search.runner import (
+    SearchResult,
+    finish_search,
+    load_search_dataset,
+    open_stage,
+    used_slots,
+)
 from search.spec import Objective, Param, SearchSpec, SpecError
 from search.studies import ask, study_name
 from search.worker import (
@@ -65,7 +71,11 @@ OPEN_STATUSES = ("queued", "running")
 DEFAULT_MAX_ATTEMPTS = 5
 
 #: What a worker holding a lease of each phase was doing.
-PHASES = {"load": "loading its dataset", "train": "training its trials"}
+PHASES = {
+    "load": "loading its dataset",
+    "train": "training its trials",
+    "finish": "refitting and testing its best trial",
+}
 
 #: Database failures: the worker retries them, they are no fault of the search.
 DATABASE_ERRORS = (DatabaseError, optuna.exceptions.StorageInternalError, SQLAlchemyError)
@@ -316,8 +326,16 @@ class Worker:
                 if row.stage < len(stages) and not _timed_out(row, ctx.spec):
                     self._open(row, row.stage + 1, objective)
                     continue
-                self._finish(session, row, ctx)
-                return True
+                finishing = select(Lease).where(
+                    Lease.search_id == row.id, Lease.phase == "finish", Lease.worker != self.id
+                )
+                if session.scalars(finishing).first() is not None:
+                    return None  # another worker is finishing the search
+                self._lease(session, row.id, "finish")
+                stage_count = row.stage
+                break
+        self._finish(search_id, stage_count, ctx)
+        return True
 
     def _open(self, row: Search, number: int, objective: Objective) -> None:
         spec = SearchSpec.model_validate(row.spec)
@@ -444,22 +462,30 @@ class Worker:
 
         return check
 
-    def _finish(self, session, row: Search, ctx: SearchContext) -> None:
-        """Refit and test the best trial, store the model, and close the search."""
-        spec, dataset = ctx.spec, ctx.dataset
-        result = finish_search(spec, self.storage, row.id, dataset, row.stage)
-        row.finished_at = utcnow()
-        if result.best is None or result.final is None:
-            _fail_search(row, "no trial completed")
-            return
-        row.best = {**result.best, "trials": result.counts}
-        content = result.model_file(dataset)
-        digest = hashlib.sha256(content).hexdigest()
-        session.merge(
-            TrainedModel(search_id=row.id, content=content, size=len(content), sha256=digest)
-        )
-        row.status = "completed"
-        self._contexts.pop(row.id, None)
+    def _finish(self, search_id: str, stage_count: int, ctx: SearchContext) -> None:
+        """Refit and test the best trial outside the lock (holding the search's finish lease),
+        then, locked, store the model and close the search."""
+        failure = None
+        try:
+            result = finish_search(ctx.spec, self.storage, search_id, ctx.dataset, stage_count)
+            content = result.model_file(ctx.dataset) if result.final is not None else None
+        except DATABASE_ERRORS:
+            self._release(search_id)
+            raise
+        except Exception as error:  # the next attempt (boundedly many) does it again
+            failure = f"the final fit failed: {_problem(error)}"
+        with session_scope(self.url) as session:
+            row = lock_search(session, search_id)
+            if row is not None and row.status in OPEN_STATUSES:
+                if failure is not None:
+                    self._count_failure(row, failure)
+                else:
+                    _close(session, row, result, content)
+            session.execute(
+                delete(Lease).where(Lease.search_id == search_id, Lease.worker == self.id)
+            )
+        if failure is None:
+            self._contexts.pop(search_id, None)
 
 
 def reap_stale_trials(database_url: str) -> None:
@@ -490,6 +516,18 @@ def _timed_out(row: Search, spec: SearchSpec) -> bool:
         return False
     started = row.started_at if row.started_at.tzinfo else row.started_at.replace(tzinfo=UTC)
     return (utcnow() - started).total_seconds() > timeout
+
+
+def _close(session: Session, row: Search, result: SearchResult, content: bytes | None) -> None:
+    """Store a finished search's best trial and model (None: no trial completed), and close it."""
+    row.finished_at = utcnow()
+    if result.best is None or content is None:
+        _fail_search(row, "no trial completed")
+        return
+    row.best = {**result.best, "trials": result.counts}
+    digest = hashlib.sha256(content).hexdigest()
+    session.merge(TrainedModel(search_id=row.id, content=content, size=len(content), sha256=digest))
+    row.status = "completed"
 
 
 def _fail_search(row: Search, message: str) -> None:

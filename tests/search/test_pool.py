@@ -1,13 +1,17 @@
 """The worker loop on a real database: claims, stages, the end of a search, cancellation."""
 
+import threading
+import time
+
 import numpy as np
 import optuna
 import pytest
 from optuna.trial import TrialState
+from sqlalchemy import select, text
 
 from db.migrate import upgrade
-from db.models import Search, TrainedModel
-from db.session import session_scope
+from db.models import Lease, Search, TrainedModel
+from db.session import lock_search, session_scope
 from models.data import load_dataset
 from models.export import load_model
 from search.pool import Worker
@@ -245,7 +249,7 @@ def test_a_search_that_cannot_be_loaded_fails_alone(url):
 def test_a_search_whose_workers_keep_dying_fails_after_the_attempt_limit(url):
     from datetime import timedelta
 
-    from db.models import Lease, utcnow
+    from db.models import utcnow
     from db.storage import GRACE_PERIOD_S
 
     search_id = queue(url)
@@ -267,41 +271,45 @@ def test_a_search_whose_workers_keep_dying_fails_after_the_attempt_limit(url):
     assert error == "2 worker attempts failed; the last: a worker died while loading its dataset"
 
 
+def cancel_while(url: str, search_id: str, phase: str, work) -> None:
+    """Run `work` on a thread; once a worker holds the search's `phase` lease, cancel the search
+    as `POST /cancel` does, which must not wait for the worker's lock."""
+    worker = threading.Thread(target=work)
+    worker.start()
+    leases = select(Lease).where(Lease.search_id == search_id)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            with session_scope(url) as session:
+                if session.scalars(leases.where(Lease.phase == phase)).first() is not None:
+                    break
+            assert time.monotonic() < deadline, f"no worker ever held a {phase} lease"
+            time.sleep(0.02)
+        with session_scope(url) as session:
+            session.execute(text("SET LOCAL lock_timeout = '2s'"))
+            search = lock_search(session, search_id)
+            search.cancel_requested, search.status = True, "cancelled"
+        assert worker.is_alive(), f"the worker should still be in its {phase} phase"
+    finally:
+        worker.join(180)
+    with session_scope(url) as session:
+        assert session.get(Search, search_id).status == "cancelled"
+        assert session.scalars(leases).first() is None
+
+
 def test_no_lock_is_held_while_a_dataset_loads(postgres_url):
-    import threading
-    import time
-
-    from sqlalchemy import text
-
-    from db.session import lock_search
-
     upgrade(postgres_url)
     slow = queue(postgres_url, with_dataset("{name: mnist1d, samples: 8000}"))  # seconds to make
-    loader = threading.Thread(target=Worker(postgres_url, stream=0).step)
-    loader.start()
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            with session_scope(postgres_url) as session:
-                if session.scalars(select_leases(slow)).first() is not None:
-                    break
-            assert time.monotonic() < deadline, "the worker never started loading"
-            time.sleep(0.05)
-        with session_scope(postgres_url) as session:  # what POST /cancel does, at once
-            session.execute(text("SET LOCAL lock_timeout = '2s'"))
-            search = lock_search(session, slow)
-            search.cancel_requested, search.status = True, "cancelled"
-        assert loader.is_alive(), "the dataset should still be loading"
-    finally:
-        loader.join(120)
+    cancel_while(postgres_url, slow, "load", Worker(postgres_url, stream=0).step)
+
+
+def test_no_lock_is_held_during_the_final_fit_and_a_cancel_then_wins(postgres_url):
+    upgrade(postgres_url)
+    spec = with_dataset("{name: synthetic, samples: 20000, features: 20, classes: 3}")
+    spec = spec.replace("stages: [{trials: 4}, {trials: 3}]", "final_fit: train_dev")
+    spec = spec.replace("hidden_units: 8", "hidden_units: 256").replace("trials: 7", "trials: 2")
+    search_id = queue(postgres_url, spec)
+    worker = Worker(postgres_url, batch=2, stream=0)
+    cancel_while(postgres_url, search_id, "finish", lambda: worker.run(until_idle=True))
     with session_scope(postgres_url) as session:
-        assert session.get(Search, slow).status == "cancelled"
-        assert session.scalars(select_leases(slow)).first() is None
-
-
-def select_leases(search_id: str):
-    from sqlalchemy import select
-
-    from db.models import Lease
-
-    return select(Lease).where(Lease.search_id == search_id)
+        assert session.get(TrainedModel, search_id) is None

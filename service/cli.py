@@ -53,14 +53,17 @@ def run(
     from db.storage import optuna_storage
     from search.runner import run_search
     from search.spec import SpecError, load_spec
+    from service.limits import dataset_size_errors
     from service.settings import get_settings
 
     console = _console(stderr=json_output)
+    settings = get_settings()
     try:
         spec = load_spec(spec_path)
+        if too_big := dataset_size_errors(spec, settings):
+            raise SpecError(too_big)
     except (SpecError, OSError) as error:
         _fail(console, f"{spec_path}: {error}")
-    settings = get_settings()
     _prepare_jax(console, settings.compile_cache)
     _quiet_optuna()
     url = database_url or settings.database_url

@@ -32,7 +32,7 @@ def spec_limit_errors(
     units_loc, units = _largest(spec, "hidden_units")
     check(layers_loc, layers, settings.max_hidden_layers, "hidden_layers")
     check(units_loc, units, settings.max_hidden_units, "hidden_units")
-    errors += dataset_limit_errors(spec, settings)
+    errors += data_path_errors(spec, settings) + dataset_size_errors(spec, settings)
     inputs, outputs = input_output or _sizes(spec)
     parameters = count_parameters(inputs, (int(units),) * int(layers), outputs)
     if parameters > settings.max_parameters:
@@ -44,16 +44,22 @@ def spec_limit_errors(
     return errors
 
 
-def dataset_limit_errors(spec: SearchSpec, settings: Settings) -> list[dict[str, Any]]:
-    """The limits a generated dataset exceeds (samples, features, classes, samples x features),
-    and a `path` outside the operator's data directory, as errors naming the field."""
-    ref = spec.dataset
-    if ref.path is not None:
-        try:
-            resolve_data_path(ref.path, settings.data_dir)
-        except DataPathError as error:
-            return [{"loc": ["dataset", "path"], "msg": str(error), "type": "path"}]
+def data_path_errors(spec: SearchSpec, settings: Settings) -> list[dict[str, Any]]:
+    """A `dataset.path` the service may not read: any, without a data directory; else one that
+    leads out of it or names no file in it."""
+    if spec.dataset.path is None:
         return []
+    try:
+        resolve_data_path(spec.dataset.path, settings.data_dir)
+    except DataPathError as error:
+        return [{"loc": ["dataset", "path"], "msg": str(error), "type": "path"}]
+    return []
+
+
+def dataset_size_errors(spec: SearchSpec, settings: Settings) -> list[dict[str, Any]]:
+    """The limits a generated dataset exceeds (samples, features, classes, samples x features),
+    as errors naming the field."""
+    ref = spec.dataset
     if ref.name not in _GENERATED:
         return []
     default_samples, default_features = _GENERATED[ref.name]

@@ -82,6 +82,25 @@ def test_bad_spec_exits_with_the_field_and_reason(tmp_path):
     assert "space.learning_rate" in done.stdout + done.stderr
 
 
+@pytest.mark.parametrize(
+    ("dataset", "extra", "problem"),
+    [
+        ("{name: synthetic, samples: 300, features: 5, classes: 2}", "seed: 4294967296", "seed:"),
+        ("{name: synthetic, samples: 1000000000}", "", "dataset.samples: samples 1,000,000,000"),
+        ("{name: synthetic, features: 40000000}", "", "dataset.features: features 40,000,000"),
+    ],
+)
+def test_a_seed_or_dataset_size_no_worker_can_take_is_a_clear_error(
+    tmp_path, dataset, extra, problem
+):
+    spec = SPEC.replace("{name: synthetic, samples: 300, features: 5, classes: 2}", dataset)
+    (tmp_path / "big.yaml").write_text(spec + extra + "\n")
+    done = caviar("run", "big.yaml", cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert problem in done.stdout + done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_missing_spec_file_is_a_clear_error(tmp_path):
     done = caviar("run", "nope.yaml", cwd=tmp_path)
     assert done.returncode == 2

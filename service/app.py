@@ -16,8 +16,8 @@ from fastapi.responses import JSONResponse
 from db.session import DatabaseError, DatabaseUnavailable
 from db.storage import GRACE_PERIOD_S
 from search.pool import reap_stale_trials
-from service.events import EventStreams
 from search.spec import printable
+from service.events import EventStreams
 from service.routes import datasets, ops, searches
 from service.settings import Settings, get_settings
 

@@ -9,12 +9,16 @@ import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from service.settings import Settings
 
 app = typer.Typer(
     help="Caviar: hyperparameter search that trains many MLPs at once.",
@@ -64,7 +68,7 @@ def run(
             raise SpecError(too_big)
     except (SpecError, OSError) as error:
         _fail(console, f"{spec_path}: {error}")
-    _prepare_jax(console, settings.compile_cache)
+    _prepare_jax(console, settings)
     _quiet_optuna()
     url = database_url or settings.database_url
     with _database(url):
@@ -99,6 +103,10 @@ def run(
     if json_output:
         print(json.dumps(result.summary()))
 
+
+JsonOption = Annotated[
+    bool, typer.Option("--json", help="Print the API's JSON instead of a table.")
+]
 
 db_app = typer.Typer(help="Database migrations.", no_args_is_help=True)
 keys_app = typer.Typer(help="API keys.", no_args_is_help=True)
@@ -190,7 +198,14 @@ def worker(
     from service.settings import get_settings
 
     settings = get_settings()
-    _prepare_jax(_console(stderr=True), settings.compile_cache)
+    _prepare_jax(_console(stderr=True), settings)
+    if settings.require_accelerator:
+        from models.runtime import require_accelerator
+
+        try:
+            require_accelerator()
+        except RuntimeError as error:
+            _fail(_console(stderr=True), str(error))
     _quiet_optuna()
     with _database(url):
         pool_worker = Worker(
@@ -200,13 +215,17 @@ def worker(
             data_dir=settings.data_dir,
             max_attempts=settings.max_search_attempts,
         )
-    typer.echo(f"worker on {_safe(url)}; devices: {', '.join(map(str, jax.devices()))}")
 
     def stop(signum, frame) -> None:
         pool_worker.stop_event.set()
 
+    # Before the start-up line: whoever reads it may send SIGTERM at once.
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    devices = ", ".join(map(str, jax.devices()))
+    typer.echo(
+        f"worker on {_safe(url)}; devices: {devices}; matmul precision: {settings.matmul_precision}"
+    )
     clean = pool_worker.run_until_stopped()
     typer.echo("worker stopped" if clean else "worker stopped: the work in hand was given back")
     if not clean:  # the worker's thread is still inside a long call (generating data, compiling)
@@ -214,16 +233,18 @@ def worker(
         os._exit(0)
 
 
-def _prepare_jax(console: Console, compile_cache: str | None) -> None:
-    """Before JAX starts: one device per CPU core, and the persistent compilation cache if set."""
-    from models.runtime import enable_compilation_cache, use_every_core
+def _prepare_jax(console: Console, settings: Settings) -> None:
+    """Before JAX starts: one device per CPU core, the matmul precision, and the persistent
+    compilation cache if set."""
+    from models.runtime import enable_compilation_cache, set_matmul_precision, use_every_core
 
     try:
         use_every_core()
     except ValueError as error:  # a bad CAVIAR_CPU_DEVICES
         _fail(console, str(error))
-    if compile_cache:
-        enable_compilation_cache(compile_cache)
+    set_matmul_precision(settings.matmul_precision)
+    if settings.compile_cache:
+        enable_compilation_cache(settings.compile_cache)
 
 
 @app.command()
@@ -243,10 +264,13 @@ def submit(spec_path: Annotated[Path, typer.Argument(metavar="SPEC")]) -> None:
 
 
 @app.command()
-def status(search_id: str) -> None:
+def status(search_id: str, as_json: JsonOption = False) -> None:
     """Status, progress and best trial of a search."""
     console = _console()
     data = _call(console, "GET", f"/v1/searches/{search_id}").json()
+    if as_json:
+        typer.echo(json.dumps(data))
+        return
     p = data["progress"]
     console.print(
         f"{data['id']}: {data['status']}, stage {data['stage']}; {p['complete']} complete, "
@@ -311,6 +335,112 @@ def export(search_id: str, path: Annotated[Path, typer.Argument(metavar="PATH")]
     """Save the best model of a completed search (load it with models.export.load_model)."""
     path.write_bytes(_call(_console(), "GET", f"/v1/searches/{search_id}/model").content)
     typer.echo(f"model written to {path}")
+
+
+@app.command("list")
+def list_searches(
+    offset: Annotated[int, typer.Option(min=0, help="Skip this many (newest first).")] = 0,
+    limit: Annotated[int, typer.Option(min=1, max=200, help="Searches per page.")] = 50,
+    as_json: JsonOption = False,
+) -> None:
+    """Your searches, newest first."""
+    console = _console()
+    page = _call(console, "GET", "/v1/searches", params={"offset": offset, "limit": limit}).json()
+    if as_json:
+        typer.echo(json.dumps(page))
+        return
+    rows = [
+        [s["id"], s["name"], s["status"], s["stage"], _best_value(s), s["created_at"][:19]]
+        for s in page["items"]
+    ]
+    _print_table(console, ["id", "name", "status", "stage", "best", "created"], rows)
+    shown = f"{offset + 1}-{offset + len(rows)}" if rows else "none"
+    console.print(f"{shown} of {page['total']}")
+
+
+@app.command()
+def cancel(search_id: str, as_json: JsonOption = False) -> None:
+    """Cancel a queued or running search; workers stop its trials within an epoch."""
+    console = _console()
+    data = _call(console, "POST", f"/v1/searches/{search_id}/cancel").json()
+    typer.echo(json.dumps(data) if as_json else f"{data['id']}: {data['status']}")
+
+
+@app.command()
+def trials(search_id: str, as_json: JsonOption = False) -> None:
+    """Every trial of a search: stage, state, value and parameters (β as β)."""
+    console = _console()
+    items = _call(console, "GET", f"/v1/searches/{search_id}/trials").json()["items"]
+    if as_json:
+        typer.echo(json.dumps(items))
+        return
+    names = sorted({name for trial in items for name in trial["params"]})
+    rows = [
+        [t["stage"], t["number"], t["state"], _fmt(t["value"]) if t["value"] is not None else ""]
+        + [_fmt(t["params"][name]) if name in t["params"] else "" for name in names]
+        for t in items
+    ]
+    _print_table(console, ["stage", "trial", "state", "value", *names], rows)
+
+
+datasets_app = typer.Typer(help="Datasets uploaded to the API.", no_args_is_help=True)
+app.add_typer(datasets_app, name="datasets")
+
+
+@datasets_app.command("upload")
+def datasets_upload(
+    path: Annotated[Path, typer.Argument(metavar="FILE", help="A .npz (x, y) or .csv file.")],
+    target: Annotated[str | None, typer.Option(help="Target column of a .csv file.")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Upload a dataset; prints its id (name it in a spec as `dataset: {id: ...}`)."""
+    console = _console()
+    try:
+        content = path.read_bytes()
+    except OSError as error:
+        _fail(console, f"{path}: {error.strerror or error}")
+    form = {"target": target} if target else {}
+    response = _call(
+        console, "POST", "/v1/datasets", files={"file": (path.name, content)}, data=form
+    )
+    data = response.json()
+    typer.echo(json.dumps(data) if as_json else data["id"])
+
+
+@datasets_app.command("list")
+def datasets_list(as_json: JsonOption = False) -> None:
+    """Your datasets, newest first."""
+    console = _console()
+    items = _call(console, "GET", "/v1/datasets").json()["items"]
+    if as_json:
+        typer.echo(json.dumps(items))
+        return
+    rows = [
+        [d["id"], d["name"], d["format"], d["rows"], d["columns"], d["target"] or "", d["size"]]
+        for d in items
+    ]
+    _print_table(console, ["id", "name", "format", "rows", "columns", "target", "bytes"], rows)
+
+
+@datasets_app.command("delete")
+def datasets_delete(dataset_id: str) -> None:
+    """Delete a dataset that no queued or running search uses."""
+    _call(_console(), "DELETE", f"/v1/datasets/{dataset_id}")
+    typer.echo(f"{dataset_id}: deleted")
+
+
+def _print_table(console: Console, columns: list[str], rows: list[list[Any]]) -> None:
+    table = Table(*columns)
+    for row in rows:
+        table.add_row(*(str(cell) for cell in row))
+    console.print(table)
+
+
+def _best_value(search: dict[str, Any]) -> str:
+    """The best trial's dev metric, e.g. `dev_accuracy 0.912`; empty until the search ends."""
+    best = search.get("best") or {}
+    figures = [(k, v) for k, v in best.items() if k.startswith("dev_") and v is not None]
+    return " ".join(f"{k} {_fmt(v)}" for k, v in figures[:1])
 
 
 @app.command()
@@ -520,7 +650,9 @@ def _quiet_optuna() -> None:
 
 
 def _fail(console: Console, message: str) -> None:
-    console.print(f"[red]error:[/red] {message}", highlight=False)
+    """Print `message` to stderr as one line (never read as markup, never wrapped); exit 2."""
+    errors = console if console.stderr else _console(stderr=True)
+    errors.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -20,6 +21,12 @@ class Settings(BaseSettings):
     token: str | None = Field(None, description="API token the CLI sends.")
     compile_cache: str | None = Field(
         None, description="Directory of JAX's persistent compilation cache (workers, caviar run)."
+    )
+    matmul_precision: Literal["highest", "high", "default"] = Field(
+        "highest", description="Precision of float32 matmuls (workers, caviar run); see README."
+    )
+    require_accelerator: bool = Field(
+        False, description="A worker refuses to start when JAX finds no GPU or TPU."
     )
     max_trials: int = Field(2000, ge=1, description="Most trials one search may run.")
     max_epochs: int = Field(1000, ge=1, description="Most epochs a trial may train.")

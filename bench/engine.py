@@ -112,7 +112,7 @@ def train_flax_trial(hp: dict, ds, epochs: int) -> tuple[int, float, float]:
 
     model = MLP(hidden=HIDDEN, num_outputs=ds.num_outputs)
     key = jax.random.PRNGKey(hp["seed"])
-    params = init_variables(model, ds.num_features, key, jnp.int32(0))["params"]
+    params = init_variables(model, ds.num_features, key)["params"]
     tx = optax.chain(optax.ema(hp["momentum"], debias=False), optax.scale(-hp["learning_rate"]))
     opt_state = tx.init(params)
     l2 = hp["l2"]

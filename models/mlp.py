@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable
 
 import flax.linen as nn
@@ -18,29 +19,14 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 }
 
 # Weight initialisations by variance: he 2/n_in (ReLU), xavier 1/n_in (tanh),
-# glorot 2/(n_in + n_out). The code is a traced integer, so one compiled init serves all three.
+# glorot 2/(n_in + n_out).
 INITS: tuple[str, ...] = ("he", "xavier", "glorot")
 
 
-def init_std(init_code: jax.Array, fan_in: jax.Array, fan_out: jax.Array) -> jax.Array:
-    """Standard deviation of initial kernel weights for the initialisation `INITS[init_code]`.
-
-    The fans may be traced (a padded layer passes its trial's real widths).
-    """
-    fan_in, fan_out = jnp.asarray(fan_in, jnp.float32), jnp.asarray(fan_out, jnp.float32)
-    variances = jnp.stack([2.0 / fan_in, 1.0 / fan_in, 2.0 / (fan_in + fan_out)])
-    return jnp.sqrt(variances[init_code])
-
-
-def normal_kernel(key: jax.Array, rows: int, cols: int) -> jax.Array:
-    """Standard normal weights of shape [rows, cols], column j drawn from `fold_in(key, j)`.
-
-    A larger draw holds a smaller one in its top-left corner, so a padded layer starts from the
-    same weights as the layer of its trial's real widths.
-    """
-    return jax.vmap(lambda j: jax.random.normal(jax.random.fold_in(key, j), (rows,)))(
-        jnp.arange(cols)
-    ).T
+def init_std(init: int, fan_in: int, fan_out: int) -> float:
+    """Standard deviation of initial kernel weights for the initialisation `INITS[init]`."""
+    variances = (2.0 / fan_in, 1.0 / fan_in, 2.0 / (fan_in + fan_out))
+    return math.sqrt(variances[init])
 
 
 def inverted_dropout(x: jax.Array, rate: jax.Array, key: jax.Array) -> jax.Array:
@@ -84,7 +70,7 @@ class MLP(nn.Module):
         return nn.Dense(self.num_outputs)(x)
 
 
-def init_variables(model: MLP, input_dim: int, key: jax.Array, init_code: jax.Array) -> dict:
+def init_variables(model: MLP, input_dim: int, key: jax.Array, init: int = 0) -> dict:
     """Fresh variables: kernels ~ N(0, init_std²), biases and shifts 0, scales and variances 1.
 
     Built from the model's variable structure rather than by `model.init`, whose default
@@ -100,7 +86,7 @@ def init_variables(model: MLP, input_dim: int, key: jax.Array, init_code: jax.Ar
         name = getattr(path[-1], "key", None)
         if name == "kernel":
             fan_in, fan_out = leaf.shape
-            return normal_kernel(k, fan_in, fan_out) * init_std(init_code, fan_in, fan_out)
+            return jax.random.normal(k, leaf.shape, leaf.dtype) * init_std(init, fan_in, fan_out)
         if name in ("scale", "var"):
             return jnp.ones(leaf.shape, leaf.dtype)
         return jnp.zeros(leaf.shape, leaf.dtype)

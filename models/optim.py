@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 OPTIMIZERS: tuple[str, ...] = ("gd", "momentum", "rmsprop", "adam", "adamw")
 LR_DECAYS: tuple[str, ...] = ("none", "exponential", "inverse_time", "inverse_sqrt", "step")
@@ -39,9 +40,9 @@ class Hyper(NamedTuple):
 
 
 def init_moments(params: Params) -> Moments:
-    """Zero moments and step count."""
-    zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
-    return Moments(zeros, jax.tree_util.tree_map(jnp.zeros_like, params), jnp.int32(0))
+    """Zero moments and step count (host arrays)."""
+    zeros = jax.tree_util.tree_map(np.zeros_like, params)
+    return Moments(zeros, jax.tree_util.tree_map(np.zeros_like, params), np.int32(0))
 
 
 def update(

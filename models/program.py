@@ -1,7 +1,8 @@
 """The maths of one bucket's program: pure functions of one trial's arrays.
 
-`init_trial`, `train_epoch` and `evaluate` take a static `Bucket` and one trial's arrays (no
-trial axis); `models.train` vmaps them over the trial axis and jit-compiles them per bucket.
+`train_epoch` and `evaluate` take a static `Bucket` and one trial's arrays (no trial axis);
+`models.train` vmaps them over the trial axis and jit-compiles them per bucket. `init_trial`
+builds a trial's first state on the host.
 
 A trial's arrays (`TrialArrays`, from `trial_arrays`) hold its real architecture as traced
 values (widths per position, 0 past its depth; depth; activation, optimizer and batch-norm
@@ -9,9 +10,8 @@ selectors) next to its continuous hyperparameters. Padding is exact: padded unit
 (kernels, biases, batch-norm scales, shifts and statistics), their activations are masked to zero
 whatever the activation, so their gradients, moments and L2 terms are zero and they stay zero;
 layers past a trial's depth have no parameters and the output layer reads the trial's last real
-layer; initial weights are drawn so that a padded draw holds the unpadded one (`normal_kernel`)
-and scaled by the real fans; dropout masks are drawn unit-major, so the real units draw what they
-would alone.
+layer; initial weights are drawn in the real shape (scaled by the real fans) and then padded;
+dropout masks are drawn unit-major, so the real units draw what they would alone.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import numpy as np
 import optax
 
 from models.bucket import Bucket, Shape, Task
-from models.mlp import ACTIVATIONS, INITS, init_std, inverted_dropout, normal_kernel
+from models.mlp import ACTIVATIONS, INITS, init_std, inverted_dropout
 from models.optim import LR_DECAYS, OPTIMIZERS, Hyper, Moments, init_moments, lr_factor, update
 
 #: Batch norm as the Flax MLP has it: running averages with momentum 0.9, ε 1e-5.
@@ -118,35 +118,40 @@ def unit_masks(bucket: Bucket, hp: TrialArrays) -> list[jax.Array]:
     ]
 
 
-def init_trial(bucket: Bucket, hp: TrialArrays) -> TrialState:
-    """A trial's fresh state: kernels ~ N(0, init_std²) over its real units, the rest zero,
-    batch-norm scales and running variances one on real units."""
-    key = jax.random.fold_in(jax.random.PRNGKey(hp["seed"]), 1)
-    masks = unit_masks(bucket, hp)
-    fans = [jnp.int32(bucket.input_dim), *(hp["widths"][i] for i in range(len(bucket.widths)))]
+def init_trial(bucket: Bucket, shape: Shape, hparams: Mapping[str, Any]) -> TrialState:
+    """A trial's fresh state in `bucket` (NumPy, no trial axis): kernels ~ N(0, init_std²) over
+    its real units, biases and shifts zero, batch-norm scales and running variances one on real
+    units, everything else zero.
+
+    Drawn on the host in the trial's real shape (one generator per layer) and then padded, so the
+    bucket cannot change a draw, and no program is compiled for it.
+    """
+    seed = int(hparams.get("seed", HPARAM_DEFAULTS["seed"]))
+    code = _code(INITS, hparams.get("init", HPARAM_DEFAULTS["init"]), "init")
+    fans = (shape.input_dim, *shape.hidden, shape.num_outputs)
     rows = (bucket.input_dim, *bucket.widths)
     kernels, biases = [], []
-    for position, width in enumerate(bucket.widths):
-        std = init_std(
-            hp["init"], jnp.maximum(fans[position], 1), jnp.maximum(fans[position + 1], 1)
-        )
-        row_mask = masks[position - 1] if position > 0 else jnp.ones(rows[0])
-        draw = normal_kernel(jax.random.fold_in(key, position + 1), rows[position], width)
-        kernels.append(draw * std * row_mask[:, None] * masks[position][None, :])
-        biases.append(jnp.zeros(width))
-    last = hp["widths"][hp["depth"] - 1]
-    std = init_std(hp["init"], last, bucket.num_outputs)
-    draw = normal_kernel(jax.random.fold_in(key, 0), bucket.out_width, bucket.num_outputs)
-    kernels.append(draw * std * (jnp.arange(bucket.out_width) < last)[:, None])
-    biases.append(jnp.zeros(bucket.num_outputs))
+    for position, width in enumerate((*bucket.widths, bucket.num_outputs)):
+        output = position == len(bucket.widths)
+        layer = len(shape.hidden) if output else position
+        kernel = np.zeros((bucket.out_width if output else rows[position], width), np.float32)
+        if output or position < len(shape.hidden):
+            fan_in, fan_out = fans[layer], fans[layer + 1]
+            draw = np.random.default_rng([seed, layer]).standard_normal((fan_in, fan_out))
+            kernel[:fan_in, :fan_out] = draw * init_std(code, fan_in, fan_out)
+        kernels.append(kernel)
+        biases.append(np.zeros(width, np.float32))
     params: Params = {"kernel": tuple(kernels), "bias": tuple(biases)}
     stats: Params = {}
     if bucket.batch_norm:
-        params["scale"] = tuple(m * hp["batch_norm"] for m in masks)
-        params["shift"] = tuple(jnp.zeros_like(m) for m in masks)
-        stats = {"mean": tuple(jnp.zeros_like(m) for m in masks), "var": tuple(masks)}
-    score = jnp.asarray(-jnp.inf, jnp.float32)
-    return TrialState(params, stats, init_moments(params), params, stats, score, jnp.int32(0))
+        real = [np.zeros(width, np.float32) for width in bucket.widths]
+        for position, width in enumerate(shape.hidden):
+            real[position][:width] = 1.0
+        params["scale"] = tuple(m * shape.batch_norm for m in real)
+        params["shift"] = tuple(np.zeros_like(m) for m in real)
+        stats = {"mean": tuple(np.zeros_like(m) for m in real), "var": tuple(real)}
+    score = np.float32(-np.inf)
+    return TrialState(params, stats, init_moments(params), params, stats, score, np.int32(0))
 
 
 def forward(

@@ -25,6 +25,7 @@ import numpy as np
 
 from models.bucket import Bucket, Shape, Task, epoch_flops
 from models.placement import Placement
+from models.planner import Costs
 from models.program import (
     HPARAM_DEFAULTS,
     TrialState,
@@ -34,6 +35,7 @@ from models.program import (
     train_epoch,
     trial_arrays,
 )
+from models.runtime import matmul_peak_gflops
 
 __all__ = [
     "DEFAULT_GROUP_SIZE",
@@ -53,6 +55,7 @@ __all__ = [
     "default_monitor",
     "evaluate",
     "initial_variables",
+    "planning_costs",
     "predict",
     "train_batch",
 ]
@@ -146,6 +149,28 @@ class Rates:
 
 #: This process's measurements.
 RATES = Rates()
+
+
+#: What the planner assumes a new program costs before this process has measured one.
+COMPILE_PRIOR_S = 1.0
+
+
+def planning_costs(data: TrainData, *, epochs: int, group_size: int, trials: int) -> Costs:
+    """The planner's costs for a batch of `trials` on `data`: this process's measured rates;
+    before any, `COMPILE_PRIOR_S` and a short matmul probe of the FLOP rate."""
+    return Costs(
+        compile_s=COMPILE_PRIOR_S if RATES.compile_s is None else RATES.compile_s,
+        flops_per_s=RATES.flops_per_s or _probe_flops_per_s(),
+        epochs=epochs,
+        train_examples=data.x_train.shape[0],
+        dev_examples=data.x_dev.shape[0],
+        group_size=Placement.local(trials).round_up(max(1, min(group_size, trials))),
+    )
+
+
+@functools.cache
+def _probe_flops_per_s() -> float:
+    return matmul_peak_gflops(size=256, repeats=20) * 1e9
 
 
 class _ProgramKey(NamedTuple):
@@ -250,11 +275,10 @@ def train_batch(
     # final variables are read from.
     parked: dict[int, TrialState] = {}
     groups = []
+    fresh = [init_trial(bucket, s, h) for s, h in zip(shapes, hparams, strict=True)]
     for members, slots in _partition(np.arange(num_trials), group_size):
-        group_hp = placement.shard(_rows(hp, slots))
-        # init's compiler may replicate some outputs; the epoch program returns them sharded, so
-        # shard them now, or its second call would see another layout.
-        groups.append(_Group(members, placement.shard(programs.init(group_hp)), group_hp))
+        state = placement.shard(_stack([fresh[i] for i in slots]))
+        groups.append(_Group(members, state, placement.shard(_rows(hp, slots))))
     for epoch in range(epochs):
         running = np.flatnonzero(active)
         if running.size == 0:
@@ -383,7 +407,6 @@ def _report(epoch: int, num_trials: int, pending) -> EpochReport:
 
 
 class _Programs(NamedTuple):
-    init: Callable
     shuffle: Callable
     epoch: Callable
 
@@ -402,9 +425,6 @@ def _programs(bucket: Bucket, monitor: tuple[str, bool], decay_every: int) -> _P
 
     epoch = functools.partial(train_epoch, bucket, monitor, decay_every)
     return _Programs(
-        init=jax.jit(
-            jax.vmap(functools.partial(init_trial, bucket)), compiler_options=_cpu_options()
-        ),
         shuffle=jax.jit(shuffle),
         epoch=jax.jit(
             jax.vmap(epoch, in_axes=(0, 0, None, None, None, None, None, None)),
@@ -415,7 +435,7 @@ def _programs(bucket: Bucket, monitor: tuple[str, bool], decay_every: int) -> _P
 
 
 def _cpu_options() -> dict[str, str] | None:
-    """XLA options for the init and epoch programs: on the CPU, LLVM's optimisation level 1.
+    """XLA options for the epoch programs: on the CPU, LLVM's optimisation level 1.
 
     Measured on MNIST-1D 40→256→256→10 (bench/engine.py): it halves the compile (3.3 s → 1.5 s)
     and leaves the steady epoch time unchanged; level 0 doubles the epoch time.
@@ -426,14 +446,8 @@ def _cpu_options() -> dict[str, str] | None:
 def initial_variables(shape: Shape, hparams: Sequence[Mapping[str, Any]]) -> list[dict]:
     """The real-shape variables `train_batch` starts each of these trials from."""
     bucket = Bucket.exact(shape)
-    hp = trial_arrays(bucket, [shape] * len(hparams), hparams)
-    state = jax.device_get(_programs(bucket, default_monitor(shape.task), 10).init(hp))
-    return [
-        real_variables(
-            shape, *jax.tree_util.tree_map(lambda a, i=i: a[i], (state.params, state.stats))
-        )
-        for i in range(len(hparams))
-    ]
+    states = [init_trial(bucket, shape, h) for h in hparams]
+    return [real_variables(shape, state.params, state.stats) for state in states]
 
 
 def evaluate(
@@ -443,9 +457,19 @@ def evaluate(
 
     Keys are `loss` and `accuracy` (classification) or `loss`, `mse`, `r2` (regression).
     """
-    out = shape.model.apply(variables, jnp.asarray(x, jnp.float32), train=False)
-    metrics = output_metrics(shape.task, out, jnp.asarray(y), target_std)
+    metrics = _evaluation(shape)(variables, jnp.asarray(x, jnp.float32), jnp.asarray(y), target_std)
     return {name: float(value) for name, value in metrics.items()}
+
+
+@functools.lru_cache(maxsize=64)
+def _evaluation(shape: Shape) -> Callable:
+    """`evaluate`'s jitted maths for one shape (eagerly, each operation would compile alone)."""
+
+    def metrics(variables, x, y, target_std):
+        out = shape.model.apply(variables, x, train=False)
+        return output_metrics(shape.task, out, y, target_std)
+
+    return jax.jit(metrics)
 
 
 def predict(shape: Shape, variables: dict, x: np.ndarray) -> np.ndarray:

@@ -1,13 +1,16 @@
-"""The worker loop's core: ask Optuna for trials, train them by shape as one batch, tell Optuna.
+"""The worker loop's core: ask Optuna for trials, train them bucket by bucket, tell Optuna.
 
-The engine (`models.train.train_batch`) knows nothing about Optuna; this module turns its
-per-epoch callback into `trial.report` / `trial.should_prune` calls and its results into
-`study.tell`. A diverged trial fails with reason `diverged`; the rest of its batch goes on.
+The planner (`models.planner.plan`) splits a claim of trials into buckets, each one compiled
+program for trials of different shapes; the engine (`models.train.train_batch`) knows nothing
+about Optuna; this module turns its per-epoch callback into `trial.report` /
+`trial.should_prune` calls and its results into `study.tell`. A diverged trial fails with reason
+`diverged`; the rest of its batch goes on.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import traceback
 import zlib
 from collections.abc import Callable, Sequence
@@ -21,21 +24,27 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from db.storage import report_epoch, retry_trial, set_user_attrs
 from models.data import Dataset
+from models.planner import plan, strategy_from_env
 from models.train import (
     DEFAULT_GROUP_SIZE,
     HPARAM_DEFAULTS,
+    Bucket,
     EpochReport,
     Shape,
     TrainData,
     TrialResult,
+    compiled_buckets,
+    planning_costs,
     train_batch,
 )
 from search.space import sample_trial
 from search.spec import Objective, Param, SearchSpec
 from search.studies import ask
 
-#: Trials one worker asks for at once; they are split by shape and trained together.
+#: Trials one worker asks for at once; the planner splits them into buckets.
 DEFAULT_BATCH = 32
+
+logger = logging.getLogger(__name__)
 
 #: Stop reasons after which a trial is enqueued again: the trial itself was not at fault.
 RETRIED_REASONS = frozenset({"preempted", "oom"})
@@ -77,7 +86,7 @@ StopCheck = Callable[[], "str | None"]
 
 
 def shape_of(params: dict[str, Any], dataset: Dataset) -> Shape:
-    """The static shape (what the compiled program depends on) of a trial's hyperparameters."""
+    """The real architecture of a trial's hyperparameters (a bucket may hold it padded)."""
     return Shape(
         input_dim=dataset.num_features,
         num_outputs=dataset.num_outputs,
@@ -92,7 +101,7 @@ def shape_of(params: dict[str, Any], dataset: Dataset) -> Shape:
 
 
 def continuous_hparams(params: dict[str, Any], seed: int) -> dict[str, Any]:
-    """The trial's traced hyperparameters (everything of the engine's that is not the shape)."""
+    """The trial's continuous hyperparameters (everything of the engine's that is not the shape)."""
     values = {name: params[name] for name in HPARAM_DEFAULTS if name in params}
     values["seed"] = seed
     return values
@@ -114,7 +123,7 @@ def run_batch(
     on_trial: Callable[[TrialOutcome], None] | None = None,
     on_epoch: Callable[[list[Trial]], None] | None = None,
 ) -> list[TrialOutcome]:
-    """Ask `count` trials of `stage`, train them grouped by shape, and tell Optuna each result."""
+    """Ask `count` trials of `stage`, train them in buckets, and tell Optuna each result."""
     trials = [ask(study) for _ in range(count)]
     return train_trials(
         study,
@@ -139,27 +148,43 @@ def train_trials(
     on_trial: Callable[[TrialOutcome], None] | None = None,
     on_epoch: Callable[[list[Trial]], None] | None = None,
     group_size: int = DEFAULT_GROUP_SIZE,
+    strategy: str | None = None,
 ) -> list[TrialOutcome]:
-    """Sample and train already-asked trials of `stage` by shape; tell Optuna each result.
+    """Sample and train already-asked trials of `stage` bucket by bucket; tell Optuna each result.
 
-    `group_size` trials of a shape share one compiled call (see `models.train.train_batch`).
+    `strategy` (default `$CAVIAR_BUCKETS`, else `auto`) is the planner's; `group_size` trials of
+    a bucket share one compiled call (see `models.train.train_batch`).
     """
     set_user_attrs(study, [(trial, {"stage": stage}) for trial in trials])
     params = [sample_trial(trial, space, ctx.spec.fixed) for trial in trials]
-    groups: dict[Shape, list[int]] = {}
-    for index, values in enumerate(params):
-        groups.setdefault(shape_of(values, ctx.dataset), []).append(index)
-
+    shapes = [shape_of(values, ctx.dataset) for values in params]
+    monitor = (ctx.objective.metric, ctx.objective.direction == "maximize")
+    costs = planning_costs(
+        ctx.data, epochs=ctx.spec.budget.epochs, group_size=group_size, trials=len(trials)
+    )
+    chosen = plan(
+        shapes,
+        costs,
+        strategy=strategy or strategy_from_env(),
+        compiled=compiled_buckets(ctx.data, monitor),
+    )
+    logger.info(
+        "%d trials of %d shapes in %d buckets: %s",
+        len(trials),
+        len(set(shapes)),
+        len(chosen.assignments),
+        chosen.describe(),
+    )
     outcomes = []
-    for shape, members in groups.items():
-        batch = [trials[i] for i in members]
-        batch_params = [params[i] for i in members]
+    for assignment in chosen.assignments:
+        members = assignment.members
         outcomes += _train_group(
             study,
             ctx,
-            shape,
-            batch,
-            batch_params,
+            assignment.bucket,
+            [shapes[i] for i in members],
+            [trials[i] for i in members],
+            [params[i] for i in members],
             stage,
             should_stop,
             on_trial,
@@ -172,7 +197,8 @@ def train_trials(
 def _train_group(
     study: optuna.Study,
     ctx: SearchContext,
-    shape: Shape,
+    bucket: Bucket,
+    shapes: Sequence[Shape],
     trials: Sequence[Trial],
     params: Sequence[dict[str, Any]],
     stage: int,
@@ -211,7 +237,7 @@ def _train_group(
     ]
     try:
         result = train_batch(
-            shape,
+            list(shapes),
             hparams,
             ctx.data,
             epochs=ctx.spec.budget.epochs,
@@ -219,6 +245,7 @@ def _train_group(
             data_seed=ctx.spec.seed,
             monitor=(metric, ctx.objective.direction == "maximize"),
             group_size=group_size,
+            bucket=bucket,
         )
     except (optuna.exceptions.StorageInternalError, SQLAlchemyError):
         raise  # the database, not the trials, failed: the worker retries, the reaper reruns them

@@ -123,7 +123,7 @@ def test_padding_stays_zero_in_optimizer_moments_and_batch_norm_statistics(data)
     ys = data.y_train[: 8 * 32].reshape(8, 32)
     for index in (1, 2, 4):  # momentum, rmsprop with batch norm, adamw
         hp = {name: jnp.asarray(values[index]) for name, values in stacked.items()}
-        state, _ = program(init_trial(bucket, hp), hp, xs, ys)
+        state, _ = program(init_trial(bucket, SHAPES[index], HPARAMS[index]), hp, xs, ys)
         for tree in (state.params, state.moments.first, state.moments.second):
             assert _padding(bucket, SHAPES[index], (tree, state.stats)) == 0.0
         assert np.any(np.asarray(state.moments.second["kernel"][0]))

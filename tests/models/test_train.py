@@ -55,9 +55,8 @@ def test_gradient_check_float64_of_the_engines_padded_cost_with_l2():
     shape = Shape(4, 3, (5, 4), activation="tanh", optimizer="momentum", batch_size=6)
     bucket = Bucket.envelope([shape, Shape(4, 3, (7, 6, 2), batch_size=6)])
     with jax.enable_x64(True):
-        hp = {k: jnp.asarray(v) for k, v in trial_arrays(bucket, [shape], [{"l2": 0.7}]).items()}
-        hp = jax.tree_util.tree_map(lambda a: a[0], hp)
-        state = init_trial(bucket, hp)
+        hp = {k: jnp.asarray(v[0]) for k, v in trial_arrays(bucket, [shape], [{"l2": 0.7}]).items()}
+        state = jax.tree_util.tree_map(jnp.asarray, init_trial(bucket, shape, {}))
         real = [(k != 0).astype(jnp.float64) for k in state.params["kernel"]]
         masks = {"kernel": tuple(real), "bias": tuple(m.max(0) for m in real)}
         params = jax.tree_util.tree_map(

@@ -1,0 +1,172 @@
+"""Split a claim of trials into buckets so as to minimise the estimated wall time.
+
+`plan` is a pure function of the trials' shapes, the measured costs and the buckets already
+compiled in this process. A bucket costs its compile time (zero when compiled already) plus its
+trials' padded FLOPs at the measured rate, every group of `group_size` trials costing a full
+group. Strategies:
+
+- `auto` (default): start from one bucket per shape and repeatedly make the merge (or the move
+  into an already compiled bucket) that saves the most estimated time, until none saves any;
+- `exact`: one bucket per shape, no padding (one program per shape);
+- `single`: one bucket for every trial that can share one (same input and output sizes, task and
+  minibatch size), or an already compiled bucket that holds them all.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from models.bucket import Bucket, Shape, epoch_flops
+
+STRATEGIES: tuple[str, ...] = ("auto", "exact", "single")
+
+#: Environment variable that chooses the strategy of workers and `caviar run`.
+STRATEGY_ENV = "CAVIAR_BUCKETS"
+
+
+def strategy_from_env() -> str:
+    """`$CAVIAR_BUCKETS`, or `auto`; raises ValueError for an unknown strategy."""
+    value = os.environ.get(STRATEGY_ENV) or "auto"
+    if value not in STRATEGIES:
+        raise ValueError(f"{STRATEGY_ENV}={value!r}: expected one of {', '.join(STRATEGIES)}")
+    return value
+
+
+@dataclass(frozen=True)
+class Costs:
+    """What the estimate of a bucket's wall time needs: measured rates and the batch's size."""
+
+    compile_s: float  # one new program
+    flops_per_s: float  # padded training FLOPs per second
+    epochs: int
+    train_examples: int
+    dev_examples: int
+    group_size: int  # trials per compiled call; a short group costs a full one
+
+    def trial_flops(self, item: Bucket | Shape) -> float:
+        """FLOPs of one trial over every epoch, in `item`'s shape."""
+        return self.epochs * epoch_flops(item, self.train_examples, self.dev_examples)
+
+    def seconds(self, bucket: Bucket, trials: int, compiled: bool) -> float:
+        """Estimated wall time of `trials` trials in `bucket` (0 for none)."""
+        if trials == 0:
+            return 0.0
+        slots = math.ceil(trials / self.group_size) * self.group_size
+        return (0.0 if compiled else self.compile_s) + slots * self.trial_flops(
+            bucket
+        ) / self.flops_per_s
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """One bucket of a plan and the indices of the trials it trains."""
+
+    bucket: Bucket
+    members: tuple[int, ...]
+    compiled: bool  # its program exists in this process already
+    seconds: float  # the estimate
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The buckets chosen for a claim, with the estimate and the padding waste."""
+
+    assignments: tuple[Assignment, ...]
+    real_flops: float
+    padded_flops: float
+
+    @property
+    def waste(self) -> float:
+        """Padded FLOPs ÷ real FLOPs of the claim's trials (1.0: no padding)."""
+        return self.padded_flops / self.real_flops if self.real_flops else 1.0
+
+    @property
+    def seconds(self) -> float:
+        return sum(a.seconds for a in self.assignments)
+
+    def describe(self) -> str:
+        """One line per bucket: trials, whether compiled, estimate, and the bucket."""
+        lines = [
+            f"{len(a.members)} trials in {a.bucket.describe()} "
+            f"({'compiled' if a.compiled else 'new'}, ~{a.seconds:.1f} s)"
+            for a in self.assignments
+        ]
+        return "; ".join(lines) + f"; padding waste {self.waste:.2f}×"
+
+
+def plan(
+    shapes: Sequence[Shape],
+    costs: Costs,
+    *,
+    strategy: str = "auto",
+    compiled: Iterable[Bucket] = (),
+) -> Plan:
+    """The buckets for trials of `shapes` under `strategy` (see the module docstring)."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")
+    compiled = frozenset(compiled)
+    clusters: list[tuple[Bucket, list[int]]] = []
+    by_key: dict[tuple, list[int]] = {}
+    for index, shape in enumerate(shapes):
+        by_key.setdefault(Bucket.exact(shape).key, []).append(index)
+    for members in by_key.values():
+        if strategy == "single":
+            clusters.append((_single(shapes, members, compiled, costs), members))
+        else:
+            exact: dict[Bucket, list[int]] = {}
+            for index in members:
+                exact.setdefault(Bucket.exact(shapes[index]), []).append(index)
+            found = list(exact.items())
+            clusters += _merge(found, compiled, costs) if strategy == "auto" else found
+    assignments = tuple(
+        Assignment(b, tuple(m), b in compiled, costs.seconds(b, len(m), b in compiled))
+        for b, m in sorted(clusters, key=lambda c: min(c[1]))
+    )
+    real = sum(costs.trial_flops(shape) for shape in shapes)
+    padded = sum(len(a.members) * costs.trial_flops(a.bucket) for a in assignments)
+    return Plan(assignments, real, padded)
+
+
+def _single(
+    shapes: Sequence[Shape], members: list[int], compiled: frozenset[Bucket], costs: Costs
+) -> Bucket:
+    """The envelope of the members, or the cheapest compiled bucket that holds it."""
+    envelope = Bucket.envelope(shapes[i] for i in members)
+    holders = [b for b in compiled if b.fits(envelope)]
+    return min(holders, key=costs.trial_flops, default=envelope)
+
+
+def _merge(
+    clusters: list[tuple[Bucket, list[int]]], compiled: frozenset[Bucket], costs: Costs
+) -> list[tuple[Bucket, list[int]]]:
+    """Greedy agglomeration: apply the merge that saves the most estimated time, until none does.
+
+    Compiled buckets of the same static key join as empty clusters, so moving trials into one
+    costs no compile.
+    """
+    key = clusters[0][0].key
+    used = {bucket for bucket, _ in clusters}
+    clusters = clusters + [(b, []) for b in compiled if b.key == key and b not in used]
+
+    def cost(bucket: Bucket, members: list[int]) -> float:
+        return costs.seconds(bucket, len(members), bucket in compiled)
+
+    while True:
+        best: tuple[float, int, int, Bucket] | None = None
+        for i, j in itertools.combinations(range(len(clusters)), 2):
+            (a, ma), (b, mb) = clusters[i], clusters[j]
+            if not ma and not mb:
+                continue
+            merged = Bucket.envelope([a, b])
+            saving = cost(a, ma) + cost(b, mb) - cost(merged, ma + mb)
+            if saving > 1e-12 and (best is None or saving > best[0]):
+                best = (saving, i, j, merged)
+        if best is None:
+            return [(b, sorted(m)) for b, m in clusters if m]
+        _, i, j, merged = best
+        members = clusters[i][1] + clusters[j][1]
+        clusters = [c for k, c in enumerate(clusters) if k not in (i, j)] + [(merged, members)]

@@ -8,6 +8,7 @@ event loop between reads.
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -28,6 +29,10 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
 #: Threads that all event streams of one API process share for their database reads.
 POLL_THREADS = 4
+
+#: A comment line is sent after this many seconds without an event, so that proxies keep an
+#: idle stream open and a client that has gone away is noticed on any server.
+KEEPALIVE_S = 15.0
 
 
 @dataclass
@@ -136,28 +141,36 @@ async def events(
     search_id: str,
     after: EventCursor | None = None,
     poll_s: float = 0.5,
+    keepalive_s: float = KEEPALIVE_S,
 ) -> AsyncIterator[str]:
     """Server-sent events: `stage` per stage opened, `trial` per finished trial, then `done`.
 
     `after` (a client's `Last-Event-ID`) skips what the client has had. The database is read
     every `poll_s` seconds; the trials are loaded only when more have finished than were sent.
+    A comment line is sent after `keepalive_s` seconds without an event.
     """
     cursor = after or EventCursor()
+    quiet_since = time.monotonic()
     while True:
         status, stage, best, trials = await streams.run(
             _poll, database_url, owner, search_id, cursor.sent()
         )
         for number in range(cursor.stage + 1, stage + 1):
             cursor.stage = number
+            quiet_since = time.monotonic()
             yield _sse("stage", {"stage": number}, cursor)
         for trial_stage, trial, params in trials:
             if trial.state in FINISHED and (trial_stage, trial.number) not in cursor:
                 cursor.add(trial_stage, trial.number)
                 data = public_trial(trial_stage, trial, params).model_dump(mode="json")
+                quiet_since = time.monotonic()
                 yield _sse("trial", data, cursor)
         if status in TERMINAL_STATUSES:
             yield _sse("done", {"status": status, "best": best}, cursor)
             return
+        if time.monotonic() - quiet_since >= keepalive_s:
+            quiet_since = time.monotonic()
+            yield ": keep-alive\n\n"
         await anyio.sleep(poll_s)
 
 

@@ -1,12 +1,13 @@
 """A search's event stream: every event has an id, and `Last-Event-ID` resumes exactly after it."""
 
+import asyncio
 import time
 
 import pytest
 
 from search.pool import Worker
 from service.client import _server_sent_events
-from service.events import EventCursor
+from service.events import EventCursor, EventStreams, events
 
 from support import SPEC, auth
 
@@ -66,3 +67,22 @@ def test_a_huge_count_in_an_event_id_costs_nothing():
     assert time.perf_counter() - started < 0.1
     with pytest.raises(ValueError):
         EventCursor.decode("0;1:9999999999999")
+
+
+def test_a_quiet_stream_sends_keep_alive_comments_that_clients_skip(client, tokens, settings):
+    search_id = client.post("/v1/searches", json=SPEC, headers=auth(tokens["alice"])).json()["id"]
+
+    async def first_chunk() -> str:
+        stream = events(
+            EventStreams(1), settings.database_url, "alice", search_id, poll_s=0.05, keepalive_s=0.2
+        )
+        try:
+            return await anext(stream)
+        finally:
+            await stream.aclose()
+
+    comment = asyncio.run(first_chunk())
+    assert comment == ": keep-alive\n\n"
+    stage = ["id: 1", "event: stage", 'data: {"stage": 1}', ""]
+    lines = [*comment.splitlines(), "", *stage]
+    assert list(_server_sent_events(iter(lines))) == [("1", "stage", {"stage": 1})]

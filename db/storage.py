@@ -134,11 +134,13 @@ def retry_stale_trial(study: optuna.Study, trial: FrozenTrial) -> None:
     retry_trial(study, trial)
 
 
-def fail_orphaned_trials(study: optuna.Study) -> None:
-    """Fail and retry running trials that never got a heartbeat and started a grace period ago.
+def fail_stale_trials(study: optuna.Study) -> int:
+    """Fail and retry the study's running trials whose worker is gone; how many this call failed.
 
-    Optuna only reaps trials with a heartbeat; a worker that died (or lost its connection)
-    between asking for a trial and writing its first heartbeat would leave it running forever.
+    Those whose last heartbeat is older than the grace period (as Optuna's `fail_stale_trials`
+    does), and those that never got a heartbeat and started a grace period ago: Optuna only
+    reaps trials with a heartbeat, and a worker that died (or lost its connection) between
+    asking for a trial and writing its first heartbeat would leave it running forever.
     """
     from optuna.storages._rdb import models
 
@@ -153,13 +155,16 @@ def fail_orphaned_trials(study: optuna.Study) -> None:
             .filter(~models.TrialModel.heartbeats.any())
             if trial.datetime_start is not None and trial.datetime_start < cutoff
         ]
-    for trial_id in orphans:
+    failed = 0
+    for trial_id in [*rdb._get_stale_trial_ids(study._study_id), *orphans]:
         try:
-            failed = study._storage.set_trial_state_values(trial_id, optuna.trial.TrialState.FAIL)
+            if not study._storage.set_trial_state_values(trial_id, TrialState.FAIL):
+                continue
         except optuna.exceptions.UpdateFinishedTrialError:
             continue  # its worker (or another reaper) finished it meanwhile
-        if failed:
-            retry_stale_trial(study, study._storage.get_trial(trial_id))
+        retry_stale_trial(study, study._storage.get_trial(trial_id))
+        failed += 1
+    return failed
 
 
 def annotate_finished_trial(

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 
 import optuna
 
+from search.worker_metrics import METRICS
+
 log = logging.getLogger("caviar.worker")
 
 
@@ -45,8 +47,10 @@ class Heartbeat:
             for trial_id in self.trial_ids:
                 self.storage.record_heartbeat(trial_id)
         except Exception as error:  # the database may be briefly unreachable; keep trying
+            METRICS.database_error("heartbeat")
             log.warning("heartbeat failed: %s", error)
             return
+        METRICS.heartbeats_written(len(self.trial_ids))
         self.last_ok = time.monotonic()
 
     def silent_for(self) -> float:

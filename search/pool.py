@@ -37,7 +37,7 @@ from db.session import DatabaseError, lock_search, session_scope
 from db.storage import (
     GRACE_PERIOD_S,
     HEARTBEAT_INTERVAL_S,
-    fail_orphaned_trials,
+    fail_stale_trials,
     optuna_storage,
 )
 from models.data import Dataset, DatasetError, from_arrays, read_csv, read_npz
@@ -61,6 +61,7 @@ from search.worker import (
     is_out_of_memory,
     train_trials,
 )
+from search.worker_metrics import METRICS
 
 log = logging.getLogger("caviar.worker")
 
@@ -191,6 +192,7 @@ class Worker:
         try:
             return self._step()
         except DATABASE_ERRORS as error:
+            METRICS.database_error("step")
             log.warning("database unavailable, retrying: %s", error)
             self.stop_event.wait(self.idle_sleep)
             return False
@@ -270,6 +272,7 @@ class Worker:
                         update(Lease).where(Lease.worker == self.id).values(heartbeat_at=utcnow())
                     )
             except DatabaseError as error:  # the leases go stale if this lasts the grace period
+                METRICS.database_error("lease")
                 log.warning("lease heartbeat failed: %s", error)
 
     def _load(self, search_id: str) -> bool:
@@ -403,7 +406,7 @@ class Worker:
             return
         self._last_reap = time.monotonic()
         try:
-            reap_stale_trials(self.url)
+            METRICS.trials_reaped(reap_stale_trials(self.url))
         except Exception:  # reaping is a courtesy to other workers: it must not stop this one
             log.exception("reaping stale trials failed")
 
@@ -419,6 +422,7 @@ class Worker:
                     claim.stage,
                     claim.trials,
                     should_stop=self._stop_check(claim.search_id, heartbeat),
+                    on_epoch=METRICS.epoch_trained,
                     group_size=min(DEFAULT_GROUP_SIZE, self.batch),
                 )
         except DATABASE_ERRORS:
@@ -433,6 +437,7 @@ class Worker:
         finally:
             self._in_flight = None
             self._release(claim.search_id)
+        METRICS.batch_trained([o.state.name.lower() for o in outcomes], self.batch)
         if any(outcome.reason == "oom" for outcome in outcomes) and self.batch > 1:
             # Out of memory: the trials were enqueued again; retry them in smaller batches.
             self.batch //= 2
@@ -488,8 +493,9 @@ class Worker:
             self._contexts.pop(search_id, None)
 
 
-def reap_stale_trials(database_url: str) -> None:
-    """Fail the stale trials of every open search's current stage (they are enqueued again)."""
+def reap_stale_trials(database_url: str) -> int:
+    """Fail the stale trials of every open search's current stage (they are enqueued again);
+    how many this call failed."""
     storage = optuna_storage(database_url)
     with session_scope(database_url) as session:
         studies = [
@@ -497,10 +503,9 @@ def reap_stale_trials(database_url: str) -> None:
             for row in session.scalars(select(Search).where(Search.status.in_(OPEN_STATUSES)))
             if row.studies
         ]
-    for name in studies:
-        study = optuna.load_study(study_name=name, storage=storage)
-        optuna.storages.fail_stale_trials(study)
-        fail_orphaned_trials(study)
+    return sum(
+        fail_stale_trials(optuna.load_study(study_name=name, storage=storage)) for name in studies
+    )
 
 
 def _running(study: optuna.Study) -> bool:

@@ -223,14 +223,30 @@ def worker(
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     devices = ", ".join(map(str, jax.devices()))
+    metrics = _serve_worker_metrics(settings)
     typer.echo(
         f"worker on {_safe(url)}; devices: {devices}; matmul precision: {settings.matmul_precision}"
+        + (f"; metrics: {metrics}" if metrics else "")
     )
     clean = pool_worker.run_until_stopped()
     typer.echo("worker stopped" if clean else "worker stopped: the work in hand was given back")
     if not clean:  # the worker's thread is still inside a long call (generating data, compiling)
         sys.stdout.flush()
         os._exit(0)
+
+
+def _serve_worker_metrics(settings: Settings) -> str | None:
+    """Serve the worker's Prometheus metrics if `CAVIAR_WORKER_METRICS_PORT` is set; its URL."""
+    if not settings.worker_metrics_port:
+        return None
+    from search.worker_metrics import serve
+
+    host, port = settings.worker_metrics_host, settings.worker_metrics_port
+    try:
+        serve(host, port)
+    except OSError as error:
+        _fail(_console(stderr=True), f"worker metrics on {host}:{port}: {error.strerror or error}")
+    return f"http://{host}:{port}/metrics"
 
 
 def _prepare_jax(console: Console, settings: Settings) -> None:

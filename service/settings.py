@@ -28,6 +28,12 @@ class Settings(BaseSettings):
     require_accelerator: bool = Field(
         False, description="A worker refuses to start when JAX finds no GPU or TPU."
     )
+    worker_metrics_port: int = Field(
+        0, ge=0, le=65535, description="Port a worker serves Prometheus metrics on; 0: none."
+    )
+    worker_metrics_host: str = Field(
+        "127.0.0.1", description="Address a worker's metrics port binds to (0.0.0.0: every one)."
+    )
     max_trials: int = Field(2000, ge=1, description="Most trials one search may run.")
     max_epochs: int = Field(1000, ge=1, description="Most epochs a trial may train.")
     max_hidden_layers: int = Field(8, ge=1, description="Most hidden layers of a model.")

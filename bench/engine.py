@@ -99,10 +99,12 @@ def run_per_trial(trials: int, epochs: int) -> dict:
 
 
 def train_flax_trial(hp: dict, ds, epochs: int) -> tuple[int, float, float]:
-    """One trial the usual way: a Flax MLP, a jitted momentum-SGD step, dev accuracy per epoch.
+    """One trial the usual way: a Flax MLP, a jitted train step, dev accuracy per epoch.
 
-    `hp` holds learning_rate, momentum (β), l2 and seed. Returns (epochs trained, best dev
-    accuracy, test accuracy at the best dev epoch); both accuracies are NaN if the loss diverged.
+    `hp` holds learning_rate, momentum (β, or Adam's β1), l2 and seed, and optionally `hidden`
+    (default HIDDEN) and `optimizer` (momentum, the default, or adam). Returns (epochs trained,
+    best dev accuracy, test accuracy at the best dev epoch); both accuracies are NaN if the loss
+    diverged.
     """
     import jax
     import jax.numpy as jnp
@@ -110,10 +112,13 @@ def train_flax_trial(hp: dict, ds, epochs: int) -> tuple[int, float, float]:
 
     from models.mlp import MLP, init_variables, sum_squared_weights
 
-    model = MLP(hidden=HIDDEN, num_outputs=ds.num_outputs)
+    model = MLP(hidden=tuple(hp.get("hidden", HIDDEN)), num_outputs=ds.num_outputs)
     key = jax.random.PRNGKey(hp["seed"])
     params = init_variables(model, ds.num_features, key)["params"]
-    tx = optax.chain(optax.ema(hp["momentum"], debias=False), optax.scale(-hp["learning_rate"]))
+    if hp.get("optimizer", "momentum") == "adam":
+        tx = optax.adam(hp["learning_rate"], b1=hp["momentum"], b2=hp.get("beta2", 0.999))
+    else:
+        tx = optax.chain(optax.ema(hp["momentum"], debias=False), optax.scale(-hp["learning_rate"]))
     opt_state = tx.init(params)
     l2 = hp["l2"]
 

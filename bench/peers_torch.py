@@ -1,9 +1,12 @@
 """The Optuna + PyTorch contender of `bench.peers`, run by the benchmark in its own virtualenv.
 
     <torch-venv>/bin/python bench/peers_torch.py DATA.npz --trials 32 --epochs 20 --seed S
+    <torch-venv>/bin/python bench/peers_torch.py DATA.npz --configs CONFIGS.json --epochs 20
 
 Imports only NumPy, PyTorch and Optuna (never Caviar): a plain Optuna script with a per-trial
-PyTorch loop on the CPU. DATA.npz holds the ready splits (x, y, x_dev, y_dev, x_test, y_test).
+PyTorch loop on the CPU (with `--configs`, no Optuna: it trains the listed configurations, each
+with optional `hidden` widths and `optimizer`, momentum or adam). DATA.npz holds the ready splits
+(x, y, x_dev, y_dev, x_test, y_test).
 The update rule matches Caviar's momentum (v = β·v + (1-β)·dW): PyTorch's SGD keeps
 v = β·v + dW, so its learning rate is lr·(1-β). The L2 cost is λ/(2m)·Σ‖W‖², weights only, and
 minibatches are drawn by indexing tensors with a permutation (faster than a DataLoader).
@@ -27,10 +30,10 @@ HIDDEN = (256, 256)
 BATCH = 128
 
 
-def mlp(features: int, classes: int, seed: int) -> nn.Sequential:
-    """40→256→256→10 ReLU with He-normal weights and zero biases, as Caviar initialises."""
+def mlp(features: int, classes: int, seed: int, hidden=HIDDEN) -> nn.Sequential:
+    """features→hidden→classes ReLU with He-normal weights and zero biases, as Caviar does."""
     torch.manual_seed(seed)
-    sizes = [features, *HIDDEN, classes]
+    sizes = [features, *hidden, classes]
     layers: list[nn.Module] = []
     for fan_in, fan_out in itertools.pairwise(sizes):
         linear = nn.Linear(fan_in, fan_out)
@@ -47,11 +50,15 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 def train_trial(hp: dict, data: dict[str, torch.Tensor], epochs: int) -> tuple[int, float, float]:
     """(epochs trained, best dev accuracy, test accuracy at that epoch); NaN ones if diverged."""
-    model = mlp(data["x"].shape[1], int(data["y"].max()) + 1, hp["seed"])
+    model = mlp(data["x"].shape[1], int(data["y"].max()) + 1, hp["seed"], hp.get("hidden", HIDDEN))
     beta = hp["momentum"]
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=hp["learning_rate"] * (1 - beta), momentum=beta
-    )
+    if hp.get("optimizer", "momentum") == "adam":
+        betas = (beta, hp.get("beta2", 0.999))
+        optimizer = torch.optim.Adam(model.parameters(), lr=hp["learning_rate"], betas=betas)
+    else:
+        optimizer = torch.optim.SGD(
+            model.parameters(), lr=hp["learning_rate"] * (1 - beta), momentum=beta
+        )
     weights = [p for name, p in model.named_parameters() if name.endswith("weight")]
     loss_fn = nn.CrossEntropyLoss()
     generator = torch.Generator().manual_seed(0)
@@ -80,6 +87,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0, help="seed of Optuna's RandomSampler")
+    parser.add_argument("--configs", help="JSON list of configurations to train instead")
     args = parser.parse_args()
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -102,11 +110,17 @@ def main() -> None:
         outcomes.append(train_trial(hp, data, args.epochs))
         return outcomes[-1][1]  # NaN (diverged): Optuna records a failed trial
 
-    study = optuna.create_study(
-        direction="maximize", sampler=optuna.samplers.RandomSampler(seed=args.seed)
-    )
-    start = time.perf_counter()
-    study.optimize(objective, n_trials=args.trials)
+    if args.configs:
+        with open(args.configs) as file:
+            configs = json.load(file)
+        start = time.perf_counter()
+        outcomes = [train_trial(hp, data, args.epochs) for hp in configs]
+    else:
+        study = optuna.create_study(
+            direction="maximize", sampler=optuna.samplers.RandomSampler(seed=args.seed)
+        )
+        start = time.perf_counter()
+        study.optimize(objective, n_trials=args.trials)
     wall = time.perf_counter() - start
     epochs, devs, tests = (list(column) for column in zip(*outcomes, strict=True))
     print(json.dumps({"wall_s": wall, "epochs": epochs, "devs": devs, "tests": tests}))

@@ -174,6 +174,7 @@ def train_trials(
         len(set(shapes)),
         len(chosen.assignments),
         chosen.describe(),
+        extra={"plan": chosen},
     )
     outcomes = []
     for assignment in chosen.assignments:

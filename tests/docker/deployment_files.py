@@ -14,6 +14,8 @@ KUBERNETES = ROOT / "deploy" / "kubernetes"
 COMPOSE_FILES = ["docker-compose.yml", "docker-compose.remote-workers.yml"]
 #: How long a GPU worker has, after SIGTERM, to give its trials back: compose and Kubernetes.
 WORKER_GRACE = "30s"
+#: The port a worker serves Prometheus metrics on in its container or pod, compose and Kubernetes.
+METRICS_PORT = 9500
 
 
 def compose(name: str) -> dict:

@@ -15,6 +15,7 @@ import pytest
 from deployment_files import (
     COMPOSE_FILES,
     DOCKER,
+    METRICS_PORT,
     WORKER_GRACE,
     assert_caviar_command,
     compose,
@@ -49,7 +50,6 @@ def test_pool_shape_of_the_main_compose_file():
         assert (
             services[name]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
         )
-    assert all("ports" not in services[name] for name in workers)
     assert services["dashboard"]["ports"] == ["127.0.0.1:8080:8080"]
     assert (DOCKER / ".env.example").exists()
 
@@ -94,6 +94,20 @@ def test_gpu_workers_require_their_gpu_and_stop_gracefully(name):
         assert service["init"] is True  # SIGTERM reaches the worker
         assert service["stop_grace_period"] == WORKER_GRACE
         assert "compile-cache:/var/cache/caviar-xla" in service["volumes"]
+
+
+@pytest.mark.parametrize("name", COMPOSE_FILES)
+def test_each_worker_publishes_its_metrics_on_a_host_port_of_its_own(name):
+    for service in compose(name)["services"].values():
+        if not gpu_devices(service):
+            continue
+        ((gpu,),) = [device["device_ids"] for device in gpu_devices(service)]
+        env = service["environment"]
+        assert env["CAVIAR_WORKER_METRICS_PORT"] == str(METRICS_PORT)
+        assert env["CAVIAR_WORKER_METRICS_HOST"] == "0.0.0.0"  # reachable from out of its container
+        # Only the metrics port, as 9500 + GPU id, on the host's METRICS_BIND (default loopback).
+        published = f"${{METRICS_BIND:-127.0.0.1}}:{METRICS_PORT + int(gpu)}:{METRICS_PORT}"
+        assert service["ports"] == [published]
 
 
 @pytest.mark.parametrize("dockerfile", ["Dockerfile", "Dockerfile.cuda"])

@@ -16,6 +16,7 @@ from deployment_files import (
     COMPOSE_FILES,
     DOCKER,
     KUBERNETES,
+    METRICS_PORT,
     ROOT,
     WORKER_GRACE,
     assert_caviar_command,
@@ -170,6 +171,19 @@ def test_servers_are_probed_and_served_on_the_port_they_listen_on(name):
     ]
     (service_port,) = service["spec"]["ports"]
     assert port_of(container, service_port["targetPort"]) == port
+
+
+def test_workers_are_scraped_on_their_metrics_port():
+    template = of_kind("Deployment")["caviar-worker"]["spec"]["template"]
+    annotations = template["metadata"]["annotations"]
+    container = main_container("caviar-worker")
+    env = {v["name"]: v.get("value") for v in container["env"]}
+    assert env["CAVIAR_WORKER_METRICS_PORT"] == str(METRICS_PORT)
+    assert env["CAVIAR_WORKER_METRICS_HOST"] == "0.0.0.0"  # reachable from Prometheus' pod
+    assert port_of(container, "metrics") == METRICS_PORT
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert annotations["prometheus.io/port"] == str(METRICS_PORT)
+    assert annotations["prometheus.io/path"] == "/metrics"
 
 
 def pod_labels(name: str) -> dict:

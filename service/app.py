@@ -8,6 +8,7 @@ import math
 import threading
 from typing import Any
 
+import anyio
 from fastapi import FastAPI, Request, status
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
@@ -50,6 +51,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="Caviar", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     app.state.settings = settings
     app.state.event_streams = EventStreams(settings.max_event_streams)
+    app.state.upload_parsing = anyio.CapacityLimiter(1)  # one upload parsed at a time
 
     @app.middleware("http")
     async def limit_spec_size(request: Request, call_next):

@@ -11,7 +11,7 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Annotated
 
 import anyio.to_thread
-from fastapi import APIRouter, Form, HTTPException, Response, UploadFile, status
+from fastapi import APIRouter, Form, HTTPException, Request, Response, UploadFile, status
 from pydantic import BaseModel, Field
 from sqlalchemy import select
 
@@ -44,6 +44,7 @@ async def upload_dataset(
     session: SessionDep,
     settings: SettingsDep,
     upload: Annotated[DatasetUpload, Form(media_type="multipart/form-data")],
+    request: Request,
 ) -> DatasetPublic:
     """Upload a dataset; name it in a spec as `dataset: {id: <id>}`.
 
@@ -58,7 +59,8 @@ async def upload_dataset(
     file = upload.file
     content = await file.read(limits.max_bytes + 1)
     try:
-        parsed = await _parse_apart(file.filename or "", content, upload.target, limits)
+        async with request.app.state.upload_parsing:
+            parsed = await _parse_apart(file.filename or "", content, upload.target, limits)
     except UploadError as error:
         raise HTTPException(error.status_code, detail=error.reason) from None
     row = Dataset(
@@ -78,27 +80,25 @@ async def upload_dataset(
     return DatasetPublic.model_validate(row)
 
 
-#: The upload parser: one child process at a time, a fresh one per upload (forked from a server
-#: that has imported the parser), so that its memory goes back to the system when it is done.
-_parser: ProcessPoolExecutor | None = None
+#: Parser processes are forked from a server that has imported the parser (started on first use).
+_PARSERS = multiprocessing.get_context("forkserver")
+_PARSERS.set_forkserver_preload(["service.uploads"])
 
 
 async def _parse_apart(
     filename: str, content: bytes, target: str | None, limits: UploadLimits
 ) -> ParsedUpload:
-    """`parse_upload` in the parser process; an UploadError there is raised here."""
-    global _parser
-    if _parser is None:
-        context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(["service.uploads"])
-        _parser = ProcessPoolExecutor(1, mp_context=context, max_tasks_per_child=1)
+    """`parse_upload` in a process of its own, which exits when done (and gives its memory back);
+    an UploadError there is raised here."""
+    parser = ProcessPoolExecutor(1, mp_context=_PARSERS)
     call = functools.partial(parse_upload, filename, content, target=target, limits=limits)
     try:
-        # Submitting may start the process (and, the first time, its server): not on the loop.
-        return await asyncio.wrap_future(await anyio.to_thread.run_sync(_parser.submit, call))
+        # Submitting starts the process (the first time, its server too): not on the loop.
+        return await asyncio.wrap_future(await anyio.to_thread.run_sync(parser.submit, call))
     except BrokenProcessPool:  # the parser died, e.g. killed for its memory
-        _parser = None
         raise UploadError(413, "the upload is too large to parse on this server") from None
+    finally:
+        parser.shutdown(wait=False, cancel_futures=True)
 
 
 @router.get("", response_model=DatasetList)

@@ -138,6 +138,22 @@ def test_healthz_answers_within_100_ms_while_64_streams_and_a_60_mb_upload_are_o
     )
     assert len(seconds) >= 5, "the upload ended before /healthz could be measured"
     assert statistics.median(seconds) < 0.1, seconds
+    deadline = time.monotonic() + 30
+    while descendants_rss(server.process.pid) > 500 * 2**20:
+        assert time.monotonic() < deadline, "the upload's parser kept its memory"
+        time.sleep(0.5)
+    parsers = psutil.Process(server.process.pid).children(recursive=True)
+    server.stop()
+    assert not psutil.wait_procs(parsers, timeout=10)[1], "the API left processes behind"
+
+
+def descendants_rss(pid: int) -> int:
+    """Resident memory of every process under `pid` (the API's upload parsers)."""
+    total = 0
+    for child in psutil.Process(pid).children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            total += child.memory_info().rss
+    return total
 
 
 def test_streams_over_an_owners_cap_get_429_and_closed_streams_free_everything(api):

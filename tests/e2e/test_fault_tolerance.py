@@ -14,6 +14,8 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 from sqlalchemy import create_engine, text
+from test_service import free_port
+from test_worker_metrics import scrape
 
 from db.migrate import upgrade
 from db.models import Search
@@ -136,9 +138,11 @@ def test_sigkilled_workers_trials_are_rerun_and_the_budget_is_exact(url, env):
     second = None
     try:
         wait_until(lambda: running(url, search_id) > 0, 90, "the first worker to train")
-        second = start_worker(env)
+        port = free_port()
+        second = start_worker({**env, "CAVIAR_WORKER_METRICS_PORT": str(port)})
         first.send_signal(signal.SIGKILL)
         wait_until(lambda: status(url, search_id) == "completed", 180, "the search to complete")
+        reaped = scrape(port)["caviar_worker_reaped_trials_total"]
     finally:
         stop(first)
         if second is not None:
@@ -146,6 +150,7 @@ def test_sigkilled_workers_trials_are_rerun_and_the_budget_is_exact(url, env):
     found = assert_exact_budget(url, search_id)
     stale = [t for t in found if t.user_attrs.get("reason") == "stale"]
     assert stale, "the killed worker's trials should have been reaped"
+    assert reaped == len(stale)  # by the second worker, the only one left to reap them
     retried = {t.system_attrs.get("failed_trial") for t in found} - {None}
     assert {t.number for t in stale} <= retried
 

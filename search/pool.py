@@ -20,6 +20,7 @@ import random
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, timedelta
 from typing import Any
@@ -123,6 +124,7 @@ class Worker:
         self.stop_event = threading.Event()
         self._last_reap = 0.0
         self._in_flight: Claim | None = None
+        self._last_served: str | None = None
 
     def run(self, until_idle: bool = False) -> None:
         """Work until `stop_event` is set (or, with `until_idle`, until nothing is left to do)."""
@@ -199,18 +201,29 @@ class Worker:
 
     def _step(self) -> bool:
         self._reap()
-        for search_id in self._open_searches():
+        for search_id in self._in_turn(self._open_searches()):
             if search_id not in self._contexts:
                 if self._load(search_id):
+                    self._last_served = search_id
                     return True
                 continue
             claim = self._claim(search_id)
+            if claim is not None:
+                self._last_served = search_id
             if claim is True:
                 return True
             if claim is not None:
                 self._train(claim)
                 return True
         return False
+
+    def _in_turn(self, search_ids: list[str]) -> list[str]:
+        """The open searches (oldest first) rotated to start after the one served last, so that
+        every search gets its turn however large the others' budgets are."""
+        if self._last_served not in search_ids:
+            return search_ids
+        after = search_ids.index(self._last_served) + 1
+        return search_ids[after:] + search_ids[:after]
 
     # -- finding and claiming work ------------------------------------------------------------
 
@@ -282,12 +295,14 @@ class Worker:
         """
         with session_scope(self.url) as session:
             row = self._locked(session, search_id)
-            if row is None:
+            if row is None or self._loading_elsewhere(session, search_id):
                 return False
             self._lease(session, search_id, "load")
             owner, spec = row.owner, dict(row.spec)
         try:
-            self._contexts[search_id] = self._context(search_id, owner, spec)
+            context = self._while_open(search_id, lambda: self._context(search_id, owner, spec))
+            if context is not None:
+                self._contexts[search_id] = context
         except DATABASE_ERRORS:
             raise
         except Exception as error:  # whatever the spec or its data do, only this search fails
@@ -355,6 +370,47 @@ class Worker:
                 self.storage, spec, row.id, row.stage, objective, self.stream
             )
         return self._studies[key]
+
+    def _loading_elsewhere(self, session: Session, search_id: str) -> bool:
+        """Whether another live worker is loading the search now: this one then serves other
+        searches meanwhile (stale leases were already counted and removed by `_locked`)."""
+        other = session.scalar(
+            select(Lease.worker).where(
+                Lease.search_id == search_id, Lease.phase == "load", Lease.worker != self.id
+            )
+        )
+        return other is not None
+
+    def _while_open(
+        self, search_id: str, load: Callable[[], SearchContext]
+    ) -> SearchContext | None:
+        """`load()` on a thread of its own, given up (None) as soon as the search is cancelled
+        or ends, or this worker is told to stop: a long load never outlives its search.
+
+        A given-up load runs on in the background until it returns; its result is dropped.
+        """
+        result: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                result["context"] = load()
+            except BaseException as error:  # re-raised on the worker's thread
+                result["error"] = error
+
+        thread = threading.Thread(target=run, name=f"caviar-load-{search_id}", daemon=True)
+        thread.start()
+        while not self.stop_event.is_set():
+            thread.join(timeout=1.0)
+            if not thread.is_alive():
+                if "error" in result:
+                    raise result["error"]
+                return result["context"]
+            with session_scope(self.url) as session:
+                row = session.get(Search, search_id)
+                if row is None or row.cancel_requested or row.status not in OPEN_STATUSES:
+                    log.info("search %s ended while its dataset loaded: load given up", search_id)
+                    return None
+        return None
 
     def _context(self, search_id: str, owner: str, spec_data: dict[str, Any]) -> SearchContext:
         """The spec, its dataset (on the device) and objective; raises if any is unusable."""

@@ -136,3 +136,22 @@ def test_a_search_that_kills_its_workers_fails_and_another_owners_search_complet
         failed.error
         == "2 worker attempts failed; the last: a worker died while loading its dataset"
     )
+
+
+def test_a_slow_load_holds_up_no_other_search_and_a_cancel_ends_it(url, env):
+    slow = queue(url, SLOW, "carol")
+    workers = [start_worker(env), start_worker(env)]
+    try:
+        wait_until(lambda: loaders(url, slow), 90, "a worker to load carol's data")
+        quick = queue(url, QUICK, "bob")
+        # The other worker leaves carol's search to the one loading it and serves bob's.
+        wait_until(lambda: search(url, quick).status == "completed", 180, "bob's search")
+        assert len(loaders(url, slow)) == 1
+        with session_scope(url) as session:
+            session.get(Search, slow).cancel_requested = True
+        # The loader gives the cancelled search up within seconds, not after the generation.
+        wait_until(lambda: not loaders(url, slow), 15, "the load of carol's search to stop")
+        assert all(worker.poll() is None for worker in workers)
+    finally:
+        for worker in workers:
+            stop(worker)

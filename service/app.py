@@ -52,6 +52,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.event_streams = EventStreams(settings.max_event_streams)
     app.state.upload_parsing = anyio.CapacityLimiter(1)  # one upload parsed at a time
+    app.state.uploading = set()  # owners with an upload being parsed (one each, 429 beyond)
 
     @app.middleware("http")
     async def limit_spec_size(request: Request, call_next):

@@ -37,7 +37,7 @@ class DatasetUpload(BaseModel):
     "",
     status_code=status.HTTP_201_CREATED,
     response_model=DatasetPublic,
-    responses=error_responses(400, 413, 415),
+    responses=error_responses(400, 413, 415, 429),
 )
 async def upload_dataset(
     owner: Owner,
@@ -49,7 +49,9 @@ async def upload_dataset(
     """Upload a dataset; name it in a spec as `dataset: {id: <id>}`.
 
     The file is parsed in a child process, one upload at a time: parsing holds the GIL for
-    seconds and takes several times the file's size in memory, which the API must not.
+    seconds and takes several times the file's size in memory, which the API must not. An owner
+    has one upload parsed at a time (429 for another meanwhile), so that no owner can queue
+    uploads ahead of everyone else's.
     """
     limits = UploadLimits(
         max_bytes=settings.max_upload_bytes,
@@ -57,12 +59,19 @@ async def upload_dataset(
         max_columns=settings.max_upload_columns,
     )
     file = upload.file
-    content = await file.read(limits.max_bytes + 1)
+    uploading: set[str] = request.app.state.uploading
+    if owner in uploading:
+        detail = "an upload of yours is still being parsed: send the next one when it is done"
+        raise HTTPException(status.HTTP_429_TOO_MANY_REQUESTS, detail=detail)
+    uploading.add(owner)
     try:
+        content = await file.read(limits.max_bytes + 1)
         async with request.app.state.upload_parsing:
             parsed = await _parse_apart(file.filename or "", content, upload.target, limits)
     except UploadError as error:
         raise HTTPException(error.status_code, detail=error.reason) from None
+    finally:
+        uploading.discard(owner)
     row = Dataset(
         id=f"ds-{uuid.uuid4().hex[:12]}",
         owner=owner,

@@ -92,6 +92,13 @@ def big_csv(size: int) -> bytes:
     return buffer.getvalue().encode()
 
 
+async def post_csv(http: httpx.AsyncClient, token: str, content: bytes) -> httpx.Response:
+    files = {"file": ("data.csv", content)}
+    return await http.post(
+        "/v1/datasets", files=files, data={"target": "label"}, headers=auth(token), timeout=600
+    )
+
+
 async def healthz_seconds(http: httpx.AsyncClient) -> float:
     started = time.perf_counter()
     response = await http.get("/healthz", timeout=10)
@@ -100,6 +107,7 @@ async def healthz_seconds(http: httpx.AsyncClient) -> float:
 
 
 def test_healthz_answers_within_100_ms_while_64_streams_and_a_60_mb_upload_are_open(api):
+    """...and the uploading owner cannot queue a second upload meanwhile; others can upload."""
     server, tokens = api
     searches = {owner: submit(server, token) for owner, token in tokens.items()}
     content = big_csv(60 * 10**6)
@@ -124,11 +132,19 @@ def test_healthz_answers_within_100_ms_while_64_streams_and_a_60_mb_upload_are_o
                     timeout=600,
                 )
             )
-            seconds = []
+            seconds, again = [], []
+            small, began = big_csv(10_000), time.monotonic()
             while not upload.done():
                 seconds.append(await healthz_seconds(http))
+                # Once the big file has arrived (parsing it takes far longer), owner0 may not
+                # queue a second upload behind it.
+                if not again and time.monotonic() - began > 3:
+                    again.append(await post_csv(http, tokens["owner0"], small))
                 await asyncio.sleep(0.05)
             assert (await upload).status_code == 201, (await upload).text
+            assert again and again[0].status_code == 429, again[0].text
+            assert "still being parsed" in again[0].json()["detail"]
+            assert (await post_csv(http, tokens["owner1"], small)).status_code == 201
             return seconds
 
     seconds = asyncio.run(measure())

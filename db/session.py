@@ -87,11 +87,18 @@ def database_errors(url: str) -> Iterator[None]:
 def _describe(error: SQLAlchemyError, url: str) -> str:
     cause = getattr(error, "orig", None) or error
     lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+    return f"database {display_url(url)}: {' '.join(lines) or type(cause).__name__}"
+
+
+def display_url(url: str) -> str:
+    """`url` fit to print: its password hidden, in the user part or the query string alike."""
     try:
-        where = make_url(normalise_url(url)).render_as_string(hide_password=True)
+        parsed = make_url(normalise_url(url))
     except ArgumentError:
-        where = "URL (not a valid SQLAlchemy URL)"
-    return f"database {where}: {' '.join(lines) or type(cause).__name__}"
+        return "URL (not a valid SQLAlchemy URL)"
+    if "password" in parsed.query:
+        parsed = parsed.update_query_dict({"password": "hidden"})
+    return parsed.render_as_string(hide_password=True)
 
 
 @contextmanager

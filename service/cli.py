@@ -518,9 +518,9 @@ def _database(url: str) -> Iterator[None]:
 
 
 def _safe(url: str) -> str:
-    from sqlalchemy.engine import make_url
+    from db.session import display_url
 
-    return make_url(url).render_as_string(hide_password=True)
+    return display_url(url)
 
 
 def _client():

@@ -13,7 +13,7 @@ from optuna.trial import FrozenTrial
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from db.models import TERMINAL_STATUSES, Search
+from db.models import TERMINAL_STATUSES, Dataset, Search, utcnow
 from db.session import lock_owner
 from db.storage import optuna_storage, trial_states
 from search import runner
@@ -113,6 +113,20 @@ def cancel_search(session: Session, search: Search) -> None:
         raise Conflict(f"search is already {search.status}")
     search.cancel_requested = True
     search.status = "cancelled"
+    search.finished_at = utcnow()
+
+
+def dataset_errors(session: Session, owner: str, spec: SearchSpec) -> list[dict[str, Any]]:
+    """A pydantic-style error at `dataset.id` when it names no dataset of the owner's (another
+    owner's dataset is not found either), so that the search is refused, not failed later."""
+    dataset_id = spec.dataset.id
+    if dataset_id is None:
+        return []
+    row = session.get(Dataset, dataset_id)
+    if row is not None and row.owner == owner:
+        return []
+    message = f"no dataset {dataset_id!r} among yours: upload it first (POST /v1/datasets)"
+    return [{"loc": ["dataset", "id"], "msg": message, "type": "not_found"}]
 
 
 def search_trials(database_url: str, search: Search) -> list[SearchTrial]:

@@ -192,6 +192,20 @@ def test_unreachable_database_raises_a_readable_database_error(url):
         is_current(url)
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://someone:topsecret@127.0.0.1:1/caviar_test",
+        "postgresql://someone@127.0.0.1:1/caviar_test?password=topsecret&connect_timeout=2",
+    ],
+    ids=["in the user part", "in the query string"],
+)
+def test_a_database_error_never_shows_the_password(url):
+    with pytest.raises(DatabaseError) as raised, session_scope(url) as session:
+        session.execute(text("SELECT 1"))
+    assert "topsecret" not in str(raised.value) and "someone" in str(raised.value)
+
+
 def test_engines_are_cached_per_normalised_url(database_url):
     assert get_engine(database_url) is get_engine(database_url)
     if database_url.startswith("postgresql+psycopg://"):

@@ -365,3 +365,24 @@ def test_a_data_directory_admits_its_files_and_nothing_outside_it(settings, toke
     # Outside the directory, existing and missing files are refused alike.
     assert refused["../outside.csv"] == refused["../missing.csv"] == refused["link.csv"]
     assert "sub/missing.csv" in refused["sub/missing.csv"]
+
+
+def test_a_spec_naming_no_dataset_of_the_owners_is_a_422_at_submit(client, tokens):
+    rng = np.random.default_rng(0)
+    content = npz_bytes(x=rng.normal(size=(40, 3)), y=rng.integers(0, 2, 40))
+    bobs = client.post(
+        "/v1/datasets", files={"file": ("d.npz", content)}, headers=auth(tokens["bob"])
+    ).json()["id"]
+    for dataset_id in ("ds-missing", bobs):  # another owner's dataset is not found either
+        spec = {**SPEC, "dataset": {"id": dataset_id}}
+        response = submit(client, tokens["alice"], spec)
+        assert response.status_code == 422, response.text
+        (error,) = response.json()["detail"]
+        assert error["loc"] == ["dataset", "id"] and "no dataset" in error["msg"]
+    assert submit(client, tokens["bob"], {**SPEC, "dataset": {"id": bobs}}).status_code == 201
+
+
+def test_a_cancelled_search_has_finished(client, tokens):
+    search_id = submit(client, tokens["alice"]).json()["id"]
+    cancelled = client.post(f"/v1/searches/{search_id}/cancel", headers=auth(tokens["alice"]))
+    assert cancelled.json()["status"] == "cancelled" and cancelled.json()["finished_at"]

@@ -119,14 +119,17 @@ def suggest(trial) -> dict:
 
 def run_caviar(data: Path, trials: int, epochs: int, workdir: Path) -> dict:
     """Contender: `caviar run`'s path, a spec → Optuna on SQLite → worker → engine."""
+    from db.migrate import upgrade
     from db.storage import optuna_storage
-    from search.runner import run_search, search_trials
+    from search.runner import run_search, search_trials, start_search
     from search.spec import parse_spec
 
     spec = parse_spec(spec_text(data, trials, epochs))
-    storage = optuna_storage(f"sqlite:///{workdir / 'caviar.db'}")
+    url = f"sqlite:///{workdir / 'caviar.db'}"
+    upgrade(url)
+    storage = optuna_storage(url)
     start = time.perf_counter()
-    result = run_search(spec, storage)
+    result = run_search(url, start_search(url, spec))
     wall = time.perf_counter() - start
     found = search_trials(storage, spec, result.studies)
     epochs_done = [t.trial.user_attrs.get("epochs", 0) for t in found]

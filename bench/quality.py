@@ -10,7 +10,7 @@ Workload: MNIST-1D (5000 samples: 3200 train / 800 dev / 1000 test) and scikit-l
 `--optimizer adam`, β then being Adam's β1; plot quality-adam.png), minibatch 128.
 The right scales: learning rate log-uniform in [1e-4, 1], β through 1-β log-uniform in
 [1e-3, 1e-1] (β in [0.9, 0.999]), L2 log-uniform in [1e-6, 1e-2]. Every strategy is a real
-Caviar search (`run_search` on an SQLite Optuna storage, `--batch` trials asked at a time) with
+Caviar search (`run_search` on an SQLite database, `--batch` trials asked at a time) with
 the same budget of `--trials` × `--epochs` trial-epochs (one trial trained for one epoch):
 
 - grid: `--trials` points enqueued on stage 1's study, n_lr × n_1-β × n_L2 (near-cubic, the most
@@ -54,9 +54,10 @@ import optuna
 from optuna.trial import Trial, TrialState
 
 from bench.common import machine, median, print_table
+from db.migrate import upgrade
 from db.storage import optuna_storage
 from models.runtime import use_every_core
-from search.runner import open_stage, run_search, search_trials
+from search.runner import open_stage, run_search, search_trials, start_search
 from search.space import distribution, optuna_name
 from search.spec import FloatParam, SearchSpec
 from search.worker import TrialOutcome
@@ -186,7 +187,7 @@ class TrialEpochBudget:
 
 
 def run_one(
-    storage: optuna.storages.BaseStorage,
+    url: str,
     spec: SearchSpec,
     strategy: str,
     budget: TrialEpochBudget,
@@ -203,12 +204,13 @@ def run_one(
         if outcome.state == TrialState.COMPLETE and outcome.value >= target and not reached:
             reached.append(time.perf_counter() - start)
 
+    storage = optuna_storage(url)
+    search_id = start_search(url, spec, search_id=spec.name)
     if grid is not None:
-        enqueue_grid(storage, spec, spec.name, grid)
+        enqueue_grid(storage, spec, search_id, grid)
     result = run_search(
-        spec,
-        storage,
-        search_id=spec.name,
+        url,
+        search_id,
         batch=budget.batch,
         should_stop=budget.should_stop,
         on_trial=on_trial,
@@ -247,10 +249,10 @@ def _same_points(params: Sequence[dict[str, float]], grid: Sequence[dict[str, fl
     return len(tried) == len(wanted) and bool(np.allclose(tried, wanted, rtol=1e-9, atol=0))
 
 
-def warm_up(storage: optuna.storages.BaseStorage, dataset: str, batch: int, optimizer: str) -> None:
+def warm_up(url: str, dataset: str, batch: int, optimizer: str) -> None:
     """Compile a dataset's programs (trial groups and the final fit) outside the timings."""
     spec = build_spec("random_log", dataset, 0, batch, 1, optimizer=optimizer)
-    run_search(spec, storage, search_id=f"warm-up-{dataset}", batch=batch)
+    run_search(url, start_search(url, spec, search_id=f"warm-up-{dataset}"), batch=batch)
 
 
 def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -471,13 +473,14 @@ def main() -> None:
 
     rows = []
     with tempfile.TemporaryDirectory() as folder:
-        storage = optuna_storage(f"sqlite:///{Path(folder) / 'quality.db'}")
+        url = f"sqlite:///{Path(folder) / 'quality.db'}"
+        upgrade(url)
         for dataset in datasets:
-            warm_up(storage, dataset, args.batch, args.optimizer)
+            warm_up(url, dataset, args.batch, args.optimizer)
         for number, ((dataset, strategy, _), spec) in enumerate(specs.items(), start=1):
             budget = TrialEpochBudget(args.trials * args.epochs, args.epochs, args.batch)
             strategy_grid = grid if strategy == "grid" else None
-            row = run_one(storage, spec, strategy, budget, targets[dataset], strategy_grid)
+            row = run_one(url, spec, strategy, budget, targets[dataset], strategy_grid)
             rows.append(row)
             print(f"[{number}/{len(specs)}] {_progress(row)}", file=sys.stderr, flush=True)
 

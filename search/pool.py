@@ -4,7 +4,9 @@ Any number of workers may share a PostgreSQL database (on SQLite, one). A worker
 trials of a search's current stage while holding that search's row lock, so together the workers
 never ask for more trials than a stage's budget. The same lock serialises the stage changes
 (creating the next, narrowed stage study) and the end of the search (refit, test, store the
-model), so each happens exactly once. A search's data is loaded outside the lock.
+model), so each happens exactly once. A search's data is loaded outside the lock. What to do next
+is the search driver's decision (`search.driver`, read and carried out by `search.runner`), the
+same as for `caviar run`, which drives a search in its own process.
 
 While it works on a search a worker holds a lease on it (`caviar_leases`) and keeps the lease's
 heartbeat fresh. A stale lease is a worker that died there (a poison search may kill every worker
@@ -14,26 +16,24 @@ fails instead of taking the pool down again and again.
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import random
 import threading
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import optuna
-from optuna.trial import Trial, TrialState
+from optuna.trial import Trial
 from pydantic import ValidationError
 from sqlalchemy import delete, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from db.models import Dataset as DatasetRow
-from db.models import Lease, Search, TrainedModel, utcnow
+from db.models import Lease, Search, utcnow
 from db.session import DatabaseError, lock_search, session_scope
 from db.storage import (
     GRACE_PERIOD_S,
@@ -44,16 +44,17 @@ from db.storage import (
 from models.data import Dataset, DatasetError, from_arrays, read_csv, read_npz
 from models.train import DEFAULT_GROUP_SIZE
 from search.datadir import DataPathError, resolve_data_path
+from search.driver import Ask, Finish, best_trained, capacity_after
 from search.heartbeat import Heartbeat
 from search.runner import (
-    SearchResult,
+    StageStudies,
+    advance,
+    close_search,
     finish_search,
     load_search_dataset,
-    open_stage,
-    used_slots,
+    search_stop_check,
 )
-from search.spec import Objective, Param, SearchSpec, SpecError
-from search.studies import ask, study_name
+from search.spec import Param, SearchSpec, SpecError
 from search.worker import (
     DEFAULT_BATCH,
     SearchContext,
@@ -92,6 +93,7 @@ class Claim:
     study: optuna.Study
     space: dict[str, Param]
     trials: list[Trial]
+    started_at: datetime | None  #: when the search started, which its timeout counts from
 
 
 class Worker:
@@ -104,7 +106,6 @@ class Worker:
         batch: int = DEFAULT_BATCH,
         idle_sleep: float = 1.0,
         only_search: str | None = None,
-        stream: int | None = None,
         data_dir: str | None = None,
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
     ) -> None:
@@ -115,12 +116,11 @@ class Worker:
         self.data_dir = data_dir
         self.max_attempts = max_attempts
         self.id = uuid.uuid4().hex
-        # Each worker samples from its own random stream, so two workers never ask Optuna's
-        # seeded samplers for the same sequence of points.
-        self.stream = random.SystemRandom().randrange(1, 2**31) if stream is None else stream
         self.storage = optuna_storage(database_url)
         self._contexts: dict[str, SearchContext] = {}
-        self._studies: dict[tuple[str, int], tuple[optuna.Study, dict[str, Param]]] = {}
+        self._stages: dict[str, StageStudies] = {}
+        #: Per search, the best trial this worker trained, with its weights for the final fit.
+        self._best: dict[str, TrialOutcome] = {}
         self.stop_event = threading.Event()
         self._last_reap = 0.0
         self._in_flight: Claim | None = None
@@ -320,56 +320,37 @@ class Worker:
         with session_scope(self.url) as session:
             row = self._locked(session, search_id)
             if row is None:
-                self._contexts.pop(search_id, None)
+                self._forget(search_id)
                 return None
-            objective = ctx.objective
-            if row.stage == 0:
-                self._open(row, 1, objective)
-                row.status, row.started_at = "running", utcnow()
-            stages = ctx.spec.stage_plan()
-            while True:
-                study, space = self._stage(row, objective)
-                remaining = stages[row.stage - 1].trials - used_slots(study)
-                if remaining > 0 and not _timed_out(row, ctx.spec):
-                    trials = []
-                    for _ in range(min(self.batch, remaining)):
-                        trials.append(ask(study))
-                        # From now on the reaper knows whether this worker lives.
-                        self.storage.record_heartbeat(trials[-1]._trial_id)
-                    self._lease(session, row.id, "train")
-                    self._in_flight = Claim(row.id, row.stage, study, space, trials)
-                    return self._in_flight
-                if _running(study):
-                    return None  # other workers are finishing this stage
-                if row.stage < len(stages) and not _timed_out(row, ctx.spec):
-                    self._open(row, row.stage + 1, objective)
-                    continue
-                finishing = select(Lease).where(
-                    Lease.search_id == row.id, Lease.phase == "finish", Lease.worker != self.id
-                )
-                if session.scalars(finishing).first() is not None:
-                    return None  # another worker is finishing the search
-                self._lease(session, row.id, "finish")
-                stage_count = row.stage
-                break
+            stages = self._stages.setdefault(
+                search_id, StageStudies(self.storage, ctx.spec, search_id, ctx.objective)
+            )
+            decision = advance(row, stages, self.batch)
+            if isinstance(decision, Ask):
+                study, space = stages.stage(row.stage)
+                trials = stages.ask(row.stage, decision.count)
+                for trial in trials:  # from now on the reaper knows whether this worker lives
+                    self.storage.record_heartbeat(trial._trial_id)
+                self._lease(session, row.id, "train")
+                claim = Claim(row.id, row.stage, study, space, trials, row.started_at)
+                self._in_flight = claim
+                return claim
+            if not isinstance(decision, Finish):
+                return None  # other workers are finishing this stage
+            finishing = select(Lease).where(
+                Lease.search_id == row.id, Lease.phase == "finish", Lease.worker != self.id
+            )
+            if session.scalars(finishing).first() is not None:
+                return None  # another worker is finishing the search
+            self._lease(session, row.id, "finish")
+            stage_count = row.stage
         self._finish(search_id, stage_count, ctx)
         return True
 
-    def _open(self, row: Search, number: int, objective: Objective) -> None:
-        spec = SearchSpec.model_validate(row.spec)
-        study, space = open_stage(self.storage, spec, row.id, number, objective, self.stream)
-        self._studies[(row.id, number)] = (study, space)
-        row.stage = number
-        row.studies = [*row.studies, study_name(row.id, number)]
-
-    def _stage(self, row: Search, objective: Objective) -> tuple[optuna.Study, dict[str, Param]]:
-        key = (row.id, row.stage)
-        if key not in self._studies:  # opened by another worker: reopen with our own sampler
-            spec = SearchSpec.model_validate(row.spec)
-            self._studies[key] = open_stage(
-                self.storage, spec, row.id, row.stage, objective, self.stream
-            )
-        return self._studies[key]
+    def _forget(self, search_id: str) -> None:
+        """Drop what this worker holds of a search that has no work left (its data, weights)."""
+        for held in (self._contexts, self._stages, self._best):
+            held.pop(search_id, None)
 
     def _loading_elsewhere(self, session: Session, search_id: str) -> bool:
         """Whether another live worker is loading the search now: this one then serves other
@@ -451,8 +432,7 @@ class Worker:
         else:
             x, y = read_csv(content, target or "")
             splits = None
-        task = spec.task or spec.dataset.task
-        return from_arrays(name, x, y, seed=spec.seed, task=task, splits=splits)
+        return from_arrays(name, x, y, seed=spec.seed, task=spec.declared_task, splits=splits)
 
     # -- training and finishing ---------------------------------------------------------------
 
@@ -477,7 +457,7 @@ class Worker:
                     claim.space,
                     claim.stage,
                     claim.trials,
-                    should_stop=self._stop_check(claim.search_id, heartbeat),
+                    should_stop=self._stop_check(claim, ctx, heartbeat),
                     on_epoch=METRICS.epoch_trained,
                     group_size=min(DEFAULT_GROUP_SIZE, self.batch),
                 )
@@ -494,41 +474,40 @@ class Worker:
             self._in_flight = None
             self._release(claim.search_id)
         METRICS.batch_trained([o.state.name.lower() for o in outcomes], self.batch)
-        if any(outcome.reason == "oom" for outcome in outcomes) and self.batch > 1:
-            # Out of memory: the trials were enqueued again; retry them in smaller batches.
-            self.batch //= 2
+        best = best_trained(self._best.get(claim.search_id), outcomes, ctx.objective.direction)
+        if best is not None:
+            self._best[claim.search_id] = best
+        batch, self.batch = self.batch, capacity_after(self.batch, (o.reason for o in outcomes))
+        if self.batch < batch:  # the trials were enqueued again: retried in smaller batches
             log.warning("out of memory: batch size halved to %d", self.batch)
         return outcomes
 
-    def _stop_check(self, search_id: str, heartbeat: Heartbeat, every_s: float = 1.0):
-        """Stop in-flight trials when the search is cancelled, this worker is told to stop, or
-        the database has been out of reach for longer than the grace period."""
-        last = {"at": 0.0, "reason": None}
+    def _stop_check(self, claim: Claim, ctx: SearchContext, heartbeat: Heartbeat):
+        """Stop in-flight trials when this worker is told to stop, the database has been out of
+        reach for longer than the grace period, or for the search's own reasons (a cancel, its
+        timeout), as every driver stops them."""
 
-        def check() -> str | None:
+        def stopping() -> str | None:
             if self.stop_event.is_set():
                 return "preempted"
             if heartbeat.silent_for() > GRACE_PERIOD_S:
                 return "database unreachable"
-            if time.monotonic() - last["at"] >= every_s:
-                last["at"] = time.monotonic()
-                try:
-                    with session_scope(self.url) as session:
-                        row = session.get(Search, search_id)
-                        cancelled = row is None or row.cancel_requested or row.status == "cancelled"
-                except DatabaseError:
-                    return None  # unknown for now; the heartbeat decides when to give up
-                last["reason"] = "cancelled" if cancelled else None
-            return last["reason"]
+            return None
 
-        return check
+        timeout = ctx.spec.budget.timeout_s
+        return search_stop_check(
+            self.url, claim.search_id, claim.started_at, timeout, first=stopping
+        )
 
     def _finish(self, search_id: str, stage_count: int, ctx: SearchContext) -> None:
         """Refit and test the best trial outside the lock (holding the search's finish lease),
         then, locked, store the model and close the search."""
         failure = None
         try:
-            result = finish_search(ctx.spec, self.storage, search_id, ctx.dataset, stage_count)
+            trained = self._best.get(search_id)  # tested without a refit if it is the best
+            result = finish_search(
+                ctx.spec, self.storage, search_id, ctx.dataset, stage_count, trained
+            )
             content = result.model_file(ctx.dataset) if result.final is not None else None
         except DATABASE_ERRORS:
             self._release(search_id)
@@ -541,12 +520,12 @@ class Worker:
                 if failure is not None:
                     self._count_failure(row, failure)
                 else:
-                    _close(session, row, result, content)
+                    close_search(session, row, result, content)
             session.execute(
                 delete(Lease).where(Lease.search_id == search_id, Lease.worker == self.id)
             )
         if failure is None:
-            self._contexts.pop(search_id, None)
+            self._forget(search_id)
 
 
 def reap_stale_trials(database_url: str) -> int:
@@ -562,33 +541,6 @@ def reap_stale_trials(database_url: str) -> int:
     return sum(
         fail_stale_trials(optuna.load_study(study_name=name, storage=storage)) for name in studies
     )
-
-
-def _running(study: optuna.Study) -> bool:
-    return any(
-        t.state in (TrialState.RUNNING, TrialState.WAITING)
-        for t in study.get_trials(deepcopy=False)
-    )
-
-
-def _timed_out(row: Search, spec: SearchSpec) -> bool:
-    timeout = spec.budget.timeout_s
-    if not timeout or row.started_at is None:
-        return False
-    started = row.started_at if row.started_at.tzinfo else row.started_at.replace(tzinfo=UTC)
-    return (utcnow() - started).total_seconds() > timeout
-
-
-def _close(session: Session, row: Search, result: SearchResult, content: bytes | None) -> None:
-    """Store a finished search's best trial and model (None: no trial completed), and close it."""
-    row.finished_at = utcnow()
-    if result.best is None or content is None:
-        _fail_search(row, "no trial completed")
-        return
-    row.best = {**result.best, "trials": result.counts}
-    digest = hashlib.sha256(content).hexdigest()
-    session.merge(TrainedModel(search_id=row.id, content=content, size=len(content), sha256=digest))
-    row.status = "completed"
 
 
 def _fail_search(row: Search, message: str) -> None:

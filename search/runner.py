@@ -1,40 +1,77 @@
-"""A whole search: stages of batches, coarse-to-fine refinement between stages, the final fit."""
+"""A whole search in this process (`caviar run`), and what every driver of a search shares.
+
+`run_search` drives a stored search (a `caviar_searches` row) with the decisions of
+`search.driver`, as `search.pool.Worker` does under the search's row lock: `StageStudies` says
+where the open stage stands and carries out opening stages and asking for trials, `advance`
+makes the decisions that change the row, `finish` tests the best trial once and closes the
+search. Between stages, each numeric range narrows around the best trials (coarse to fine).
+"""
 
 from __future__ import annotations
 
+import hashlib
+import math
 import re
 import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import datetime
 from typing import Any, NamedTuple
 
 import optuna
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import FrozenTrial, Trial, TrialState
+from pydantic import ValidationError
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session
 
-from db.storage import annotate_finished_trial
+from db.models import TERMINAL_STATUSES, Search, utcnow
+from db.models import TrainedModel as StoredModel
+from db.session import DatabaseError, claim_sole_sqlite_worker, lock_search, session_scope
+from db.storage import annotate_finished_trial, fail_stale_trials, normalise_url, optuna_storage
 from models.data import Dataset, load_dataset
 from models.export import TrainedModel, save_model
+from models.train import DEFAULT_GROUP_SIZE
+from search.driver import (
+    Ask,
+    Cancel,
+    Decision,
+    Finish,
+    Open,
+    SearchState,
+    best_trained,
+    capacity_after,
+    decide,
+    out_of_time,
+    stop_reason,
+)
 from search.final import FinalFit, final_fit
 from search.refine import refine_space, top_fraction
 from search.space import engine_params
 from search.spec import Objective, Param, SearchSpec, SpecError, is_active
 from search.studies import (
+    ask,
     counts_toward_budget,
     create_stage_study,
     load_stage_study,
+    make_sampler,
     stage_space,
     study_name,
 )
 from search.worker import (
     DEFAULT_BATCH,
+    RETRIED_REASONS,
     SearchContext,
     StopCheck,
     TrialOutcome,
-    run_batch,
+    give_back,
+    train_trials,
     trial_seed,
 )
+
+#: Owner of the searches `caviar run` starts (the CLI's `CAVIAR_LOCAL_OWNER`).
+LOCAL_OWNER = "local"
 
 #: Objective metric → the user-facing figure names of the best trial.
 TEST_FIGURES = {"classification": ("test_accuracy",), "regression": ("test_mse", "test_r2")}
@@ -56,13 +93,16 @@ def load_search_dataset(spec: SearchSpec) -> Dataset:
 
 @dataclass
 class SearchResult:
-    """Where a finished search stands: its studies, trial counts, best trial and final figures."""
+    """Where a search stands: its studies, trial counts, and once it is completed its best trial,
+    final figures and model file; `status` is the search's (`running` when a run stopped)."""
 
     search_id: str
     studies: list[str]
     counts: dict[str, int]
     best: dict[str, Any] | None
     final: FinalFit | None = field(default=None, repr=False)
+    status: str = "completed"
+    model: bytes | None = field(default=None, repr=False)
 
     def model_file(self, dataset: Dataset) -> bytes:
         """The refit best model with the dataset's preprocessing, as one .npz file."""
@@ -95,49 +135,273 @@ class SearchResult:
         }
 
 
+def new_search_row(spec: SearchSpec, owner: str, search_id: str | None = None) -> Search:
+    """A queued search of `spec` for `owner`, to be added to a session."""
+    return Search(
+        id=search_id or new_search_id(spec.name),
+        owner=owner,
+        name=spec.name,
+        spec=spec.model_dump(mode="json", exclude_none=True),
+        status="queued",
+    )
+
+
+def start_search(
+    database_url: str, spec: SearchSpec, owner: str = LOCAL_OWNER, search_id: str | None = None
+) -> str:
+    """Store a queued search of `spec` (as the API would) and return its id."""
+    with session_scope(database_url) as session:
+        row = new_search_row(spec, owner, search_id)
+        session.add(row)
+        return row.id
+
+
+def stored_spec(database_url: str, search_id: str) -> SearchSpec:
+    """The spec of a search that is still open; SpecError for any other, or an invalid spec."""
+    with session_scope(database_url) as session:
+        row = session.get(Search, search_id)
+        if row is None or row.status in TERMINAL_STATUSES:
+            state = "not found" if row is None else f"{row.status}: there is nothing to resume"
+            raise SpecError([{"loc": ["search"], "msg": f"search {search_id!r} is {state}"}])
+        spec = dict(row.spec)
+    try:
+        return SearchSpec.model_validate(spec)
+    except ValidationError as error:
+        raise SpecError.from_validation_error(error) from None
+
+
 def run_search(
-    spec: SearchSpec,
-    storage: optuna.storages.BaseStorage,
+    database_url: str,
+    search_id: str,
     *,
-    search_id: str | None = None,
     batch: int = DEFAULT_BATCH,
     should_stop: StopCheck | None = None,
     on_trial: Callable[[TrialOutcome], None] | None = None,
     on_stage: Callable[[int, dict[str, Param]], None] | None = None,
     on_epoch: Callable[[list], None] | None = None,
 ) -> SearchResult:
-    """Run every stage of `spec` in this process, then refit and test the best trial once."""
-    search_id = search_id or new_search_id(spec.name)
+    """Drive the stored search `search_id` in this process (`caviar run`) until it ends.
+
+    The decisions are `search.driver`'s, as for the workers (`search.pool`), which make them
+    under the search's row lock. A reason from `should_stop` stops the trials in flight; a
+    retried one (`interrupted`, `preempted`) also stops this run and leaves the search open:
+    calling this again resumes it, keeping its finished trials and running the stopped ones
+    again. Any other reason ends the search as its timeout would. A resumed search's
+    `timeout_s` counts from the resumption.
+    """
+    claim_sole_sqlite_worker(database_url)
+    storage = optuna_storage(database_url)
+    spec = stored_spec(database_url, search_id)
     dataset = load_search_dataset(spec)
-    objective = spec.resolved_objective(dataset.task)
-    ctx = SearchContext(spec, search_id, dataset, objective)
-    stop = _with_deadline(should_stop, spec.budget.timeout_s)
-
-    stages = spec.stage_plan()
-    best: TrialOutcome | None = None  # with its variables: the final fit need not retrain it
-    better = max if objective.direction == "maximize" else min
-    for number, stage in enumerate(stages, start=1):
-        study, space = open_stage(storage, spec, search_id, number, objective)
-        if on_stage is not None:
+    ctx = SearchContext(spec, search_id, dataset, spec.resolved_objective(dataset.task))
+    stages = StageStudies(storage, spec, search_id, ctx.objective)
+    with session_scope(database_url) as session:
+        row = lock_search(session, search_id)
+        if row is not None and row.stage:  # resumed
+            row.started_at = utcnow()
+            if _sole_worker(database_url):  # its running trials died with their process
+                _give_back_running(stages.stage(row.stage)[0])
+    requested = _Requested(should_stop)
+    capacity, best, shown = batch, None, 0
+    while True:
+        with session_scope(database_url) as session:
+            row = lock_search(session, search_id)
+            if row is None or row.status in TERMINAL_STATUSES:  # cancelled meanwhile
+                return search_standing(storage, spec, search_id, row)
+            reason = requested()
+            if reason in RETRIED_REASONS:
+                return search_standing(storage, spec, search_id, row)
+            decision = advance(row, stages, capacity, time_up=reason is not None)
+            if isinstance(decision, Cancel):
+                row.status, row.finished_at = "cancelled", utcnow()
+                return search_standing(storage, spec, search_id, row)
+            number, started_at = row.stage, row.started_at
+            trials = stages.ask(number, decision.count) if isinstance(decision, Ask) else []
+        if isinstance(decision, Finish):
+            return finish(database_url, ctx, storage, number, best)
+        study, space = stages.stage(number)
+        if number != shown and on_stage is not None:
             on_stage(number, space)
-        while (remaining := stage.trials - used_slots(study)) > 0 and not stop():
-            outcomes = run_batch(
-                study,
-                ctx,
-                space,
-                number,
-                min(batch, remaining),
-                should_stop=stop,
-                on_trial=on_trial,
-                on_epoch=on_epoch,
-            )
-            complete = [o for o in outcomes if o.state == TrialState.COMPLETE]
-            if complete:
-                best = better([best, *complete] if best else complete, key=lambda o: o.value)
-        if stop():
-            break
+        shown = number
+        if not trials:  # Wait: its last trials train elsewhere, or await the reaper
+            fail_stale_trials(study)
+            time.sleep(1.0)
+            continue
+        outcomes = train_trials(
+            study,
+            ctx,
+            space,
+            number,
+            trials,
+            should_stop=search_stop_check(
+                database_url, search_id, started_at, spec.budget.timeout_s, first=requested
+            ),
+            on_trial=on_trial,
+            on_epoch=on_epoch,
+            group_size=min(DEFAULT_GROUP_SIZE, capacity),
+        )
+        best = best_trained(best, outcomes, ctx.objective.direction)
+        capacity = capacity_after(capacity, (outcome.reason for outcome in outcomes))
 
-    return finish_search(spec, storage, search_id, dataset, len(stages), best)
+
+class StageStudies:
+    """A search's stage studies as one process drives it: where its open stage stands for the
+    driver (`state`), and the driver's decisions to open a stage and to ask carried out."""
+
+    def __init__(
+        self,
+        storage: optuna.storages.BaseStorage,
+        spec: SearchSpec,
+        search_id: str,
+        objective: Objective,
+    ) -> None:
+        self.storage, self.spec, self.search_id = storage, spec, search_id
+        self.objective = objective
+        self.plan = tuple(stage.trials for stage in spec.stage_plan())
+        self._stages: dict[int, tuple[optuna.Study, dict[str, Param]]] = {}
+
+    def stage(self, number: int) -> tuple[optuna.Study, dict[str, Param]]:
+        """Stage `number`'s study and the space it samples; opened (created) on first use."""
+        if number not in self._stages:
+            self._stages[number] = open_stage(
+                self.storage, self.spec, self.search_id, number, self.objective
+            )
+        return self._stages[number]
+
+    def state(self, row: Search, now: datetime, time_up: bool = False) -> SearchState:
+        """Where the search of `row` stands; `time_up` ends its time before its timeout."""
+        timed_out = time_up or out_of_time(row.started_at, self.spec.budget.timeout_s, now)
+        cancel = row.cancel_requested
+        if row.stage == 0:
+            return SearchState(self.plan, timed_out=timed_out, cancel_requested=cancel)
+        trials = self.stage(row.stage)[0].get_trials(deepcopy=False)
+        running = sum(trial.state == TrialState.RUNNING for trial in trials)
+        used = running + sum(counts_toward_budget(trial) for trial in trials)
+        return SearchState(self.plan, row.stage, used, running, timed_out, cancel)
+
+    def ask(self, number: int, count: int) -> list[Trial]:
+        """`count` new trials of stage `number` (retries first, as `study.ask()` hands out).
+
+        The sampler is seeded from the spec's seed, the stage and how many trials the stage
+        holds, so a search asks for the same trials whichever process asks (`caviar run` or
+        any worker of a pool), and two claims never draw from the same sequence.
+        """
+        study, _ = self.stage(number)
+        held = len(study.get_trials(deepcopy=False))
+        study.sampler = make_sampler(self.spec, number, held)
+        return [ask(study) for _ in range(count)]
+
+
+def advance(row: Search, stages: StageStudies, capacity: int, *, time_up: bool = False) -> Decision:
+    """The driver's next decision for the search of `row`, whose lock the caller holds.
+
+    The stages it decides to open are opened here, and recorded on the row (the first one
+    starts the search), so the decision returned is never an `Open`.
+    """
+    while isinstance(decision := decide(stages.state(row, utcnow(), time_up), capacity), Open):
+        stages.stage(decision.stage)
+        if row.stage == 0:
+            row.status, row.started_at = "running", utcnow()
+        row.stage = decision.stage
+        row.studies = [*row.studies, study_name(row.id, decision.stage)]
+    return decision
+
+
+def finish(
+    database_url: str,
+    ctx: SearchContext,
+    storage: optuna.storages.BaseStorage,
+    stage_count: int,
+    trained: TrialOutcome | None = None,
+) -> SearchResult:
+    """Carry out `Finish`: test the best trial once (outside the search's lock), then, locked,
+    store it and the model file and close the search."""
+    result = finish_search(ctx.spec, storage, ctx.search_id, ctx.dataset, stage_count, trained)
+    content = result.model_file(ctx.dataset) if result.final is not None else None
+    with session_scope(database_url) as session:
+        row = lock_search(session, ctx.search_id)
+        if row is not None and row.status not in TERMINAL_STATUSES:
+            close_search(session, row, result, content)
+        status = row.status if row is not None else "failed"
+    return replace(result, status=status, model=content)
+
+
+def close_search(
+    session: Session, row: Search, result: SearchResult, content: bytes | None
+) -> None:
+    """Store a finished search's best trial and model (None: no trial completed), and close it."""
+    row.finished_at = utcnow()
+    if result.best is None or content is None:
+        row.status, row.error = "failed", "no trial completed"
+        return
+    row.best = {**result.best, "trials": result.counts}
+    digest = hashlib.sha256(content).hexdigest()
+    session.merge(StoredModel(search_id=row.id, content=content, size=len(content), sha256=digest))
+    row.status = "completed"
+
+
+def search_standing(
+    storage: optuna.storages.BaseStorage, spec: SearchSpec, search_id: str, row: Search | None
+) -> SearchResult:
+    """A search that this run leaves as it is: its studies and trial counts, its status."""
+    studies = list(row.studies) if row is not None else []
+    counts = count_states(t.trial for t in search_trials(storage, spec, studies))
+    return SearchResult(search_id, studies, counts, None, status=row.status if row else "failed")
+
+
+def search_stop_check(
+    database_url: str,
+    search_id: str,
+    started_at: datetime | None,
+    timeout_s: float | None,
+    *,
+    first: StopCheck | None = None,
+    every_s: float = 1.0,
+) -> StopCheck:
+    """Why the search's trials in flight stop: the driver's own reason (`first`, such as its
+    process stopping), else the search's (`search.driver.stop_reason`): its timeout, or a
+    cancel, read from its row at most every `every_s` seconds."""
+    last = {"at": -math.inf, "cancelled": False}
+
+    def check() -> str | None:
+        if first is not None and (reason := first()):
+            return reason
+        if time.monotonic() - last["at"] >= every_s:
+            last["at"] = time.monotonic()
+            try:
+                with session_scope(database_url) as session:
+                    row = session.get(Search, search_id)
+                    last["cancelled"] = row is None or row.cancel_requested
+            except DatabaseError:
+                pass  # unknown for now: a worker's heartbeat decides when to give up
+        timed_out = out_of_time(started_at, timeout_s, utcnow())
+        return stop_reason(cancel_requested=bool(last["cancelled"]), timed_out=timed_out)
+
+    return check
+
+
+class _Requested:
+    """`should_stop`, remembered: once it gives a reason, that reason holds."""
+
+    def __init__(self, should_stop: StopCheck | None) -> None:
+        self.should_stop, self.reason = should_stop, None
+
+    def __call__(self) -> str | None:
+        if self.reason is None and self.should_stop is not None:
+            self.reason = self.should_stop()
+        return self.reason
+
+
+def _sole_worker(database_url: str) -> bool:
+    """Whether this process is the only one driving searches on the database (SQLite)."""
+    return make_url(normalise_url(database_url)).get_backend_name() == "sqlite"
+
+
+def _give_back_running(study: optuna.Study) -> None:
+    """Fail the stage's running trials as interrupted; they are enqueued again."""
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    trials = [Trial(study, trial._trial_id) for trial in running]
+    give_back(study, trials, "interrupted", "its process stopped before it ended")
 
 
 def open_stage(
@@ -146,7 +410,6 @@ def open_stage(
     search_id: str,
     number: int,
     objective: Objective,
-    stream: int = 0,
 ) -> tuple[optuna.Study, dict[str, Param]]:
     """Create (or reopen) stage `number`'s study and return it with the space it samples.
 
@@ -154,7 +417,7 @@ def open_stage(
     around that stage's top `keep_top` fraction of complete trials (coarse to fine).
     """
     if _study_exists(storage, study_name(search_id, number)):
-        study = load_stage_study(storage, spec, search_id, number, stream)
+        study = load_stage_study(storage, spec, search_id, number)
         return study, stage_space(study)
     space: dict[str, Param] = dict(spec.space)
     if number > 1:
@@ -171,7 +434,7 @@ def open_stage(
     create_stage_study(
         storage, spec, search_id, number, space, objective.direction, objective.metric
     )
-    return load_stage_study(storage, spec, search_id, number, stream), space
+    return load_stage_study(storage, spec, search_id, number), space
 
 
 def finish_search(
@@ -277,18 +540,6 @@ def tally_states(states: Mapping[TrialState, int]) -> dict[str, int]:
     }
 
 
-def used_slots(study: optuna.Study) -> int:
-    """Trials of a stage that hold a slot of its budget: finished ones and those running.
-
-    A WAITING trial (a retry of a trial whose worker died) is not counted: it fills one of the
-    free slots, because `study.ask()` hands out waiting trials first.
-    """
-    return sum(
-        counts_toward_budget(t) or t.state == TrialState.RUNNING
-        for t in study.get_trials(deepcopy=False)
-    )
-
-
 def _study_exists(storage: optuna.storages.BaseStorage, name: str) -> bool:
     try:
         storage.get_study_id_from_name(name)
@@ -299,16 +550,3 @@ def _study_exists(storage: optuna.storages.BaseStorage, name: str) -> bool:
 
 def _load(storage: optuna.storages.BaseStorage, name: str) -> optuna.Study:
     return optuna.load_study(study_name=name, storage=storage)
-
-
-def _with_deadline(should_stop: StopCheck | None, timeout_s: float | None) -> StopCheck:
-    deadline = time.monotonic() + timeout_s if timeout_s else None
-
-    def stop() -> str | None:
-        if should_stop is not None and (reason := should_stop()):
-            return reason
-        if deadline is not None and time.monotonic() > deadline:
-            return "timeout"
-        return None
-
-    return stop

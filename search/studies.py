@@ -29,17 +29,23 @@ def study_name(search_id: str, stage: int) -> str:
     return f"{STUDY_PREFIX}/{search_id}/stage-{stage}"
 
 
-def sampler_seed(spec_seed: int, stage: int, stream: int = 0) -> int:
-    """The seed of a stage's sampler in one worker's `stream`, derived from the spec seed.
+def sampler_seed(spec_seed: int, stage: int, offset: int = 0) -> int:
+    """The seed of a stage's sampler for trials asked once the stage holds `offset` trials,
+    derived from the spec seed.
 
     Reduced modulo 2**32: Optuna's samplers seed NumPy, which takes 32-bit seeds only.
     """
-    return (spec_seed * 1_000_003 + stage * 7_919 + stream) % 2**32
+    return (spec_seed * 1_000_003 + stage * 7_919 + offset) % 2**32
 
 
-def make_sampler(spec: SearchSpec, stage: int, stream: int = 0) -> optuna.samplers.BaseSampler:
-    """The spec's sampler, seeded from the spec seed, the stage and the worker's `stream`."""
-    seed = sampler_seed(spec.seed, stage, stream)
+def make_sampler(spec: SearchSpec, stage: int, offset: int = 0) -> optuna.samplers.BaseSampler:
+    """The spec's sampler for trials asked once the stage holds `offset` trials, seeded from the
+    spec seed, the stage and `offset`: the same trials whichever process asks for them.
+
+    Sobol points keep one scramble per stage: the study counts the points drawn, so each new
+    sampler goes on with the same sequence.
+    """
+    seed = sampler_seed(spec.seed, stage, 0 if spec.sampler == "qmc" else offset)
     match spec.sampler:
         case "random":
             return optuna.samplers.RandomSampler(seed=seed)
@@ -102,17 +108,13 @@ def create_stage_study(
 
 
 def load_stage_study(
-    storage: optuna.storages.BaseStorage,
-    spec: SearchSpec,
-    search_id: str,
-    stage: int,
-    stream: int = 0,
+    storage: optuna.storages.BaseStorage, spec: SearchSpec, search_id: str, stage: int
 ) -> optuna.Study:
-    """An existing stage study with this process's sampler and the spec's pruner."""
+    """An existing stage study with the spec's sampler (for its first trials) and pruner."""
     return optuna.load_study(
         study_name=study_name(search_id, stage),
         storage=storage,
-        sampler=make_sampler(spec, stage, stream),
+        sampler=make_sampler(spec, stage),
         pruner=make_pruner(spec),
     )
 

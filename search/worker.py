@@ -39,7 +39,6 @@ from models.train import (
 )
 from search.space import sample_trial
 from search.spec import Objective, Param, SearchSpec
-from search.studies import ask
 
 #: Trials one worker asks for at once; the planner splits them into buckets.
 DEFAULT_BATCH = 32
@@ -47,7 +46,7 @@ DEFAULT_BATCH = 32
 logger = logging.getLogger(__name__)
 
 #: Stop reasons after which a trial is enqueued again: the trial itself was not at fault.
-RETRIED_REASONS = frozenset({"preempted", "oom"})
+RETRIED_REASONS = frozenset({"preempted", "interrupted", "oom"})
 
 
 @dataclass
@@ -110,31 +109,6 @@ def continuous_hparams(params: dict[str, Any], seed: int) -> dict[str, Any]:
 def trial_seed(spec_seed: int, stage: int, number: int) -> int:
     """A stable per-trial seed for initialisation and dropout."""
     return zlib.crc32(f"{spec_seed}/{stage}/{number}".encode()) & 0x7FFFFFFF
-
-
-def run_batch(
-    study: optuna.Study,
-    ctx: SearchContext,
-    space: dict[str, Param],
-    stage: int,
-    count: int,
-    *,
-    should_stop: StopCheck | None = None,
-    on_trial: Callable[[TrialOutcome], None] | None = None,
-    on_epoch: Callable[[list[Trial]], None] | None = None,
-) -> list[TrialOutcome]:
-    """Ask `count` trials of `stage`, train them in buckets, and tell Optuna each result."""
-    trials = [ask(study) for _ in range(count)]
-    return train_trials(
-        study,
-        ctx,
-        space,
-        stage,
-        trials,
-        should_stop=should_stop,
-        on_trial=on_trial,
-        on_epoch=on_epoch,
-    )
 
 
 def train_trials(

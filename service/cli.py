@@ -40,7 +40,18 @@ DatabaseOption = Annotated[
 
 @app.command()
 def run(
-    spec_path: Annotated[Path, typer.Argument(metavar="SPEC", help="Search spec, YAML or JSON.")],
+    spec_path: Annotated[
+        Path | None, typer.Argument(metavar="SPEC", help="Search spec, YAML or JSON.")
+    ] = None,
+    resume: Annotated[
+        str | None,
+        typer.Option(
+            "--resume",
+            metavar="ID",
+            help="Continue a stopped search: its finished trials are kept, the stopped ones "
+            "run again.",
+        ),
+    ] = None,
     database_url: DatabaseOption = None,
     json_output: Annotated[
         bool, typer.Option("--json", help="Make the last line of stdout a JSON summary.")
@@ -53,18 +64,25 @@ def run(
         Path | None, typer.Option("--model", help="Save the refit best model here (.npz).")
     ] = None,
 ) -> None:
-    """Run a whole search in this process: progress, best trials, then the test figures."""
+    """Run a whole search in this process: its id first, progress, best trials, test figures.
+
+    The search is stored in the database like a submitted one (owner $CAVIAR_LOCAL_OWNER), so
+    `caviar report`, `caviar export` and the API see it.
+    """
+    from db.migrate import upgrade
     from db.storage import optuna_storage
-    from search.runner import run_search
+    from search.runner import run_search, start_search, stored_spec
     from search.spec import SpecError, load_spec
     from service.limits import dataset_size_errors
     from service.settings import get_settings
 
     console = _console(stderr=json_output)
     settings = get_settings()
+    if (spec_path is None) == (resume is None):
+        _fail(console, "give a SPEC to run, or --resume ID to continue a search")
     try:
-        spec = load_spec(spec_path)
-        if too_big := dataset_size_errors(spec, settings):
+        spec = load_spec(spec_path) if spec_path is not None else None
+        if spec is not None and (too_big := dataset_size_errors(spec, settings)):
             raise SpecError(too_big)
     except (SpecError, OSError) as error:
         _fail(console, f"{spec_path}: {error}")
@@ -72,14 +90,21 @@ def run(
     _quiet_optuna()
     url = database_url or settings.database_url
     with _database(url):
+        upgrade(url)
         storage = optuna_storage(url)
-    interrupted = _interrupt_flag(console)
+        try:
+            search_id = resume or start_search(url, spec, settings.local_owner)
+            spec = stored_spec(url, search_id)
+        except SpecError as error:
+            _fail(console, str(error))
+    typer.echo(search_id)
+    interrupted = _interrupt_flag(console, search_id)
 
-    with _SearchProgress(console, spec) as progress:
+    with _SearchProgress(console, spec) as progress, _database(url):
         try:
             result = run_search(
-                spec,
-                storage,
+                url,
+                search_id,
                 batch=batch,
                 should_stop=interrupted,
                 on_trial=progress.trial_done,
@@ -89,11 +114,15 @@ def run(
         except (SpecError, ValueError) as error:
             _fail(console, str(error))
 
+    if result.status == "running":  # stopped by Ctrl-C
+        counts = ", ".join(f"{v} {k}" for k, v in result.counts.items())
+        console.print(f"search {search_id} stopped ({counts}); {_resume_hint(search_id)}")
+        raise typer.Exit(130)
+    if result.status == "cancelled":
+        console.print(f"search {search_id} was cancelled")
     _print_best_trials(console, spec, storage, result)
-    if model is not None and result.final is not None:
-        from search.runner import load_search_dataset
-
-        model.write_bytes(result.model_file(load_search_dataset(spec)))
+    if model is not None and result.model is not None:
+        model.write_bytes(result.model)
         console.print(f"model written to {model} (load it with models.export.load_model)")
     if report is not None:
         from search.report import write_report
@@ -102,6 +131,10 @@ def run(
         console.print(f"report written to {report}")
     if json_output:
         print(json.dumps(result.summary()))
+
+
+def _resume_hint(search_id: str) -> str:
+    return f"continue it with: caviar run --resume {search_id}"
 
 
 JsonOption = Annotated[
@@ -644,7 +677,7 @@ def _fmt(value: Any) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
-def _interrupt_flag(console: Console):
+def _interrupt_flag(console: Console, search_id: str):
     """First Ctrl-C stops the search after the current epoch; the second one aborts."""
     state: dict[str, str | None] = {"reason": None}
 
@@ -652,7 +685,8 @@ def _interrupt_flag(console: Console):
         if state["reason"]:
             raise KeyboardInterrupt
         state["reason"] = "interrupted"
-        console.print("stopping after this epoch (Ctrl-C again to abort)")
+        hint = _resume_hint(search_id)
+        console.print(f"stopping after this epoch (Ctrl-C again to abort); {hint}")
 
     signal.signal(signal.SIGINT, handle)
     return lambda: state["reason"]

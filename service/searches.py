@@ -17,7 +17,7 @@ from db.models import TERMINAL_STATUSES, Dataset, Search, utcnow
 from db.session import lock_owner
 from db.storage import optuna_storage, trial_states
 from search import runner
-from search.runner import SearchResult, SearchTrial, new_search_id, tally_states
+from search.runner import SearchResult, SearchTrial, new_search_row, tally_states
 from search.spec import SearchSpec, text_problem
 from service.schemas import Progress, SearchPublic, TrialPublic
 
@@ -72,15 +72,8 @@ def submit_search(
     )
     if open_count >= max_concurrent:
         raise TooMany(f"{open_count} searches are queued or running; the limit is {max_concurrent}")
-    search = Search(
-        id=new_search_id(spec.name),
-        owner=owner,
-        name=spec.name,
-        spec=spec.model_dump(mode="json", exclude_none=True),
-        status="queued",
-        idempotency_key=idempotency_key,
-        request_sha256=digest,
-    )
+    search = new_search_row(spec, owner)
+    search.idempotency_key, search.request_sha256 = idempotency_key, digest
     session.add(search)
     session.flush()
     return search, True

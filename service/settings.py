@@ -19,6 +19,12 @@ class Settings(BaseSettings):
     database_url: str = Field(DEFAULT_DATABASE_URL, description="SQLAlchemy URL of the database.")
     api_url: str = Field("http://127.0.0.1:8000", description="Where the CLI finds the API.")
     token: str | None = Field(None, description="API token the CLI sends.")
+    local_owner: str = Field(
+        "local",
+        min_length=1,
+        max_length=128,
+        description="Owner of the searches caviar run starts.",
+    )
     compile_cache: str | None = Field(
         None, description="Directory of JAX's persistent compilation cache (workers, caviar run)."
     )

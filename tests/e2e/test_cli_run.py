@@ -2,12 +2,15 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import optuna
 import pytest
+from optuna.trial import TrialState
 
 from models.data import load_dataset
 from models.export import load_model
@@ -51,8 +54,10 @@ def test_run_prints_progress_best_trials_json_and_writes_a_report(tmp_path):
         cwd=tmp_path,
     )
     assert done.returncode == 0, done.stderr
-    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    first, *_, last = done.stdout.strip().splitlines()
+    summary = json.loads(last)
     assert summary["search_id"].startswith("cli-tiny-")
+    assert first == summary["search_id"]  # printed first, before anything runs
     assert summary["studies"] == [f"caviar/{summary['search_id']}/stage-{n}" for n in (1, 2)]
     assert summary["trials"]["total"] == 6
     best = summary["best"]
@@ -71,6 +76,81 @@ def test_run_prints_progress_best_trials_json_and_writes_a_report(tmp_path):
     storage = optuna.storages.RDBStorage(f"sqlite:///{db}")
     names = set(optuna.get_all_study_names(storage))
     assert set(summary["studies"]) <= names
+
+
+def trials_by_number(db, search_id):
+    """The search's trials in the SQLite file `db`, by (stage, number)."""
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(f"sqlite:///{db}")
+    with engine.connect() as connection:
+        studies = json.loads(
+            connection.execute(
+                text("SELECT studies FROM caviar_searches WHERE id = :id"), {"id": search_id}
+            ).scalar_one()
+        )
+    engine.dispose()
+    storage = optuna.storages.RDBStorage(f"sqlite:///{db}")
+    return {
+        (stage, t.number): t
+        for stage, name in enumerate(studies, start=1)
+        for t in optuna.load_study(study_name=name, storage=storage).trials
+    }
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "killed"])
+def test_a_stopped_run_resumes_with_its_finished_trials_and_ends_with_its_budget(tmp_path, stop):
+    slow = SPEC.replace("epochs: 3", "epochs: 200").replace("samples: 300", "samples: 3000")
+    (tmp_path / "spec.yaml").write_text(slow)
+    db = tmp_path / "caviar.db"
+    url = f"sqlite:///{db}"
+    run = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "run", "spec.yaml", "--batch", "2"],
+        cwd=tmp_path,
+        env={**os.environ, "CAVIAR_DATABASE_URL": url},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    search_id = run.stdout.readline().strip()
+
+    def in_flight_after_a_complete_one() -> bool:
+        states = [
+            (t.state, bool(t.intermediate_values)) for t in trials_by_number(db, search_id).values()
+        ]
+        return (TrialState.COMPLETE, True) in states and (TrialState.RUNNING, True) in states
+
+    deadline = time.monotonic() + 240
+    while not in_flight_after_a_complete_one():
+        assert run.poll() is None and time.monotonic() < deadline, "no second batch in time"
+        time.sleep(0.2)
+    run.send_signal(stop)
+    output = run.communicate(timeout=120)[0]
+    if stop == signal.SIGINT:
+        assert run.returncode == 130, output
+        assert f"continue it with: caviar run --resume {search_id}" in output
+    finished = {
+        key: (t.params, t.value)
+        for key, t in trials_by_number(db, search_id).items()
+        if t.state == TrialState.COMPLETE
+    }
+
+    done = caviar("run", "--resume", search_id, "--json", "--database-url", url, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1])["search_id"] == search_id
+    trials = trials_by_number(db, search_id)
+    assert {key: (trials[key].params, trials[key].value) for key in finished} == finished
+    counted = [t for t in trials.values() if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(counted) == 6  # exactly the budget: 4 in stage 1, 2 in stage 2
+    assert not [t for t in trials.values() if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    stopped = [t for t in trials.values() if t.user_attrs.get("reason") == "interrupted"]
+    assert stopped, "the trials in flight were stopped"
+    rerun = {t.system_attrs.get("failed_trial") for t in trials.values()}
+    assert {t.number for t in stopped} <= rerun  # and run again
+
+    again = caviar("run", "--resume", search_id, "--database-url", url, cwd=tmp_path)
+    assert again.returncode == 2
+    assert f"search {search_id!r} is completed: there is nothing to resume" in again.stderr
 
 
 def test_bad_spec_exits_with_the_field_and_reason(tmp_path):

@@ -7,9 +7,10 @@ import re
 import numpy as np
 from test_dashboard import chromium, render
 
+from db.migrate import upgrade
 from db.storage import optuna_storage
 from search.report import render_report
-from search.runner import SearchResult, run_search
+from search.runner import SearchResult, run_search, start_search
 from search.spec import parse_spec
 
 SPEC = """
@@ -77,8 +78,10 @@ PROBE = """<script>addEventListener('load', () => setTimeout(() => {
 def test_report_draws_every_panel_in_chromium_with_log_axes(tmp_path):
     chromium()  # before the search: without a browser the test fails or skips at once
     spec = parse_spec(SPEC)
-    storage = optuna_storage(f"sqlite:///{tmp_path / 'caviar.db'}")
-    done = run_search(spec, storage, batch=8)
+    url = f"sqlite:///{tmp_path / 'caviar.db'}"
+    upgrade(url)
+    storage = optuna_storage(url)
+    done = run_search(url, start_search(url, spec), batch=8)
     assert done.counts["pruned"] > 0 and done.counts["complete"] >= 6, done.counts
     # As `caviar report` and the API render it: from the database, not the process's final fit.
     result = SearchResult(done.search_id, done.studies, done.counts, done.best)

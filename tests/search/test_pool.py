@@ -53,7 +53,7 @@ def trials_of(url, studies):
 
 def test_a_worker_runs_a_queued_search_to_its_end(url):
     search_id = queue(url)
-    Worker(url, batch=3, stream=0).run(until_idle=True)
+    Worker(url, batch=3).run(until_idle=True)
     with session_scope(url) as session:
         search = session.get(Search, search_id)
         assert search.status == "completed", search.error
@@ -79,7 +79,7 @@ def test_cancelled_search_is_not_worked_on(url):
     with session_scope(url) as session:
         search = session.get(Search, search_id)
         search.cancel_requested, search.status = True, "cancelled"
-    Worker(url, stream=0).run(until_idle=True)
+    Worker(url).run(until_idle=True)
     with session_scope(url) as session:
         assert session.get(Search, search_id).studies == []
 
@@ -111,7 +111,7 @@ def test_a_search_reads_files_only_inside_the_workers_data_directory(url, tmp_pa
     bad = queue(url, with_dataset("{path: bad.csv, target: nope}"))
     outside = queue(url, with_dataset("{path: ../secret.csv, target: label}"))
     missing = queue(url, with_dataset("{path: ../missing.csv, target: label}"))
-    Worker(url, stream=0, data_dir=str(data)).run(until_idle=True)
+    Worker(url, data_dir=str(data)).run(until_idle=True)
     (bad_status, bad_error), *refused = errors_of(url, bad, outside, missing)
     assert bad_status == "failed" and "dataset.path 'bad.csv'" in bad_error
     assert refused[0] == refused[1]  # a file outside exists or not: the same answer
@@ -123,7 +123,7 @@ def test_a_search_reads_files_only_inside_the_workers_data_directory(url, tmp_pa
 def test_without_a_data_directory_a_worker_reads_no_file(url, tmp_path):
     (tmp_path / "secret.csv").write_text("password,label\nhunter2,1\n" * 20)
     search_id = queue(url, with_dataset(f"{{path: {tmp_path / 'secret.csv'}, target: label}}"))
-    Worker(url, stream=0).run(until_idle=True)
+    Worker(url).run(until_idle=True)
     ((status, error),) = errors_of(url, search_id)
     assert status == "failed" and "dataset.path" in error and "hunter2" not in error
 
@@ -135,7 +135,7 @@ def test_diverging_trials_fail_and_the_search_still_completes(url):
             "{low: 1.0e-3, high: 0.3, scale: log}", "{low: 10.0, high: 1.0e4, scale: log}"
         ).replace("stages: [{trials: 4}, {trials: 3}]", ""),
     )
-    Worker(url, stream=0).run(until_idle=True)
+    Worker(url).run(until_idle=True)
     with session_scope(url) as session:
         search = session.get(Search, search_id)
         studies, status = search.studies, search.status
@@ -206,7 +206,7 @@ space: {learning_rate: {low: 1.0e-2, high: 3.0e-2, scale: log}}
 fixed: {optimizer: adam, batch_size: 32, hidden_units: 16, hidden_layers: 1}
 """
     search_id = queue(url, spec)
-    Worker(url, stream=0).run(until_idle=True)
+    Worker(url).run(until_idle=True)
     with session_scope(url) as session:
         search = session.get(Search, search_id)
         assert search.status == "completed", search.error
@@ -217,17 +217,17 @@ def test_another_owners_dataset_is_not_found(url):
     store_csv(url, "ds-2", "bob", b"a,label\n" + b"1,0\n2,1\n" * 20)
     spec = SPEC.replace("{name: synthetic, samples: 400, features: 6, classes: 3}", "{id: ds-2}")
     search_id = queue(url, spec, owner="alice")
-    Worker(url, stream=0).run(until_idle=True)
+    Worker(url).run(until_idle=True)
     with session_scope(url) as session:
         search = session.get(Search, search_id)
         assert search.status == "failed" and "ds-2" in search.error
 
 
-def test_the_largest_seed_runs_on_a_worker_with_the_largest_stream(url):
-    # The stage sampler's seed is derived from the spec seed and the worker's stream; it used to
-    # overflow NumPy's 32-bit seeds for spec seeds from about 2148, killing every worker.
+def test_the_largest_seed_runs_on_a_worker(url):
+    # The stage sampler's seed is derived from the spec seed, the stage and the trials it holds;
+    # it used to overflow NumPy's 32-bit seeds for spec seeds from about 2148, killing workers.
     search_id = queue(url, SPEC + "seed: 4294967295\n")
-    Worker(url, batch=4, stream=2**31 - 1).run(until_idle=True)
+    Worker(url, batch=4).run(until_idle=True)
     with session_scope(url) as session:
         search = session.get(Search, search_id)
         assert search.status == "completed", search.error
@@ -237,7 +237,7 @@ def test_a_search_that_cannot_be_loaded_fails_alone(url):
     spec = parse_spec(SPEC).model_dump(mode="json", exclude_none=True)
     poisoned = queue_unchecked(url, {**spec, "seed": 2**40}, owner="alice")
     healthy = queue(url, owner="bob")
-    Worker(url, batch=4, stream=2**31 - 1).run(until_idle=True)
+    Worker(url, batch=4).run(until_idle=True)
     (poison_status, poison_error), (healthy_status, healthy_error) = errors_of(
         url, poisoned, healthy
     )
@@ -259,7 +259,7 @@ def test_a_search_whose_workers_keep_dying_fails_after_the_attempt_limit(url):
             session.add(Lease(search_id=search_id, worker=f"dead-{attempt}", phase="load"))
             session.flush()
             session.get(Lease, (search_id, f"dead-{attempt}")).heartbeat_at = stale
-        worker = Worker(url, stream=0, max_attempts=2)
+        worker = Worker(url, max_attempts=2)
         if attempt == 0:  # one death is under the limit: the search goes on
             worker.step()
             with session_scope(url) as session:
@@ -300,7 +300,7 @@ def cancel_while(url: str, search_id: str, phase: str, work) -> None:
 def test_no_lock_is_held_while_a_dataset_loads(postgres_url):
     upgrade(postgres_url)
     slow = queue(postgres_url, with_dataset("{name: mnist1d, samples: 8000}"))  # seconds to make
-    cancel_while(postgres_url, slow, "load", Worker(postgres_url, stream=0).step)
+    cancel_while(postgres_url, slow, "load", Worker(postgres_url).step)
 
 
 def test_no_lock_is_held_during_the_final_fit_and_a_cancel_then_wins(postgres_url):
@@ -309,7 +309,7 @@ def test_no_lock_is_held_during_the_final_fit_and_a_cancel_then_wins(postgres_ur
     spec = spec.replace("stages: [{trials: 4}, {trials: 3}]", "final_fit: train_dev")
     spec = spec.replace("hidden_units: 8", "hidden_units: 256").replace("trials: 7", "trials: 2")
     search_id = queue(postgres_url, spec)
-    worker = Worker(postgres_url, batch=2, stream=0)
+    worker = Worker(postgres_url, batch=2)
     cancel_while(postgres_url, search_id, "finish", lambda: worker.run(until_idle=True))
     with session_scope(postgres_url) as session:
         assert session.get(TrainedModel, search_id) is None

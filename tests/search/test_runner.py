@@ -1,4 +1,5 @@
-"""Whole searches on a real SQLite file: stages, budgets, divergence, final test figures."""
+"""Whole searches driven in this process (`caviar run`) on a real SQLite file: stages, budgets,
+divergence, final test figures."""
 
 import math
 
@@ -6,8 +7,9 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from db.migrate import upgrade
 from db.storage import optuna_storage
-from search.runner import finish_search, load_search_dataset, run_search
+from search.runner import finish_search, load_search_dataset, run_search, start_search
 from search.spec import parse_spec
 
 TINY = """
@@ -24,8 +26,20 @@ fixed: {optimizer: momentum, batch_size: 32, hidden_layers: 1}
 
 
 @pytest.fixture
-def storage(tmp_path):
-    return optuna_storage(f"sqlite:///{tmp_path / 'caviar.db'}")
+def url(tmp_path):
+    url = f"sqlite:///{tmp_path / 'caviar.db'}"
+    upgrade(url)
+    return url
+
+
+@pytest.fixture
+def storage(url):
+    return optuna_storage(url)
+
+
+def run(url, spec, **options):
+    """Run `spec` as `caviar run` does: a stored search, driven in this process."""
+    return run_search(url, start_search(url, spec), **options)
 
 
 def all_trials(storage, result):
@@ -36,8 +50,8 @@ def all_trials(storage, result):
     ]
 
 
-def test_search_runs_exactly_its_budget_and_tests_the_best_once(storage):
-    result = run_search(parse_spec(TINY), storage, batch=3)
+def test_search_runs_exactly_its_budget_and_tests_the_best_once(url, storage):
+    result = run(url, parse_spec(TINY), batch=3)
     trials = all_trials(storage, result)
     assert len(trials) == 8
     assert result.counts["complete"] + result.counts["failed"] + result.counts["pruned"] == 8
@@ -52,8 +66,8 @@ def test_search_runs_exactly_its_budget_and_tests_the_best_once(storage):
     assert study.user_attrs["test_accuracy"] == best["test_accuracy"]
 
 
-def test_beta_is_sampled_as_one_minus_beta_and_stored_both_ways(storage):
-    result = run_search(parse_spec(TINY), storage, batch=8)
+def test_beta_is_sampled_as_one_minus_beta_and_stored_both_ways(url, storage):
+    result = run(url, parse_spec(TINY), batch=8)
     for trial in all_trials(storage, result):
         assert "one_minus_momentum" in trial.params
         assert trial.distributions["one_minus_momentum"].log
@@ -61,13 +75,13 @@ def test_beta_is_sampled_as_one_minus_beta_and_stored_both_ways(storage):
         assert trial.user_attrs["stage"] == 1
 
 
-def test_coarse_to_fine_stages_are_separate_studies_with_narrowed_ranges(storage):
+def test_coarse_to_fine_stages_are_separate_studies_with_narrowed_ranges(url, storage):
     spec = parse_spec(
         TINY.replace(
             "seed: 3", "seed: 3\nstages: [{trials: 5}, {trials: 3, keep_top: 0.4, margin: 0.05}]"
         )
     )
-    result = run_search(spec, storage, batch=4)
+    result = run(url, spec, batch=4)
     assert [s.split("/")[-1] for s in result.studies] == ["stage-1", "stage-2"]
     first, second = (optuna.load_study(study_name=n, storage=storage) for n in result.studies)
     assert (first.user_attrs["stage"], second.user_attrs["stage"]) == (1, 2)
@@ -83,13 +97,13 @@ def test_coarse_to_fine_stages_are_separate_studies_with_narrowed_ranges(storage
         assert trial.user_attrs["stage"] == 2
 
 
-def test_diverging_trials_fail_with_their_reason_and_the_search_goes_on(storage):
+def test_diverging_trials_fail_with_their_reason_and_the_search_goes_on(url, storage):
     spec = parse_spec(
         TINY.replace(
             "{low: 1.0e-3, high: 0.3, scale: log}", "{low: 1.0e-2, high: 1.0e4, scale: log}"
         )
     )
-    result = run_search(spec, storage, batch=8)
+    result = run(url, spec, batch=8)
     trials = all_trials(storage, result)
     diverged = [t for t in trials if t.state == TrialState.FAIL]
     assert diverged, "learning rates up to 1e4 should diverge"
@@ -99,7 +113,7 @@ def test_diverging_trials_fail_with_their_reason_and_the_search_goes_on(storage)
     assert result.best["trial"] not in {t.number for t in diverged}
 
 
-def test_regression_search_reports_test_mse_and_r2(storage):
+def test_regression_search_reports_test_mse_and_r2(url, storage):
     spec = parse_spec("""
 name: reg
 dataset: {name: synthetic, task: regression, samples: 400, features: 4}
@@ -108,27 +122,27 @@ space: {learning_rate: {low: 1.0e-3, high: 1.0e-1, scale: log}}
 fixed: {optimizer: adam, batch_size: 32, hidden_units: 16}
 final_fit: train_dev
 """)
-    result = run_search(spec, storage)
+    result = run(url, spec)
     assert set(result.best) >= {"dev_mse", "test_mse", "test_r2"}
     assert "dev" not in result.best["diagnosis"]  # refit on train+dev: test is the held-out split
 
 
-def test_median_pruner_prunes_inside_a_batch(storage):
+def test_median_pruner_prunes_inside_a_batch(url, storage):
     spec = parse_spec(
         TINY.replace(
             "budget: {trials: 8, epochs: 4}",
             "budget: {trials: 16, epochs: 6}\npruner: {name: median, warmup_epochs: 1}",
         )
     )
-    result = run_search(spec, storage, batch=16)
+    result = run(url, spec, batch=16)
     assert result.counts["pruned"] > 0
     pruned = [t for t in all_trials(storage, result) if t.state == TrialState.PRUNED]
     assert all(t.user_attrs["epochs"] < 6 for t in pruned)
 
 
-def test_the_best_trial_is_tested_with_its_own_weights_and_a_refit_reproduces_it(storage):
+def test_the_best_trial_is_tested_with_its_own_weights_and_a_refit_reproduces_it(url, storage):
     spec = parse_spec(TINY)
-    result = run_search(spec, storage, batch=8)
+    result = run(url, spec, batch=8)
     assert result.final.figures["dev_accuracy"] == result.best["dev_accuracy"]
 
     dataset = load_search_dataset(spec)  # a pool worker that did not train the best trial
@@ -139,7 +153,7 @@ def test_the_best_trial_is_tested_with_its_own_weights_and_a_refit_reproduces_it
     )
 
 
-def test_a_stop_after_the_last_epoch_keeps_the_finished_batch(storage):
+def test_a_stop_after_the_last_epoch_keeps_the_finished_batch(url, storage):
     one_shape = TINY.replace("  hidden_units: {low: 8, high: 16, type: int}\n", "").replace(
         "hidden_layers: 1", "hidden_layers: 1, hidden_units: 8"
     )
@@ -148,9 +162,9 @@ def test_a_stop_after_the_last_epoch_keeps_the_finished_batch(storage):
     def timeout_after_first_batch():
         return "timeout" if len(epochs_trained) >= 4 else None
 
-    result = run_search(
+    result = run(
+        url,
         parse_spec(one_shape),
-        storage,
         batch=4,
         should_stop=timeout_after_first_batch,
         on_epoch=epochs_trained.append,

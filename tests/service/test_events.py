@@ -27,7 +27,7 @@ def test_every_event_has_an_id_and_a_resumed_stream_sends_exactly_the_rest(
 ):
     token = tokens["alice"]
     search_id = client.post("/v1/searches", json=STAGED, headers=auth(token)).json()["id"]
-    Worker(settings.database_url, batch=2, stream=0).run(until_idle=True)
+    Worker(settings.database_url, batch=2).run(until_idle=True)
 
     events = read_events(client, token, search_id)
     kinds = [kind for _, kind, _ in events]

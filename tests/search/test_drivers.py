@@ -1,0 +1,135 @@
+"""One driver, two ways to drive it: every behaviour of a search is the same whether `caviar run`
+drives it in its own process (`search.runner.run_search`) or a pool worker does, under the
+search's row lock (`search.pool.Worker`). Each test runs both, on a real SQLite file."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+import search.final
+import search.worker
+from db.migrate import upgrade
+from db.models import Search
+from db.session import session_scope
+from search.pool import Worker
+from search.runner import run_search, start_search
+from search.spec import SpecError, parse_spec
+from service.searches import submit_search
+
+SPEC = """
+name: drivers
+dataset: {name: synthetic, samples: 400, features: 6, classes: 3}
+budget: {trials: 4, epochs: 3}
+space:
+  learning_rate: {low: 1.0e-3, high: 0.3, scale: log}
+fixed: {optimizer: adam, batch_size: 32, hidden_units: 8, hidden_layers: 1}
+"""
+
+DRIVERS = ["caviar run", "caviar worker"]
+
+
+@pytest.fixture
+def url(tmp_path):
+    url = f"sqlite:///{tmp_path / 'caviar.db'}"
+    upgrade(url)
+    return url
+
+
+def drive(driver: str, url: str, text: str, batch: int) -> Search:
+    """Run the search of spec `text` to its end with `driver`; its row afterwards."""
+    spec = parse_spec(text)
+    if driver == "caviar run":
+        search_id = start_search(url, spec)
+        run_search(url, search_id, batch=batch)
+    else:
+        with session_scope(url) as session:  # as the API queues it
+            search, _ = submit_search(
+                session, "alice", spec, idempotency_key=None, max_concurrent=10
+            )
+            search_id = search.id
+        Worker(url, batch=batch).run(until_idle=True)
+    with session_scope(url) as session:
+        return session.get(Search, search_id)
+
+
+def trials_of(url: str, search: Search) -> list[optuna.trial.FrozenTrial]:
+    storage = optuna.storages.RDBStorage(url)
+    return [
+        t
+        for name in search.studies
+        for t in optuna.load_study(study_name=name, storage=storage).trials
+    ]
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_the_timeout_stops_trials_in_the_middle_of_training(driver, url):
+    slow = (
+        SPEC.replace("epochs: 3}", "epochs: 1000, timeout_s: 2}")
+        .replace("samples: 400", "samples: 4000")
+        .replace("batch_size: 32", "batch_size: 8")
+    )
+    search = drive(driver, url, slow, batch=2)
+    trials = trials_of(url, search)
+    assert len(trials) == 2, "no trial starts once the time is up"
+    assert [t.user_attrs["reason"] for t in trials] == ["timeout"] * 2
+    assert all(t.user_attrs["epochs"] < 1000 for t in trials)
+    assert (search.status, search.error) == ("failed", "no trial completed")
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_the_final_fit_tests_the_weights_the_process_trained(driver, url, monkeypatch):
+    refits = []
+    train = search.final.train_batch
+    monkeypatch.setattr(
+        search.final, "train_batch", lambda *a, **k: refits.append(1) or train(*a, **k)
+    )
+    done = drive(driver, url, SPEC, batch=4)
+    assert done.status == "completed", done.error
+    assert refits == [], "the best trial was trained again for the final fit"
+    best = next(t for t in trials_of(url, done) if t.number == done.best["trial"])
+    assert best.user_attrs["final_figures"]["dev_accuracy"] == done.best["dev_accuracy"]
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_running_out_of_memory_halves_the_batch_and_keeps_the_budget(driver, url, monkeypatch):
+    sizes = []
+    train = search.worker.train_batch
+
+    def two_fit(shapes, hparams, *args, **kwargs):
+        sizes.append(len(hparams))
+        assert len(sizes) < 10, f"the driver keeps asking for more than fits: {sizes}"
+        if len(hparams) > 2:
+            raise MemoryError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate")
+        return train(shapes, hparams, *args, **kwargs)
+
+    monkeypatch.setattr(search.worker, "train_batch", two_fit)
+    done = drive(driver, url, SPEC, batch=4)
+    assert sizes == [4, 2, 2]
+    trials = trials_of(url, done)
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert [t.user_attrs["reason"] for t in failed] == ["oom"] * 4
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert len(complete) == 4 and done.status == "completed"
+    assert sorted(t.params["learning_rate"] for t in complete) == sorted(
+        t.params["learning_rate"] for t in failed
+    )  # the same trials, run again
+
+
+def test_a_task_that_conflicts_with_the_dataset_is_the_same_error_for_both(url):
+    conflicting = SPEC.replace("classes: 3}", "task: regression}\ntask: classification")
+    message = "task: task classification conflicts with dataset.task regression; give one"
+    with pytest.raises(SpecError) as refused:  # caviar run, and the API, refuse the spec
+        parse_spec(conflicting)
+    assert str(refused.value) == message
+    # A worker given it anyway (stored unchecked, as an older Caviar may have) fails the search.
+    spec = parse_spec(SPEC).model_dump(mode="json", exclude_none=True)
+    spec["task"], spec["dataset"]["task"] = "classification", "regression"
+    del spec["dataset"]["classes"]
+    with session_scope(url) as session:
+        session.add(Search(id="conflict", owner="alice", name="conflict", spec=spec))
+    Worker(url).run(until_idle=True)
+    with session_scope(url) as session:
+        search = session.get(Search, "conflict")
+        assert (search.status, search.error) == ("failed", f"could not load the dataset: {message}")

@@ -100,7 +100,6 @@ def test_submit_work_watch_read_export_and_cancel(service):
     (tmp / "spec.yaml").write_text(SPEC)
     (tmp / "slow.yaml").write_text(SLOW)
     search_id = caviar("submit", str(tmp / "spec.yaml"), env=env).stdout.strip()
-    slow_id = caviar("submit", str(tmp / "slow.yaml"), env=env).stdout.strip()
     api = httpx.Client(
         base_url=env["CAVIAR_API_URL"],
         headers={"Authorization": f"Bearer {env['CAVIAR_TOKEN']}"},
@@ -127,7 +126,10 @@ def test_submit_work_watch_read_export_and_cancel(service):
         assert {t["stage"] for t in trials} == {1, 2}
         assert all(0.9 <= t["params"]["momentum"] < 1 for t in trials)
 
-        # The slow search is worked on now; cancel it and its trials stop within an epoch.
+        # A slow search, submitted now (workers take open searches in turn, so one submitted
+        # earlier would share the worker with the first): cancel it while its trials train,
+        # and they stop within an epoch.
+        slow_id = caviar("submit", str(tmp / "slow.yaml"), env=env).stdout.strip()
         deadline = time.monotonic() + 120
         while api.get(f"/v1/searches/{slow_id}").json()["progress"]["running"] == 0:
             assert time.monotonic() < deadline, "the worker never started the second search"

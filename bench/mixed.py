@@ -81,8 +81,9 @@ def run_caviar(data: Path, trials: int, epochs: int, workdir: Path) -> dict:
     """Contender: `caviar run`'s path with the strategy of `$CAVIAR_BUCKETS`."""
     import jax
 
+    from db.migrate import upgrade
     from db.storage import optuna_storage
-    from search.runner import run_search, search_trials
+    from search.runner import run_search, search_trials, start_search
     from search.spec import parse_spec
 
     compiles: list[float] = []
@@ -96,9 +97,11 @@ def run_caviar(data: Path, trials: int, epochs: int, workdir: Path) -> dict:
     logging.getLogger("search.worker").setLevel(logging.INFO)
 
     spec = parse_spec(spec_text(data, trials, epochs))
-    storage = optuna_storage(f"sqlite:///{workdir / 'caviar.db'}")
+    url = f"sqlite:///{workdir / 'caviar.db'}"
+    upgrade(url)
+    storage = optuna_storage(url)
     start = time.perf_counter()
-    result = run_search(spec, storage)
+    result = run_search(url, start_search(url, spec))
     wall = time.perf_counter() - start
     found = search_trials(storage, spec, result.studies)
     epochs_done = [t.trial.user_attrs.get("epochs", 0) for t in found]

@@ -4,20 +4,17 @@ Real `caviar worker` processes on the PostgreSQL test database, with 1 s heartbe
 grace period; trials are counted with Optuna's own API.
 """
 
-import os
 import signal
 import subprocess
 import sys
 import time
 
 import optuna
-import pytest
 from optuna.trial import TrialState
 from sqlalchemy import create_engine, text
 from test_service import free_port
 from test_worker_metrics import scrape
 
-from db.migrate import upgrade
 from db.models import Search
 from db.session import session_scope
 from search.spec import parse_spec
@@ -33,22 +30,6 @@ space:
   learning_rate: {{low: 1.0e-3, high: 0.1, scale: log}}
 fixed: {{optimizer: adam, batch_size: 32, hidden_units: 64, hidden_layers: 2}}
 """
-
-
-@pytest.fixture
-def url(postgres_url):
-    upgrade(postgres_url)
-    return postgres_url
-
-
-@pytest.fixture
-def env(url):
-    return {
-        **os.environ,
-        "CAVIAR_DATABASE_URL": url,
-        "CAVIAR_HEARTBEAT_S": "1",
-        "CAVIAR_GRACE_S": "4",
-    }
 
 
 def queue(url) -> str:

@@ -4,7 +4,6 @@ A search whose data takes minutes to generate stands in for any search that hang
 workers; 1 s heartbeats, a 4 s grace period and at most 2 failed attempts per search.
 """
 
-import os
 import signal
 import subprocess
 import sys
@@ -13,13 +12,11 @@ import time
 import pytest
 from sqlalchemy import select
 
-from db.migrate import upgrade
 from db.models import Lease, Search
 from db.session import session_scope
 from search.spec import parse_spec
 from service.searches import submit_search
 
-GRACE_S = 4
 SLOW = """
 name: slow
 dataset: {name: mnist1d, samples: 500000}
@@ -31,20 +28,9 @@ QUICK = SLOW.replace("{name: mnist1d, samples: 500000}", "{name: synthetic, samp
 
 
 @pytest.fixture
-def url(postgres_url):
-    upgrade(postgres_url)
-    return postgres_url
-
-
-@pytest.fixture
-def env(url):
-    return {
-        **os.environ,
-        "CAVIAR_DATABASE_URL": url,
-        "CAVIAR_HEARTBEAT_S": "1",
-        "CAVIAR_GRACE_S": str(GRACE_S),
-        "CAVIAR_MAX_SEARCH_ATTEMPTS": "2",
-    }
+def env(env):
+    """The fault tests' worker environment, with at most 2 failed attempts per search."""
+    return {**env, "CAVIAR_MAX_SEARCH_ATTEMPTS": "2"}
 
 
 def queue(url, text: str, owner: str) -> str:
@@ -108,7 +94,9 @@ def test_sigterm_stops_a_worker_within_10_seconds_while_it_generates_data(url, e
     assert search(url, search_id).attempts == 0
 
 
-def test_a_search_that_kills_its_workers_fails_and_another_owners_search_completes(url, env):
+def test_a_search_that_kills_its_workers_fails_and_another_owners_search_completes(
+    url, env, grace_s
+):
     poison = queue(url, SLOW, "alice")
     dead: set[str] = set()
     for _ in range(2):  # each worker that takes the poison search up dies on it
@@ -123,7 +111,7 @@ def test_a_search_that_kills_its_workers_fails_and_another_owners_search_complet
             worker.send_signal(signal.SIGKILL)
         finally:
             stop(worker)
-        time.sleep(GRACE_S + 1)  # the dead worker's lease is stale from now on
+        time.sleep(grace_s + 1)  # the dead worker's lease is stale from now on
     healthy = queue(url, QUICK, "bob")
     worker = start_worker(env)
     try:

@@ -4,6 +4,7 @@ import asyncio
 import contextlib
 import io
 import os
+import signal
 import statistics
 import threading
 import time
@@ -221,14 +222,19 @@ def test_watch_carries_on_when_the_api_restarts(api, tmp_path):
         while http.get(f"/v1/searches/{search_id}").json()["progress"]["complete"] < 2:
             assert time.monotonic() < deadline, "no trial finished"
             time.sleep(0.3)
+        # Freeze the worker while the API is down, so that however fast this machine trains,
+        # the search is still running when the watch loses its stream.
+        worker.send_signal(signal.SIGSTOP)
         assert server.stop() < 15, "the API took too long to stop with a stream open"
         with session_scope(server.env["CAVIAR_DATABASE_URL"]) as session:
             status = session.get(Search, search_id).status
         assert status == "running", "the search ended before the API went down"
         time.sleep(2)  # the API is down for a while
         server.start()
+        worker.send_signal(signal.SIGCONT)
         output, _ = watch.communicate(timeout=300)
     finally:
+        worker.send_signal(signal.SIGCONT)  # a stopped process takes no SIGTERM
         worker.terminate()
         worker.wait(timeout=30)
         if watch.poll() is None:

@@ -289,14 +289,16 @@ def train_epoch(
     decay_every: int,
     state: TrialState,
     hp: TrialArrays,
-    xs: jax.Array,
-    ys: jax.Array,
+    x_train: jax.Array,
+    y_train: jax.Array,
+    order: jax.Array,
     x_dev: jax.Array,
     y_dev: jax.Array,
     epoch: jax.Array,
     target_std: jax.Array,
 ) -> tuple[TrialState, dict[str, jax.Array]]:
-    """One epoch over the minibatches `xs` [steps, batch, features], then the dev metrics.
+    """The trial's epoch `epoch` (0-based, its own) over the minibatches `order` [steps, batch]
+    (rows of `x_train`, gathered step by step), then the dev metrics.
 
     The learning rate decays per epoch; `monitor` (metric, maximize) decides whether this epoch
     becomes the trial's best, whose parameters and statistics the state keeps.
@@ -315,9 +317,9 @@ def train_epoch(
         name: tuple(name == "kernel" for _ in leaves) for name, leaves in state.params.items()
     }
 
-    def step(carry, minibatch):
+    def step(carry, rows):
         params, stats, moments, index = carry
-        xb, yb = minibatch
+        xb, yb = x_train[rows], y_train[rows]
         grads, (loss, metric, stats) = jax.grad(
             lambda p: cost(
                 bucket, p, stats, hp, xb, yb, jax.random.fold_in(key, index), target_std
@@ -328,7 +330,7 @@ def train_epoch(
         return (params, stats, moments, index + 1), (loss, metric)
 
     carry = (state.params, state.stats, state.moments, jnp.int32(0))
-    (params, stats, moments, _), (losses, train_metric) = jax.lax.scan(step, carry, (xs, ys))
+    (params, stats, moments, _), (losses, train_metric) = jax.lax.scan(step, carry, order)
     metrics = {
         "train_loss": losses.mean(),
         **evaluate(bucket, params, stats, hp, x_dev, y_dev, target_std),

@@ -1,20 +1,24 @@
-"""Train K trials together in one bucket's compiled program: the host loop.
+"""Train trials together in one bucket's compiled program: the host loop.
 
 Trials of different shapes share a program when they fit one `Bucket` (see `models.bucket`;
 `models.planner` chooses the buckets); the maths are the pure functions of `models.program`,
 vmapped over the trial axis and compiled once per bucket, group size and data size.
 
-Per epoch, the training set is shuffled once for the whole batch (common random numbers) and laid
-out as [steps, batch, features]; trials train in groups of `group_size`, each group one call of
-the bucket's epoch program. Stopped and diverged trials leave the groups, so they stop costing
-compute. The engine measures what its programs cost (`RATES`: compile seconds, padded FLOP/s),
-for the planner.
+The program trains a fixed number of slots (`models.slots`), in groups of `group_size`, each
+group one call of the bucket's epoch program per round. A slot carries its trial's own epoch:
+the epoch's shuffled example order is the trial's (the same for every trial at that epoch:
+common random numbers), gathered minibatch by minibatch inside the program. When a trial
+ends (stopped, diverged, out of epochs) the next trial takes its slot in place, so trials of a
+stream never wait for a whole group to end. The engine measures what its programs cost
+(`RATES`: compile seconds, padded FLOP/s), for the planner.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import time
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
@@ -36,6 +40,7 @@ from models.program import (
     trial_arrays,
 )
 from models.runtime import matmul_peak_gflops
+from models.slots import EMPTY, Group, build_groups, read_groups, read_slot, write_slot
 
 __all__ = [
     "DEFAULT_GROUP_SIZE",
@@ -46,6 +51,7 @@ __all__ = [
     "EpochCallback",
     "EpochReport",
     "Rates",
+    "Refill",
     "Shape",
     "Task",
     "TrainData",
@@ -88,19 +94,26 @@ class TrainData:
 
 @dataclass(frozen=True)
 class EpochReport:
-    """What the callback sees after each epoch: metrics of the trials trained in it.
+    """What the callback sees after each round of the program: metrics of the trials it trained.
 
-    `metrics[name]` has one value per trial of the batch, NaN for trials that did not train.
+    Trials are numbered in the order they came: the given ones, then each refill's. Every array
+    has one entry per trial so far: `metrics[name]` NaN and `epochs` 0 for trials that did not
+    train in this round.
     """
 
-    epoch: int  # 1-based
+    round: int  # 1-based: calls of the bucket's program so far
+    epochs: np.ndarray  # int [N]: the epoch each trial just trained, its own (1-based)
     metrics: dict[str, np.ndarray]
-    trained: np.ndarray  # bool [K]
-    diverged: np.ndarray  # bool [K]: trained this epoch and their loss went NaN or infinite
+    trained: np.ndarray  # bool [N]
+    diverged: np.ndarray  # bool [N]: trained this round and their loss went NaN or infinite
 
 
-#: Receives each epoch's report; returns a bool mask of trials to stop (or None to go on).
+#: Receives each round's report; returns a bool mask of trials to stop (or None to go on).
 EpochCallback = Callable[[EpochReport], "np.ndarray | None"]
+
+#: Asked for at most n more trials when n slots are free: (shape, hyperparameters) pairs that
+#: fit the bucket; none ends the refills.
+Refill = Callable[[int], Sequence[tuple[Shape, Mapping[str, Any]]]]
 
 TrialStatus = Literal["completed", "stopped", "diverged"]
 
@@ -118,18 +131,17 @@ class TrialResult:
 
 @dataclass
 class BatchResult:
-    """Outcome of `train_batch`: per-trial results and every trial's kept (padded) variables."""
+    """Outcome of `train_batch`: per-trial results and each trial's kept (padded) variables."""
 
     bucket: Bucket
     shapes: list[Shape]
     trials: list[TrialResult]
-    params: dict  # padded, numpy, with a leading trial axis
-    stats: dict
+    kept: list[tuple[dict, dict]]  # per trial: padded (params, stats) on the host
+    occupancy: float = 1.0  # the share of slot-epochs run that trained a live trial
 
     def trial_variables(self, index: int) -> dict:
         """One trial's kept variables as its own real-shape Flax MLP's (no trial axis)."""
-        row = functools.partial(jax.tree_util.tree_map, lambda a: a[index])
-        return real_variables(self.shapes[index], row(self.params), row(self.stats))
+        return real_variables(self.shapes[index], *self.kept[index])
 
 
 @dataclass
@@ -217,6 +229,8 @@ def train_batch(
     *,
     epochs: int,
     callback: EpochCallback | None = None,
+    refill: Refill | None = None,
+    slots: int | None = None,
     data_seed: int = 0,
     group_size: int = DEFAULT_GROUP_SIZE,
     monitor: tuple[str, bool] | None = None,
@@ -224,12 +238,16 @@ def train_batch(
     keep_best: bool = True,
     bucket: Bucket | None = None,
 ) -> BatchResult:
-    """Train K trials for up to `epochs` epochs in one bucket's program.
+    """Train trials for up to `epochs` epochs each in one bucket's program of `slots` slots.
 
     `shape` is every trial's shape, or one per trial; `hparams` holds each trial's continuous
-    hyperparameters (`HPARAM_DEFAULTS`). `bucket` defaults to the smallest one they fit. After
-    each epoch `callback` receives an `EpochReport` and may return a mask of trials to stop.
-    Trials whose loss becomes non-finite stop as `diverged`; the others go on. `monitor`
+    hyperparameters (`HPARAM_DEFAULTS`). `bucket` defaults to the smallest one they fit and
+    `slots` to one per given trial (rounded up to whole groups of `group_size`, one compiled
+    call each); given trials beyond the slots wait for one. After each round `callback`
+    receives an `EpochReport` and may return a mask of trials to stop. Trials whose loss becomes
+    non-finite stop as `diverged`; the others go on. A slot whose trial ended is taken by the
+    next waiting trial, else by one of `refill(free slots)`, at once and on the device: every
+    trial trains its own epochs (decay, dropout and data order), as it would alone. `monitor`
     (metric, maximize) chooses each trial's best dev epoch, whose metrics and variables are
     returned; with `keep_best=False` the variables are those of the last epoch trained.
     """
@@ -237,17 +255,14 @@ def train_batch(
     if len(shapes) != len(hparams):
         raise ValueError(f"{len(shapes)} shapes for {len(hparams)} trials")
     bucket = bucket or Bucket.envelope(shapes)
-    hp = trial_arrays(bucket, shapes, hparams)
-    num_trials = len(shapes)
     train_rows = data.x_train.shape[0]
-    steps = train_rows // bucket.batch_size
-    if steps < 1:
+    if train_rows // bucket.batch_size < 1:
         raise ValueError(
             f"batch_size {bucket.batch_size} exceeds the {train_rows} training examples"
         )
     monitor = monitor or default_monitor(bucket.task)
-    programs = _programs(bucket, monitor, decay_every)
-    placement = Placement.local(num_trials)
+    slots = max(1, slots or len(shapes))
+    placement = Placement.local(slots)
     key_of = functools.partial(
         _ProgramKey,
         bucket,
@@ -257,94 +272,35 @@ def train_batch(
         dev_rows=data.x_dev.shape[0],
         devices=placement.devices,
     )
-    group_size = _group_size(placement, min(group_size, num_trials), key_of)
-    program_key = key_of(group_size)
-    new_program = program_key not in _EXECUTABLES
-    build_start = time.perf_counter()
-    arrays = placement.replicate((data.x_train, data.y_train, data.x_dev, data.y_dev))
-    data = TrainData(*arrays, target_std=data.target_std)
-
-    active = np.ones(num_trials, bool)
-    status: list[TrialStatus] = ["completed"] * num_trials
-    epochs_done = np.zeros(num_trials, int)
-    history: list[list[dict[str, float]]] = [[] for _ in range(num_trials)]
-    flops_per_slot = epoch_flops(bucket, train_rows, data.x_dev.shape[0])
-
-    # Trial states live in groups on the devices (the trial axis sharded across them); a trial's
-    # state is parked on the host when its group is re-formed (a trial stopped) and is where the
-    # final variables are read from.
-    parked: dict[int, TrialState] = {}
-    groups = []
-    fresh = [init_trial(bucket, s, h) for s, h in zip(shapes, hparams, strict=True)]
-    for members, slots in _partition(np.arange(num_trials), group_size):
-        state = placement.shard(_stack([fresh[i] for i in slots]))
-        groups.append(_Group(members, state, placement.shard(_rows(hp, slots))))
-    for epoch in range(epochs):
-        running = np.flatnonzero(active)
-        if running.size == 0:
+    group_size = _group_size(placement, min(group_size, slots), key_of)
+    run = _SlotRun(
+        bucket,
+        TrainData(
+            *placement.replicate((data.x_train, data.y_train, data.x_dev, data.y_dev)),
+            target_std=data.target_std,
+        ),
+        placement,
+        key_of(group_size),
+        groups=-(-slots // group_size),
+        data_seed=data_seed,
+    )
+    run.add(shapes, hparams)
+    refilling = refill is not None
+    for number in itertools.count(1):
+        run.seat()
+        if not run.live:
             break
-        if not np.array_equal(np.concatenate([g.members for g in groups]), running):
-            _park(groups, parked)
-            groups = [
-                _Group(
-                    members,
-                    placement.shard(_stack([parked[i] for i in slots])),
-                    placement.shard(_rows(hp, slots)),
-                )
-                for members, slots in _partition(running, group_size)
-            ]
-        xs, ys = programs.shuffle(
-            data.x_train,
-            data.y_train,
-            _epoch_order(data_seed, epoch, steps * bucket.batch_size, train_rows),
-        )
-        args = (data.x_dev, data.y_dev, jnp.int32(epoch), jnp.float32(data.target_std))
-        if program_key not in _EXECUTABLES:
-            first = groups[0]
-            _EXECUTABLES[program_key] = programs.epoch.lower(
-                first.state, first.hparams, xs, ys, *args
-            ).compile()
-        if new_program:
-            RATES.record_compile(time.perf_counter() - build_start)
-            new_program = False
-        executable = _EXECUTABLES[program_key]
-        epoch_start = time.perf_counter()
-        pending = []
-        for group in groups:
-            group.state, metrics = executable(group.state, group.hparams, xs, ys, *args)
-            pending.append((group.members, metrics))
-        report = _report(epoch + 1, num_trials, pending)
-        RATES.record_epoch(
-            len(groups) * group_size * flops_per_slot, time.perf_counter() - epoch_start
-        )
-        for i in running:
-            epochs_done[i] += 1
-            history[i].append({name: float(values[i]) for name, values in report.metrics.items()})
-        for i in np.flatnonzero(report.diverged):
-            active[i], status[i] = False, "diverged"
+        report = run.train_round(number)
         stop = callback(report) if callback is not None else None
-        if stop is not None and epoch + 1 < epochs:  # after the last epoch nothing is left to stop
-            for i in np.flatnonzero(np.asarray(stop, bool) & active):
-                active[i], status[i] = False, "stopped"
-    _park(groups, parked)
-    state = _stack([parked[i] for i in range(num_trials)])
-
-    best_epoch = np.asarray(state.best_epoch)
-    trials = []
-    for i in range(num_trials):
-        best = history[i][best_epoch[i] - 1] if best_epoch[i] > 0 else {}
-        trials.append(
-            TrialResult(
-                status=status[i],
-                epochs=int(epochs_done[i]),
-                best_epoch=int(best_epoch[i]) if best_epoch[i] > 0 else None,
-                best=best,
-                history=history[i],
-            )
-        )
-    if keep_best:
-        return BatchResult(bucket, shapes, trials, state.best_params, state.best_stats)
-    return BatchResult(bucket, shapes, trials, state.params, state.stats)
+        run.end_trials(report, stop, epochs, keep_best)
+        free = run.capacity - run.live - len(run.waiting)
+        if refilling and free > 0:
+            new = list(refill(free)) if refill is not None else []
+            refilling = bool(new)
+            if new:
+                run.add([s for s, _ in new], [h for _, h in new])
+        run.compact(expecting=refilling)
+    return BatchResult(bucket, run.shapes, run.results(), run.kept, run.occupancy)
 
 
 def _group_size(placement: Placement, wanted: int, key_of: Callable[[int], _ProgramKey]) -> int:
@@ -355,79 +311,221 @@ def _group_size(placement: Placement, wanted: int, key_of: Callable[[int], _Prog
     return min((g for g in compiled if g >= size), default=size)
 
 
-@dataclass
-class _Group:
-    """Trials trained by one compiled call; a short group is padded with repeats of its members."""
+class _SlotRun:
+    """The trials of one `train_batch` call and the slots they train in (`models.slots`)."""
 
-    members: np.ndarray
-    state: TrialState
-    hparams: dict[str, jax.Array]
+    def __init__(
+        self,
+        bucket: Bucket,
+        data: TrainData,
+        placement: Placement,
+        program_key: _ProgramKey,
+        *,
+        groups: int,
+        data_seed: int,
+    ) -> None:
+        self.bucket, self.data, self.placement = bucket, data, placement
+        self.key, self.max_groups, self.data_seed = program_key, groups, data_seed
+        self.capacity = groups * program_key.group_size
+        self.programs = _programs(bucket, program_key.monitor, program_key.decay_every)
+        self.steps = data.x_train.shape[0] // bucket.batch_size
+        self.flops_per_slot = epoch_flops(bucket, data.x_train.shape[0], data.x_dev.shape[0])
+        self.shapes: list[Shape] = []
+        self.rows: list[dict[str, np.ndarray]] = []
+        self.hparams: list[Mapping[str, Any]] = []
+        self.status: list[TrialStatus] = []
+        self.history: list[list[dict[str, float]]] = []
+        self.kept: list[tuple[dict, dict]] = []
+        self.best_epoch: list[int] = []
+        self.waiting: deque[int] = deque()
+        self.groups: list[Group] = []
+        self.slot_rounds = self.live_rounds = 0
+
+    @property
+    def live(self) -> int:
+        return sum(int(g.live.sum()) for g in self.groups)
+
+    @property
+    def occupancy(self) -> float:
+        return self.live_rounds / self.slot_rounds if self.slot_rounds else 1.0
+
+    def add(self, shapes: Sequence[Shape], hparams: Sequence[Mapping[str, Any]]) -> None:
+        """New trials, waiting for a slot; ValueError for one that does not fit the bucket."""
+        arrays = trial_arrays(self.bucket, shapes, hparams)
+        for index, (shape, values) in enumerate(zip(shapes, hparams, strict=True)):
+            self.waiting.append(len(self.shapes))
+            self.shapes.append(shape)
+            self.hparams.append(values)
+            self.rows.append({name: column[index] for name, column in arrays.items()})
+            self.status.append("completed")
+            self.history.append([])
+            self.kept.append(({}, {}))
+            self.best_epoch.append(0)
+
+    def fresh(self, trial: int) -> TrialState:
+        return init_trial(self.bucket, self.shapes[trial], self.hparams[trial])
+
+    def seat(self) -> None:
+        """Waiting trials take the free slots, then new groups up to the program's slots."""
+        size = self.key.group_size
+        for group in self.groups:
+            for slot in np.flatnonzero(~group.live):
+                if not self.waiting:
+                    return
+                trial = self.waiting.popleft()
+                write_slot(self.placement, group, slot, trial, self.fresh(trial), self.rows[trial])
+        while self.waiting and len(self.groups) < self.max_groups:
+            members = [self.waiting.popleft() for _ in range(min(size, len(self.waiting)))]
+            self.groups += build_groups(
+                self.placement, size, members, self.fresh, self.rows.__getitem__
+            )
+
+    def train_round(self, number: int) -> EpochReport:
+        """One epoch of every live trial (each its own), and what it measured."""
+        data, size = self.data, self.key.group_size
+        active = [g for g in self.groups if g.live.any()]
+        started = time.perf_counter()
+        pending = []
+        for group in active:
+            order, epochs = self.placement.shard(
+                (
+                    np.stack([self._order(int(e)) for e in group.epochs]),
+                    group.epochs.astype(np.int32),
+                )
+            )
+            args = (data.x_train, data.y_train, order, data.x_dev, data.y_dev, epochs)
+            target_std = jnp.float32(data.target_std)
+            if self.key not in _EXECUTABLES:
+                compile_start = time.perf_counter()
+                _EXECUTABLES[self.key] = self.programs.epoch.lower(
+                    group.state, group.hparams, *args, target_std
+                ).compile()
+                RATES.record_compile(time.perf_counter() - compile_start)
+                started = time.perf_counter()
+            group.state, metrics = _EXECUTABLES[self.key](
+                group.state, group.hparams, *args, target_std
+            )
+            pending.append((group, metrics))
+        report = self._report(number, pending)
+        RATES.record_epoch(len(active) * size * self.flops_per_slot, time.perf_counter() - started)
+        self.slot_rounds += len(active) * size
+        self.live_rounds += sum(int(g.live.sum()) for g in active)
+        return report
+
+    def end_trials(
+        self, report: EpochReport, stop: np.ndarray | None, epochs: int, keep_best: bool
+    ) -> None:
+        """Trials that diverged, were stopped or trained their `epochs` leave their slots."""
+        stopped = np.zeros(len(self.shapes), bool)
+        if stop is not None:
+            stop = np.asarray(stop, bool)
+            stopped[: stop.size] = stop[: stopped.size]
+        for group in self.groups:
+            for slot in np.flatnonzero(group.live):
+                trial = int(group.occupants[slot])
+                if report.diverged[trial]:
+                    self.status[trial] = "diverged"
+                elif group.epochs[slot] >= epochs:
+                    self.status[trial] = "completed"
+                elif stopped[trial]:
+                    self.status[trial] = "stopped"
+                else:
+                    continue
+                self._keep(trial, read_slot(group, slot), keep_best)
+                group.occupants[slot] = EMPTY
+
+    def compact(self, *, expecting: bool) -> None:
+        """With no trial waiting or expected, move the live trials into fewer groups when they
+        fit (through the host, once per group saved); groups with no trial are dropped."""
+        self.groups = [g for g in self.groups if g.live.any()]
+        size = self.key.group_size
+        if expecting or self.waiting or -(-self.live // size) >= len(self.groups):
+            return
+        epochs = {
+            int(trial): int(epoch)
+            for group in self.groups
+            for trial, epoch in zip(group.occupants, group.epochs, strict=True)
+            if trial != EMPTY
+        }
+        states = read_groups(self.groups)
+        self.groups = build_groups(
+            self.placement,
+            size,
+            list(states),
+            states.__getitem__,
+            self.rows.__getitem__,
+            epochs.__getitem__,
+        )
+
+    def results(self) -> list[TrialResult]:
+        """Every trial's outcome, in the order the trials came."""
+        return [
+            TrialResult(
+                status=status,
+                epochs=len(history),
+                best_epoch=best or None,
+                best=history[best - 1] if best else {},
+                history=history,
+            )
+            for status, history, best in zip(
+                self.status, self.history, self.best_epoch, strict=True
+            )
+        ]
+
+    def _keep(self, trial: int, state: TrialState, keep_best: bool) -> None:
+        self.best_epoch[trial] = int(state.best_epoch)
+        kept = (state.best_params, state.best_stats) if keep_best else (state.params, state.stats)
+        self.kept[trial] = kept
+
+    def _order(self, epoch: int) -> np.ndarray:
+        return _epoch_order(
+            self.data_seed,
+            epoch,
+            self.steps * self.bucket.batch_size,
+            self.data.x_train.shape[0],
+        ).reshape(self.steps, self.bucket.batch_size)
+
+    def _report(self, number: int, pending: list[tuple[Group, dict]]) -> EpochReport:
+        fetched = jax.device_get([metrics for _, metrics in pending])
+        count = len(self.shapes)
+        names = fetched[0].keys()
+        metrics = {name: np.full(count, np.nan) for name in names}
+        trained = np.zeros(count, bool)
+        epochs = np.zeros(count, int)
+        for (group, _), values in zip(pending, fetched, strict=True):
+            slots = np.flatnonzero(group.live)
+            members = group.occupants[slots]
+            group.epochs[slots] += 1
+            trained[members], epochs[members] = True, group.epochs[slots]
+            for name in names:
+                metrics[name][members] = values[name][slots]
+        for trial in np.flatnonzero(trained):
+            self.history[trial].append({name: float(v[trial]) for name, v in metrics.items()})
+        finite = np.isfinite(metrics["train_loss"]) & np.isfinite(metrics["dev_loss"])
+        return EpochReport(number, epochs, metrics, trained, trained & ~finite)
 
 
+@functools.lru_cache(maxsize=1024)
 def _epoch_order(data_seed: int, epoch: int, size: int, examples: int) -> np.ndarray:
-    """The epoch's shuffled example order, shared by every trial (common random numbers)."""
-    return np.random.default_rng([data_seed, epoch]).permutation(examples)[:size].astype(np.int32)
-
-
-def _partition(indices: np.ndarray, group_size: int):
-    """(members, slots) per group; a short group's slots repeat its members to fill the group."""
-    for start in range(0, indices.size, group_size):
-        members = indices[start : start + group_size]
-        yield members, np.resize(members, group_size)
-
-
-def _rows(tree, rows: np.ndarray):
-    """Select trial rows of a host pytree."""
-    return jax.tree_util.tree_map(lambda a: a[rows], tree)
-
-
-def _stack(states: list):
-    """Stack per-trial host pytrees on a new leading trial axis."""
-    return jax.tree_util.tree_map(lambda *leaves: np.stack(leaves), *states)
-
-
-def _park(groups: list[_Group], parked: dict[int, TrialState]) -> None:
-    """Copy every group member's state to the host (one transfer per group)."""
-    for group, state in zip(groups, jax.device_get([g.state for g in groups]), strict=True):
-        for row, index in enumerate(group.members):
-            parked[int(index)] = jax.tree_util.tree_map(lambda a, r=row: a[r], state)
-
-
-def _report(epoch: int, num_trials: int, pending) -> EpochReport:
-    fetched = jax.device_get([metrics for _, metrics in pending])
-    names = fetched[0].keys()
-    metrics = {name: np.full(num_trials, np.nan) for name in names}
-    trained = np.zeros(num_trials, bool)
-    for (members, _), values in zip(pending, fetched, strict=True):
-        trained[members] = True
-        for name in names:
-            metrics[name][members] = values[name][: members.size]
-    finite = np.isfinite(metrics["train_loss"]) & np.isfinite(metrics["dev_loss"])
-    return EpochReport(epoch=epoch, metrics=metrics, trained=trained, diverged=trained & ~finite)
+    """A trial's epoch's shuffled example order, the same for every trial at that epoch of its
+    own (common random numbers)."""
+    order = np.random.default_rng([data_seed, epoch]).permutation(examples)[:size]
+    order = order.astype(np.int32)
+    order.flags.writeable = False
+    return order
 
 
 class _Programs(NamedTuple):
-    shuffle: Callable
     epoch: Callable
 
 
 @functools.lru_cache(maxsize=256)
 def _programs(bucket: Bucket, monitor: tuple[str, bool], decay_every: int) -> _Programs:
     """The jitted functions of one bucket: built once, so their compile caches persist."""
-    batch = bucket.batch_size
-
-    def shuffle(x, y, order):
-        steps = order.shape[0] // batch
-        return (
-            x[order].reshape(steps, batch, x.shape[1]),
-            y[order].reshape(steps, batch, *y.shape[1:]),
-        )
-
     epoch = functools.partial(train_epoch, bucket, monitor, decay_every)
     return _Programs(
-        shuffle=jax.jit(shuffle),
         epoch=jax.jit(
-            jax.vmap(epoch, in_axes=(0, 0, None, None, None, None, None, None)),
+            jax.vmap(epoch, in_axes=(0, 0, None, None, 0, None, None, 0, None)),
             donate_argnums=0,
             compiler_options=_cpu_options(),
         ),

@@ -96,22 +96,22 @@ def test_kept_variables_have_the_real_shape_and_padding_stays_zero(together, ind
     if not shape.batch_norm:
         count = sum(leaf.size for leaf in jax.tree_util.tree_leaves(variables["params"]))
         assert count == shape.num_parameters
-    padded = jax.tree_util.tree_map(lambda a: a[index], (together.params, together.stats))
-    assert _padding(together.bucket, shape, padded) == 0.0
+    assert _padding(together.bucket, shape, together.kept[index]) == 0.0
 
 
 def test_padding_stays_zero_in_optimizer_moments_and_batch_norm_statistics(data):
     """One epoch of the pure programs: padded moments and statistics are exactly zero."""
     bucket = Bucket.envelope(SHAPES)
     program = jax.jit(
-        lambda state, hp, xs, ys: train_epoch(
+        lambda state, hp, order: train_epoch(
             bucket,
             ("dev_accuracy", True),
             10,
             state,
             hp,
-            xs,
-            ys,
+            data.x_train,
+            data.y_train,
+            order,
             data.x_dev,
             data.y_dev,
             jnp.int32(0),
@@ -119,11 +119,10 @@ def test_padding_stays_zero_in_optimizer_moments_and_batch_norm_statistics(data)
         )
     )
     stacked = trial_arrays(bucket, SHAPES, HPARAMS)
-    xs = data.x_train[: 8 * 32].reshape(8, 32, -1)
-    ys = data.y_train[: 8 * 32].reshape(8, 32)
+    order = jnp.arange(8 * 32).reshape(8, 32)
     for index in (1, 2, 4):  # momentum, rmsprop with batch norm, adamw
         hp = {name: jnp.asarray(values[index]) for name, values in stacked.items()}
-        state, _ = program(init_trial(bucket, SHAPES[index], HPARAMS[index]), hp, xs, ys)
+        state, _ = program(init_trial(bucket, SHAPES[index], HPARAMS[index]), hp, order)
         for tree in (state.params, state.moments.first, state.moments.second):
             assert _padding(bucket, SHAPES[index], (tree, state.stats)) == 0.0
         assert np.any(np.asarray(state.moments.second["kernel"][0]))
@@ -144,9 +143,7 @@ def test_exported_model_predicts_what_the_padded_trial_predicted(blobs, together
     hp = {
         k: jnp.asarray(v[index]) for k, v in trial_arrays(together.bucket, SHAPES, HPARAMS).items()
     }
-    params, stats = jax.tree_util.tree_map(
-        lambda a: jnp.asarray(a[index]), (together.params, together.stats)
-    )
+    params, stats = jax.tree_util.tree_map(jnp.asarray, together.kept[index])
     out, _ = forward(together.bucket, params, stats, hp, jnp.asarray(blobs.x_test), train=False)
     raw = blobs.x_test.astype(np.float64) * blobs.feature_std + blobs.feature_mean
     np.testing.assert_array_equal(loaded.predict(raw), np.argmax(np.asarray(out), -1))

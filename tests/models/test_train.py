@@ -153,7 +153,7 @@ def test_callback_stops_trials_and_they_stop_training(blobs, data):
 
     def stop_second_after_two_epochs(report):
         seen.append(report.trained.copy())
-        return np.array([False, report.epoch >= 2, False])
+        return np.array([False, report.round >= 2, False])
 
     result = train_batch(shape, TRIALS[:3], data, epochs=5, callback=stop_second_after_two_epochs)
     assert [t.epochs for t in result.trials] == [5, 2, 5]

@@ -232,7 +232,7 @@ def record_trials(url: str, spec: SearchSpec, search_id: str, count: int) -> dic
         with timed("report"):
             for epoch in range(1, epochs + 1):
                 report_epoch(
-                    study, [(t, float(dev[i, epoch - 1])) for i, t in enumerate(trials)], epoch
+                    study, [(t, float(dev[i, epoch - 1]), epoch) for i, t in enumerate(trials)]
                 )
                 for trial in trials:
                     trial.should_prune()

@@ -206,21 +206,24 @@ def trial_states(url: str, studies: Sequence[str]) -> Counter[TrialState]:
     return Counter({state: count for state, count in rows})
 
 
-def report_epoch(study: optuna.Study, reports: Sequence[tuple[Trial, float]], epoch: int) -> None:
+def report_epoch(study: optuna.Study, reports: Sequence[tuple[Trial, float, int]]) -> None:
     """`trial.report(value, epoch)` for many running trials of `study`, in one transaction.
 
     Optuna commits every report (after three queries), so a batch of trials reporting every
     epoch would pay that per trial per epoch for what is one write. This inserts the rows Optuna
     would, after one check that every trial still runs, and updates each trial's view as
     `Trial.report` does (a step already reported is ignored), so that pruners see the values.
+    Each trial reports at its own epoch (trials of one batch may have started apart).
     """
     from optuna.storages._rdb.models import TrialIntermediateValueModel as Model
 
-    fresh = [(t, v) for t, v in reports if epoch not in t._cached_frozen_trial.intermediate_values]
+    fresh = [
+        (t, v, e) for t, v, e in reports if e not in t._cached_frozen_trial.intermediate_values
+    ]
     if not fresh:
         return
     rows = []
-    for trial, value in fresh:
+    for trial, value, epoch in fresh:
         stored, kind = Model.intermediate_value_to_stored_repr(float(value))
         rows.append(
             {
@@ -231,9 +234,9 @@ def report_epoch(study: optuna.Study, reports: Sequence[tuple[Trial, float]], ep
             }
         )
     with _transaction(_rdb_of(study)) as session:
-        _check_running(session, [trial for trial, _ in fresh])
+        _check_running(session, [trial for trial, _, _ in fresh])
         session.execute(insert(Model), rows)
-    for trial, value in fresh:
+    for trial, value, epoch in fresh:
         trial._cached_frozen_trial.intermediate_values[epoch] = float(value)
 
 

@@ -111,6 +111,10 @@ class EpochReport:
 #: Receives each round's report; returns a bool mask of trials to stop (or None to go on).
 EpochCallback = Callable[[EpochReport], "np.ndarray | None"]
 
+#: Told each trial's outcome as it leaves its slot: its number, result and kept variables (a
+#: function: cutting them to the trial's real shape is left until they are wanted).
+TrialEnd = Callable[[int, "TrialResult", Callable[[], dict]], None]
+
 #: Asked for at most n more trials when n slots are free: (shape, hyperparameters) pairs that
 #: fit the bucket; none ends the refills.
 Refill = Callable[[int], Sequence[tuple[Shape, Mapping[str, Any]]]]
@@ -230,6 +234,7 @@ def train_batch(
     epochs: int,
     callback: EpochCallback | None = None,
     refill: Refill | None = None,
+    on_end: TrialEnd | None = None,
     slots: int | None = None,
     data_seed: int = 0,
     group_size: int = DEFAULT_GROUP_SIZE,
@@ -247,7 +252,8 @@ def train_batch(
     receives an `EpochReport` and may return a mask of trials to stop. Trials whose loss becomes
     non-finite stop as `diverged`; the others go on. A slot whose trial ended is taken by the
     next waiting trial, else by one of `refill(free slots)`, at once and on the device: every
-    trial trains its own epochs (decay, dropout and data order), as it would alone. `monitor`
+    trial trains its own epochs (decay, dropout and data order), as it would alone; `on_end` is
+    told each trial's outcome as it leaves. `monitor`
     (metric, maximize) chooses each trial's best dev epoch, whose metrics and variables are
     returned; with `keep_best=False` the variables are those of the last epoch trained.
     """
@@ -283,6 +289,7 @@ def train_batch(
         key_of(group_size),
         groups=-(-slots // group_size),
         data_seed=data_seed,
+        on_end=on_end,
     )
     run.add(shapes, hparams)
     refilling = refill is not None
@@ -323,8 +330,10 @@ class _SlotRun:
         *,
         groups: int,
         data_seed: int,
+        on_end: TrialEnd | None = None,
     ) -> None:
         self.bucket, self.data, self.placement = bucket, data, placement
+        self.on_end = on_end
         self.key, self.max_groups, self.data_seed = program_key, groups, data_seed
         self.capacity = groups * program_key.group_size
         self.programs = _programs(bucket, program_key.monitor, program_key.decay_every)
@@ -459,23 +468,25 @@ class _SlotRun:
 
     def results(self) -> list[TrialResult]:
         """Every trial's outcome, in the order the trials came."""
-        return [
-            TrialResult(
-                status=status,
-                epochs=len(history),
-                best_epoch=best or None,
-                best=history[best - 1] if best else {},
-                history=history,
-            )
-            for status, history, best in zip(
-                self.status, self.history, self.best_epoch, strict=True
-            )
-        ]
+        return [self._result(trial) for trial in range(len(self.shapes))]
+
+    def _result(self, trial: int) -> TrialResult:
+        history, best = self.history[trial], self.best_epoch[trial]
+        return TrialResult(
+            status=self.status[trial],
+            epochs=len(history),
+            best_epoch=best or None,
+            best=history[best - 1] if best else {},
+            history=history,
+        )
 
     def _keep(self, trial: int, state: TrialState, keep_best: bool) -> None:
         self.best_epoch[trial] = int(state.best_epoch)
         kept = (state.best_params, state.best_stats) if keep_best else (state.params, state.stats)
         self.kept[trial] = kept
+        if self.on_end is not None:
+            variables = functools.partial(real_variables, self.shapes[trial], *kept)
+            self.on_end(trial, self._result(trial), variables)
 
     def _order(self, epoch: int) -> np.ndarray:
         return _epoch_order(

@@ -41,6 +41,10 @@ class Heartbeat:
         self._stop.set()
         self._thread.join(timeout=self.interval_s + 5)
 
+    def add(self, trial_ids: Sequence[int]) -> None:
+        """Beat for these trials too, from now on (trials that joined the batch)."""
+        self.trial_ids = [*self.trial_ids, *trial_ids]
+
     def beat(self) -> None:
         """Write one heartbeat per trial now (errors are logged; `silent_for` tells how long)."""
         try:

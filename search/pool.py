@@ -52,6 +52,7 @@ from search.runner import (
     close_search,
     finish_search,
     load_search_dataset,
+    more_trials,
     search_stop_check,
 )
 from search.spec import Param, SearchSpec, SpecError
@@ -69,6 +70,10 @@ log = logging.getLogger("caviar.worker")
 
 #: Statuses a worker looks for work in.
 OPEN_STATUSES = ("queued", "running")
+
+#: Seconds a worker goes on handing freed slots of a claim to new trials of its stage before it
+#: lets the claim's last trials end and takes its turn with the other open searches.
+REFILL_WINDOW_S = 120.0
 
 #: Failed attempts on one search after which it fails (`CAVIAR_MAX_SEARCH_ATTEMPTS`).
 DEFAULT_MAX_ATTEMPTS = 5
@@ -451,6 +456,13 @@ class Worker:
         ids = [trial._trial_id for trial in claim.trials]
         try:
             with Heartbeat(self.storage, ids, HEARTBEAT_INTERVAL_S) as heartbeat:
+
+                def joined(trials: list[Trial]) -> None:  # refills, still under the lock
+                    for trial in trials:
+                        self.storage.record_heartbeat(trial._trial_id)
+                    heartbeat.add([trial._trial_id for trial in trials])
+                    claim.trials.extend(trials)
+
                 outcomes = train_trials(
                     claim.study,
                     ctx,
@@ -460,6 +472,14 @@ class Worker:
                     should_stop=self._stop_check(claim, ctx, heartbeat),
                     on_epoch=METRICS.epoch_trained,
                     group_size=min(DEFAULT_GROUP_SIZE, self.batch),
+                    ask_more=more_trials(
+                        self.url,
+                        self._stages[claim.search_id],
+                        claim.search_id,
+                        claim.stage,
+                        window_s=REFILL_WINDOW_S,
+                        on_asked=joined,
+                    ),
                 )
         except DATABASE_ERRORS:
             raise

@@ -62,6 +62,7 @@ from search.studies import (
 from search.worker import (
     DEFAULT_BATCH,
     RETRIED_REASONS,
+    AskMore,
     SearchContext,
     StopCheck,
     TrialOutcome,
@@ -239,6 +240,7 @@ def run_search(
             on_trial=on_trial,
             on_epoch=on_epoch,
             group_size=min(DEFAULT_GROUP_SIZE, capacity),
+            ask_more=more_trials(database_url, stages, search_id, number),
         )
         best = best_trained(best, outcomes, ctx.objective.direction)
         capacity = capacity_after(capacity, (outcome.reason for outcome in outcomes))
@@ -290,6 +292,39 @@ class StageStudies:
         held = len(study.get_trials(deepcopy=False))
         study.sampler = make_sampler(self.spec, number, held)
         return [ask(study) for _ in range(count)]
+
+
+def more_trials(
+    database_url: str,
+    stages: StageStudies,
+    search_id: str,
+    stage: int,
+    *,
+    window_s: float | None = None,
+    on_asked: Callable[[list[Trial]], None] | None = None,
+) -> AskMore:
+    """Asks, under the search's row lock, for up to n more trials of stage `stage`, as many as
+    the driver's decision grants (the stage's budget left, no cancel, time not up); none once
+    the stage is no longer open, or `window_s` seconds from now (a worker then takes its turn
+    with other searches). `on_asked` sees the new trials before the lock is released."""
+    deadline = time.monotonic() + window_s if window_s is not None else math.inf
+
+    def ask_more(count: int) -> list[Trial]:
+        if time.monotonic() > deadline:
+            return []
+        with session_scope(database_url) as session:
+            row = lock_search(session, search_id)
+            if row is None or row.status in TERMINAL_STATUSES or row.stage != stage:
+                return []
+            decision = decide(stages.state(row, utcnow()), count)
+            if not isinstance(decision, Ask):
+                return []
+            trials = stages.ask(stage, decision.count)
+            if on_asked is not None:
+                on_asked(trials)
+        return trials
+
+    return ask_more
 
 
 def advance(row: Search, stages: StageStudies, capacity: int, *, time_up: bool = False) -> Decision:

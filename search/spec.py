@@ -328,8 +328,23 @@ class Budget(_Model):
 class PrunerSpec(_Model):
     """Early stopping of unpromising trials, compared with the others at the same epoch."""
 
-    name: Literal["none", "median", "hyperband"] = Field("none", description="Pruner.")
-    warmup_epochs: int = Field(2, ge=0, description="Epochs before a trial can be pruned.")
+    name: Literal["none", "median", "hyperband", "asha"] = Field(
+        "none",
+        description="Pruner: median (below the median of earlier trials at the same epoch), "
+        "hyperband, or asha (asynchronous successive halving: Optuna's SuccessiveHalvingPruner).",
+    )
+    warmup_epochs: int = Field(
+        2, ge=0, description="median, hyperband: epochs before a trial can be pruned."
+    )
+    min_epochs: int = Field(
+        1, ge=1, description="asha: epochs every trial trains before its first rung."
+    )
+    reduction_factor: int = Field(
+        3,
+        ge=2,
+        description="asha, hyperband: each rung keeps the top 1/reduction_factor of the trials "
+        "that reached it, and sits reduction_factor times more epochs in.",
+    )
 
 
 class _RangeParam(_Model):

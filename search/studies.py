@@ -76,7 +76,13 @@ def make_pruner(spec: SearchSpec) -> optuna.pruners.BasePruner:
             )
         case "hyperband":
             return optuna.pruners.HyperbandPruner(
-                min_resource=max(1, pruner.warmup_epochs), max_resource=spec.budget.epochs
+                min_resource=max(1, pruner.warmup_epochs),
+                max_resource=spec.budget.epochs,
+                reduction_factor=pruner.reduction_factor,
+            )
+        case "asha":
+            return optuna.pruners.SuccessiveHalvingPruner(
+                min_resource=pruner.min_epochs, reduction_factor=pruner.reduction_factor
             )
     return optuna.pruners.NopPruner()
 

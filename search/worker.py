@@ -3,19 +3,19 @@
 The planner (`models.planner.plan`) splits a claim of trials into buckets, each one compiled
 program for trials of different shapes; the engine (`models.train.train_batch`) knows nothing
 about Optuna; this module turns its per-epoch callback into `trial.report` /
-`trial.should_prune` calls and its results into `study.tell`. A diverged trial fails with reason
-`diverged`; the rest of its batch goes on.
+`trial.should_prune` calls, tells Optuna each trial as it leaves its slot, and, given a way to
+ask the driver for more (`AskMore`), hands a freed slot to a new trial of the stage at once. A
+diverged trial fails with reason `diverged`; the rest of its batch goes on.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import traceback
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import optuna
@@ -111,6 +111,18 @@ def trial_seed(spec_seed: int, stage: int, number: int) -> int:
     return zlib.crc32(f"{spec_seed}/{stage}/{number}".encode()) & 0x7FFFFFFF
 
 
+#: Asks the driver for up to n more trials of the stage: as many as its budget leaves, or none.
+AskMore = Callable[[int], list[Trial]]
+
+
+class _Asked(NamedTuple):
+    """An asked trial with its sampled hyperparameters and the shape they make."""
+
+    trial: Trial
+    params: dict[str, Any]
+    shape: Shape
+
+
 def train_trials(
     study: optuna.Study,
     ctx: SearchContext,
@@ -123,18 +135,62 @@ def train_trials(
     on_epoch: Callable[[list[Trial]], None] | None = None,
     group_size: int = DEFAULT_GROUP_SIZE,
     strategy: str | None = None,
+    ask_more: AskMore | None = None,
 ) -> list[TrialOutcome]:
-    """Sample and train already-asked trials of `stage` bucket by bucket; tell Optuna each result.
+    """Sample and train already-asked trials of `stage` bucket by bucket; tell Optuna each result
+    as it ends.
 
     `strategy` (default `$CAVIAR_BUCKETS`, else `auto`) is the planner's; `group_size` trials of
-    a bucket share one compiled call (see `models.train.train_batch`).
+    a bucket share one compiled call (see `models.train.train_batch`). With `ask_more`, the slot
+    of a trial that ends (pruned, diverged, complete) goes at once to a new trial of the stage,
+    as many as `ask_more` grants; a new trial whose shape does not fit the bucket in training
+    trains in a later one.
     """
+    outcomes: list[TrialOutcome] = []
+    pending = _prepare(study, ctx, space, stage, trials)
+    while pending:
+        spilled: list[_Asked] = []
+        for bucket, members in _plan(ctx, pending, group_size, strategy):
+            refill = None
+            if ask_more is not None:
+                refill = _refiller(
+                    study, ctx, space, stage, bucket, ask_more, spilled, len(pending)
+                )
+            outcomes += _train_group(
+                study,
+                ctx,
+                bucket,
+                members,
+                stage,
+                should_stop,
+                on_trial,
+                on_epoch,
+                group_size,
+                refill,
+            )
+        pending = spilled
+    return outcomes
+
+
+def _prepare(
+    study: optuna.Study, ctx: SearchContext, space: dict[str, Param], stage: int, trials: list
+) -> list[_Asked]:
     set_user_attrs(study, [(trial, {"stage": stage}) for trial in trials])
-    params = [sample_trial(trial, space, ctx.spec.fixed) for trial in trials]
-    shapes = [shape_of(values, ctx.dataset) for values in params]
+    asked = []
+    for trial in trials:
+        params = sample_trial(trial, space, ctx.spec.fixed)
+        asked.append(_Asked(trial, params, shape_of(params, ctx.dataset)))
+    return asked
+
+
+def _plan(
+    ctx: SearchContext, asked: list[_Asked], group_size: int, strategy: str | None
+) -> list[tuple[Bucket, list[_Asked]]]:
+    """The planner's buckets for these trials, each with its members."""
+    shapes = [a.shape for a in asked]
     monitor = (ctx.objective.metric, ctx.objective.direction == "maximize")
     costs = planning_costs(
-        ctx.data, epochs=ctx.spec.budget.epochs, group_size=group_size, trials=len(trials)
+        ctx.data, epochs=ctx.spec.budget.epochs, group_size=group_size, trials=len(asked)
     )
     chosen = plan(
         shapes,
@@ -144,79 +200,114 @@ def train_trials(
     )
     logger.info(
         "%d trials of %d shapes in %d buckets: %s",
-        len(trials),
+        len(asked),
         len(set(shapes)),
         len(chosen.assignments),
         chosen.describe(),
         extra={"plan": chosen},
     )
-    outcomes = []
-    for assignment in chosen.assignments:
-        members = assignment.members
-        outcomes += _train_group(
-            study,
-            ctx,
-            assignment.bucket,
-            [shapes[i] for i in members],
-            [trials[i] for i in members],
-            [params[i] for i in members],
-            stage,
-            should_stop,
-            on_trial,
-            on_epoch,
-            group_size,
-        )
-    return outcomes
+    return [(a.bucket, [asked[i] for i in a.members]) for a in chosen.assignments]
+
+
+def _refiller(
+    study: optuna.Study,
+    ctx: SearchContext,
+    space: dict[str, Param],
+    stage: int,
+    bucket: Bucket,
+    ask_more: AskMore,
+    spilled: list[_Asked],
+    spill_limit: int,
+) -> Callable[[int], list[_Asked]]:
+    """Up to n new trials that fit `bucket`; the others asked meanwhile go to `spilled` (at most
+    `spill_limit` of them), to train in a later bucket."""
+
+    def refill(free: int) -> list[_Asked]:
+        fitting: list[_Asked] = []
+        while len(fitting) < free and len(spilled) < spill_limit:
+            new = ask_more(free - len(fitting))
+            if not new:
+                break
+            for asked in _prepare(study, ctx, space, stage, new):
+                (fitting if bucket.fits(asked.shape) else spilled).append(asked)
+        return fitting
+
+    return refill
 
 
 def _train_group(
     study: optuna.Study,
     ctx: SearchContext,
     bucket: Bucket,
-    shapes: Sequence[Shape],
-    trials: Sequence[Trial],
-    params: Sequence[dict[str, Any]],
+    members: list[_Asked],
     stage: int,
     should_stop: StopCheck | None,
     on_trial: Callable[[TrialOutcome], None] | None,
     on_epoch: Callable[[list[Trial]], None] | None,
     group_size: int,
+    refill: Callable[[int], list[_Asked]] | None = None,
 ) -> list[TrialOutcome]:
+    """Train one bucket's trials (and those `refill` brings); each is told as it ends."""
     metric = ctx.objective.metric
-    pruned = np.zeros(len(trials), bool)
+    asked = list(members)
+    pruned = [False] * len(asked)
+    outcomes: dict[int, TrialOutcome] = {}
     stop_reason: str | None = should_stop() if should_stop is not None else None
     if stop_reason:  # stopped before this group started: give its trials back at once
         return [
-            _fail(study, t, p, stage, stop_reason, f"not started: {stop_reason}", on_trial)
-            for t, p in zip(trials, params, strict=True)
+            _fail(
+                study,
+                a.trial,
+                a.params,
+                stage,
+                stop_reason,
+                f"not started: {stop_reason}",
+                on_trial,
+            )
+            for a in asked
         ]
+
+    def seeded(a: _Asked) -> dict[str, Any]:
+        return continuous_hparams(a.params, trial_seed(ctx.spec.seed, stage, a.trial.number))
+
+    def more(free: int) -> list[tuple[Shape, dict[str, Any]]]:
+        new = refill(free) if refill is not None and not stop_reason else []
+        asked.extend(new)
+        pruned.extend([False] * len(new))
+        return [(a.shape, seeded(a)) for a in new]
 
     def callback(report: EpochReport) -> np.ndarray:
         nonlocal stop_reason
         reporting = np.flatnonzero(report.trained & ~report.diverged)
         values = report.metrics[metric]
-        report_epoch(study, [(trials[i], float(values[i])) for i in reporting], report.epoch)
+        report_epoch(
+            study, [(asked[i].trial, float(values[i]), int(report.epochs[i])) for i in reporting]
+        )
         for i in reporting:
-            if trials[i].should_prune():
+            if asked[i].trial.should_prune():
                 pruned[i] = True
         if on_epoch is not None:
-            on_epoch([t for i, t in enumerate(trials) if report.trained[i]])
+            on_epoch([a.trial for i, a in enumerate(asked) if report.trained[i]])
         if should_stop is not None and (reason := should_stop()):
             stop_reason = reason
-            return np.ones(len(trials), bool)
-        return pruned.copy()
+            return np.ones(len(asked), bool)
+        return np.asarray(pruned)
 
-    hparams = [
-        continuous_hparams(p, trial_seed(ctx.spec.seed, stage, t.number))
-        for p, t in zip(params, trials, strict=True)
-    ]
+    def ended(index: int, result: TrialResult, variables: Callable[[], dict]) -> None:
+        fate = _fate(result, pruned[index], stop_reason)
+        outcomes[index] = _tell(
+            study, asked[index], stage, result, fate, stop_reason, metric, on_trial, variables
+        )
+
     try:
-        result = train_batch(
-            list(shapes),
-            hparams,
+        train_batch(
+            [a.shape for a in asked],
+            [seeded(a) for a in asked],
             ctx.data,
             epochs=ctx.spec.budget.epochs,
             callback=callback,
+            refill=more if refill is not None else None,
+            on_end=ended,
             data_seed=ctx.spec.seed,
             monitor=(metric, ctx.objective.direction == "maximize"),
             group_size=group_size,
@@ -227,42 +318,44 @@ def _train_group(
     except Exception as error:  # a bug or a resource error must not lose the other groups
         reason = "oom" if is_out_of_memory(error) else "error"
         message = "".join(traceback.format_exception_only(error)).strip()
-        return [
-            _fail(study, t, p, stage, reason, message, on_trial)
-            for t, p in zip(trials, params, strict=True)
-        ]
+        for index, a in enumerate(asked):
+            if index not in outcomes:
+                outcomes[index] = _fail(study, a.trial, a.params, stage, reason, message, on_trial)
+    return [outcomes[index] for index in sorted(outcomes)]
 
-    fates = [_fate(o, bool(pruned[i]), stop_reason) for i, o in enumerate(result.trials)]
-    figures = []
-    for trial, outcome, fate in zip(trials, result.trials, fates, strict=True):
-        attrs: dict[str, Any] = {"epochs": outcome.epochs}
-        if fate == "diverged":
-            attrs["diverged_epoch"] = outcome.epochs
-        elif fate != "stopped":
-            attrs |= {**outcome.best, "best_epoch": outcome.best_epoch}
-        figures.append((trial, attrs))
-    set_user_attrs(study, figures)  # one transaction for the whole group
 
-    outcomes = []
-    for i, (trial, values, fate) in enumerate(zip(trials, params, fates, strict=True)):
-        epochs = result.trials[i].epochs
-        if fate == "diverged":
-            message = "loss became NaN or infinite"
-            outcomes.append(_fail(study, trial, values, stage, "diverged", message, on_trial))
-        elif fate == "stopped":
-            message = f"stopped after {epochs} epochs: {stop_reason}"
-            outcomes.append(_fail(study, trial, values, stage, stop_reason, message, on_trial))
-        elif fate == "pruned":
-            study.tell(trial, state=TrialState.PRUNED)
-            outcomes.append(_outcome(trial, stage, TrialState.PRUNED, None, values, on_trial))
-        else:
-            value = float(result.trials[i].best[metric])
-            study.tell(trial, value)
-            kept = functools.partial(result.trial_variables, i)
-            outcomes.append(
-                _outcome(trial, stage, TrialState.COMPLETE, value, values, on_trial, None, kept)
-            )
-    return outcomes
+def _tell(
+    study: optuna.Study,
+    asked: _Asked,
+    stage: int,
+    result: TrialResult,
+    fate: str,
+    stop_reason: str | None,
+    metric: str,
+    on_trial: Callable[[TrialOutcome], None] | None,
+    variables: Callable[[], dict],
+) -> TrialOutcome:
+    """Record a trial that left its slot and tell Optuna how it ended."""
+    trial, values = asked.trial, asked.params
+    attrs: dict[str, Any] = {"epochs": result.epochs}
+    if fate == "diverged":
+        attrs["diverged_epoch"] = result.epochs
+    elif fate != "stopped":
+        attrs |= {**result.best, "best_epoch": result.best_epoch}
+    set_user_attrs(study, [(trial, attrs)])
+    if fate == "diverged":
+        return _fail(
+            study, trial, values, stage, "diverged", "loss became NaN or infinite", on_trial
+        )
+    if fate == "stopped":
+        message = f"stopped after {result.epochs} epochs: {stop_reason}"
+        return _fail(study, trial, values, stage, stop_reason or "stopped", message, on_trial)
+    if fate == "pruned":
+        study.tell(trial, state=TrialState.PRUNED)
+        return _outcome(trial, stage, TrialState.PRUNED, None, values, on_trial)
+    value = float(result.best[metric])
+    study.tell(trial, value)
+    return _outcome(trial, stage, TrialState.COMPLETE, value, values, on_trial, None, variables)
 
 
 def _fate(outcome: TrialResult, pruned: bool, stop_reason: str | None) -> str:

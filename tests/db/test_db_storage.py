@@ -17,11 +17,12 @@ def test_report_epoch_writes_every_trials_value_where_optuna_and_pruners_read_it
     )
     trials = [study.ask() for _ in range(3)]
     for epoch, values in enumerate([(0.6, 0.7, 0.8), (0.4, 0.9, 0.6)]):
-        report_epoch(study, list(zip(trials, values, strict=True)), epoch)
+        report_epoch(study, [(t, v, epoch) for t, v in zip(trials, values, strict=True)])
+    report_epoch(study, [(trials[2], 0.1, 5)])  # a trial reports at its own epoch
 
     stored = {t.number: t.intermediate_values for t in study.get_trials()}
-    assert stored == {0: {0: 0.6, 1: 0.4}, 1: {0: 0.7, 1: 0.9}, 2: {0: 0.8, 1: 0.6}}
-    assert [t.should_prune() for t in trials] == [True, False, False]
+    assert stored == {0: {0: 0.6, 1: 0.4}, 1: {0: 0.7, 1: 0.9}, 2: {0: 0.8, 1: 0.6, 5: 0.1}}
+    assert [t.should_prune() for t in trials] == [True, False, True]  # by each last report
 
 
 def test_report_epoch_refuses_a_finished_trial_and_writes_nothing(database_url):
@@ -29,7 +30,7 @@ def test_report_epoch_refuses_a_finished_trial_and_writes_nothing(database_url):
     running, finished = study.ask(), study.ask()
     study.tell(finished, 1.0)
     with pytest.raises(RuntimeError, match="finished"):
-        report_epoch(study, [(running, 0.5), (finished, 0.5)], 0)
+        report_epoch(study, [(running, 0.5, 0), (finished, 0.5, 0)])
     assert [t.intermediate_values for t in study.get_trials()] == [{}, {}]
 
 

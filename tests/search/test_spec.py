@@ -263,7 +263,12 @@ BAD = [
     (_spec(fixed={"batch_norm": "yes"}), ("fixed", "batch_norm"), "one of true, false"),
     (_spec(fixed={"widths": 3}), ("fixed", "widths"), "unknown hyperparameter"),
     (_spec(sampler="grid"), ("sampler",), "'random', 'tpe', 'qmc', 'gp' or 'cmaes'"),
-    (_spec(pruner={"name": "asha"}), ("pruner", "name"), "'none', 'median' or 'hyperband'"),
+    (_spec(pruner={"name": "sha"}), ("pruner", "name"), "'median', 'hyperband' or 'asha'"),
+    (
+        _spec(pruner={"name": "asha", "reduction_factor": 1}),
+        ("pruner", "reduction_factor"),
+        "greater than or equal to 2",
+    ),
     (_spec(stages=[{"trials": 4}, {"trials": 4}]), ("stages",), "sum to 8 but budget.trials is 10"),
     (_spec(budget={"epochs": 1}), ("budget", "trials"), "required"),
     (

@@ -10,6 +10,7 @@ import sys
 import time
 
 import optuna
+import pytest
 from optuna.trial import TrialState
 from sqlalchemy import create_engine, text
 from test_service import free_port
@@ -30,12 +31,14 @@ space:
   learning_rate: {{low: 1.0e-3, high: 0.1, scale: log}}
 fixed: {{optimizer: adam, batch_size: 32, hidden_units: 64, hidden_layers: 2}}
 """
+#: Pruned trials hand their slots to new ones: the budget stays exact through a SIGKILL.
+ASHA = SPEC + "pruner: {name: asha, min_epochs: 2, reduction_factor: 2}\n"
 
 
-def queue(url) -> str:
+def queue(url, spec: str = SPEC) -> str:
     with session_scope(url) as session:
         search, _ = submit_search(
-            session, "alice", parse_spec(SPEC), idempotency_key=None, max_concurrent=10
+            session, "alice", parse_spec(spec), idempotency_key=None, max_concurrent=10
         )
         return search.id
 
@@ -113,8 +116,9 @@ def finish_with_a_new_worker(url, env, search_id) -> None:
     assert_exact_budget(url, search_id)
 
 
-def test_sigkilled_workers_trials_are_rerun_and_the_budget_is_exact(url, env):
-    search_id = queue(url)
+@pytest.mark.parametrize("spec", [SPEC, ASHA], ids=["no pruner", "asha"])
+def test_sigkilled_workers_trials_are_rerun_and_the_budget_is_exact(url, env, spec):
+    search_id = queue(url, spec)
     first = start_worker(env)
     second = None
     try:

@@ -135,3 +135,34 @@ def test_a_task_that_conflicts_with_the_dataset_is_the_same_error_for_both(url):
     with session_scope(url) as session:
         search = session.get(Search, "conflict")
         assert (search.status, search.error) == ("failed", f"could not load the dataset: {message}")
+
+
+ASHA = (
+    SPEC.replace("trials: 4, epochs: 3", "trials: 12, epochs: 9")
+    + "pruner: {name: asha, min_epochs: 1, reduction_factor: 3}\n"
+    + "stages: [{trials: 8}, {trials: 4}]\n"
+)
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_asha_frees_slots_that_new_trials_take_and_the_budget_is_exact(driver, url, monkeypatch):
+    calls = []
+    train = search.worker.train_batch
+
+    def counted(shapes, hparams, *args, **kwargs):
+        calls.append(len(hparams))
+        return train(shapes, hparams, *args, **kwargs)
+
+    monkeypatch.setattr(search.worker, "train_batch", counted)
+    done = drive(driver, url, ASHA, batch=4)
+    assert done.status == "completed", done.error
+    trials = trials_of(url, done)
+    by_stage = [[t for t in trials if t.user_attrs["stage"] == s] for s in (1, 2)]
+    assert [len(stage) for stage in by_stage] == [8, 4]  # exactly the budget, stage by stage
+    assert {t.state for t in trials} <= {TrialState.COMPLETE, TrialState.PRUNED}
+    pruned = [t for t in trials if t.state == TrialState.PRUNED]
+    assert pruned and all(t.user_attrs["epochs"] < 9 for t in pruned)
+    # Stage 1's 8 trials came four at once into one program: the later ones took freed slots.
+    assert calls[0] == 4 and len(calls) == 2, calls
+    for trial in trials:  # each trial reported its own epochs, from 1
+        assert sorted(trial.intermediate_values) == list(range(1, trial.user_attrs["epochs"] + 1))

@@ -140,7 +140,8 @@ class BatchResult:
     bucket: Bucket
     shapes: list[Shape]
     trials: list[TrialResult]
-    kept: list[tuple[dict, dict]]  # per trial: padded (params, stats) on the host
+    kept: list[tuple[dict, dict]]  # per trial: padded (params, stats) on the host; empty for
+    # trials told to `on_end`, which received them
     occupancy: float = 1.0  # the share of slot-epochs run that trained a live trial
 
     def trial_variables(self, index: int) -> dict:
@@ -253,7 +254,8 @@ def train_batch(
     non-finite stop as `diverged`; the others go on. A slot whose trial ended is taken by the
     next waiting trial, else by one of `refill(free slots)`, at once and on the device: every
     trial trains its own epochs (decay, dropout and data order), as it would alone; `on_end` is
-    told each trial's outcome as it leaves. `monitor`
+    told each trial's outcome and given its weights as it leaves (the result then keeps none).
+    `monitor`
     (metric, maximize) chooses each trial's best dev epoch, whose metrics and variables are
     returned; with `keep_best=False` the variables are those of the last epoch trained.
     """
@@ -483,10 +485,12 @@ class _SlotRun:
     def _keep(self, trial: int, state: TrialState, keep_best: bool) -> None:
         self.best_epoch[trial] = int(state.best_epoch)
         kept = (state.best_params, state.best_stats) if keep_best else (state.params, state.stats)
-        self.kept[trial] = kept
-        if self.on_end is not None:
-            variables = functools.partial(real_variables, self.shapes[trial], *kept)
-            self.on_end(trial, self._result(trial), variables)
+        if self.on_end is None:
+            self.kept[trial] = kept
+            return
+        # Told trials' weights go to `on_end` alone: a long stream holds only those it keeps.
+        variables = functools.partial(real_variables, self.shapes[trial], *kept)
+        self.on_end(trial, self._result(trial), variables)
 
     def _order(self, epoch: int) -> np.ndarray:
         return _epoch_order(

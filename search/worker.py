@@ -14,7 +14,7 @@ import logging
 import traceback
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -293,11 +293,23 @@ def _train_group(
             return np.ones(len(asked), bool)
         return np.asarray(pruned)
 
+    kept: list[int] = []  # the complete trial whose weights the group holds: its best so far
+    better = max if ctx.objective.direction == "maximize" else min
+
     def ended(index: int, result: TrialResult, variables: Callable[[], dict]) -> None:
         fate = _fate(result, pruned[index], stop_reason)
-        outcomes[index] = _tell(
+        outcome = _tell(
             study, asked[index], stage, result, fate, stop_reason, metric, on_trial, variables
         )
+        if outcome.value is not None and kept:
+            held = outcomes[kept[0]]
+            if better(held.value, outcome.value) == held.value:  # a tie keeps the earlier
+                outcome = replace(outcome, variables=None)
+            else:
+                outcomes[kept[0]] = replace(held, variables=None)
+        if outcome.variables is not None:
+            kept[:] = [index]
+        outcomes[index] = outcome
 
     try:
         train_batch(

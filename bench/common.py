@@ -8,6 +8,7 @@ import platform
 import subprocess
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -60,3 +61,31 @@ def print_table(rows: list[dict], columns: Sequence[str]) -> None:
 
 def median(values: Sequence[float]) -> float:
     return float(np.median(np.asarray(values, float)))
+
+
+def benchmark_venv(venv: Path, packages: Sequence[str]) -> Path:
+    """The interpreter of a contender's own virtualenv (never Caviar's), created on first use
+    with `packages` and the Optuna version Caviar uses; removed again if the install fails."""
+    python = venv / "bin" / "python"
+    if not python.exists():
+        import optuna
+
+        packages = [*packages, f"optuna=={optuna.__version__}", "numpy"]
+        print(f"creating {venv} with {' '.join(packages)} (once)", file=sys.stderr)
+        base = getattr(sys, "_base_executable", sys.executable)
+        subprocess.run([base, "-m", "venv", str(venv)], check=True)
+        try:
+            subprocess.run([python, "-m", "pip", "install", "--quiet", *packages], check=True)
+        except subprocess.CalledProcessError:
+            python.unlink()  # not usable: the next call tries again
+            raise
+    return python
+
+
+def chosen_contenders(parser, text: str, known: Sequence[str]) -> list[str]:
+    """The comma-separated contenders of `text`; an argparse error names any unknown one."""
+    contenders = text.split(",")
+    unknown = set(contenders) - set(known)
+    if unknown:
+        parser.error(f"unknown contenders {sorted(unknown)}; choose among {', '.join(known)}")
+    return contenders

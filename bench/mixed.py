@@ -36,12 +36,23 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import machine, median, print_table, run_contender
+from bench.common import chosen_contenders, machine, median, print_table, run_contender
 from bench.engine import BATCH, summarise, train_flax_trial
 from bench.peers import split_sizes, torch_python, write_data
 
 CONTENDERS = ("caviar-auto", "caviar-exact", "caviar-single", "flax", "torch")
 SEED = 0
+
+#: The mixed-shape space (widths, depths, optimizers), as spec lines.
+MIXED_SPACE = f"""space:
+  learning_rate: {{low: 1.0e-4, high: 1.0, scale: log}}
+  momentum: {{low: 0.9, high: 0.999, scale: one_minus_log}}
+  l2: {{low: 1.0e-6, high: 1.0e-2, scale: log}}
+  hidden_units: {{low: 32, high: 512, scale: log, type: int}}
+  hidden_layers: {{low: 1, high: 3, type: int}}
+  optimizer: {{choices: [momentum, adam]}}
+fixed: {{batch_size: {BATCH}, activation: relu}}
+"""
 
 
 def spec_text(data: Path, trials: int, epochs: int) -> str:
@@ -52,15 +63,7 @@ dataset: {{path: {data}}}
 budget: {{trials: {trials}, epochs: {epochs}}}
 sampler: random
 seed: {SEED}
-space:
-  learning_rate: {{low: 1.0e-4, high: 1.0, scale: log}}
-  momentum: {{low: 0.9, high: 0.999, scale: one_minus_log}}
-  l2: {{low: 1.0e-6, high: 1.0e-2, scale: log}}
-  hidden_units: {{low: 32, high: 512, scale: log, type: int}}
-  hidden_layers: {{low: 1, high: 3, type: int}}
-  optimizer: {{choices: [momentum, adam]}}
-fixed: {{batch_size: {BATCH}, activation: relu}}
-"""
+{MIXED_SPACE}"""
 
 
 def real_gflop(configs: list[dict], epochs_done: list[int], train: int, dev: int) -> float:
@@ -255,10 +258,7 @@ def main() -> None:
         print(json.dumps(out))
         return
 
-    contenders = args.contenders.split(",")
-    unknown = set(contenders) - set(CONTENDERS)
-    if unknown:
-        parser.error(f"unknown contenders {sorted(unknown)}; choose among {', '.join(CONTENDERS)}")
+    contenders = chosen_contenders(parser, args.contenders, CONTENDERS)
     if not contenders[0].startswith("caviar-"):
         parser.error("the first contender must be a Caviar one: it samples the configurations")
     if "torch" in contenders:

@@ -40,7 +40,14 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import machine, median, print_table, run_contender
+from bench.common import (
+    benchmark_venv,
+    chosen_contenders,
+    machine,
+    median,
+    print_table,
+    run_contender,
+)
 from bench.engine import BATCH, DATASET, HIDDEN, summarise, train_flax_trial
 
 CONTENDERS = ("caviar", "optuna-flax", "optuna-torch", "sklearn")
@@ -217,16 +224,7 @@ def run_sklearn(data: Path, trials: int, epochs: int) -> dict:
 
 def torch_python() -> Path:
     """The PyTorch contender's interpreter: a virtualenv of its own, created on first use."""
-    python = TORCH_VENV / "bin" / "python"
-    if not python.exists():
-        import optuna
-
-        print(f"creating {TORCH_VENV} with {TORCH} (once)", file=sys.stderr)
-        base = getattr(sys, "_base_executable", sys.executable)
-        subprocess.run([base, "-m", "venv", str(TORCH_VENV)], check=True)
-        packages = [TORCH, f"optuna=={optuna.__version__}", "numpy"]
-        subprocess.run([python, "-m", "pip", "install", "--quiet", *packages], check=True)
-    return python
+    return benchmark_venv(TORCH_VENV, [TORCH])
 
 
 def run_optuna_torch(data: Path, trials: int, epochs: int) -> dict:
@@ -334,10 +332,7 @@ def main() -> None:
         print(json.dumps(out))
         return
 
-    contenders = args.contenders.split(",")
-    unknown = set(contenders) - set(CONTENDERS)
-    if unknown:
-        parser.error(f"unknown contenders {sorted(unknown)}; choose among {', '.join(CONTENDERS)}")
+    contenders = chosen_contenders(parser, args.contenders, CONTENDERS)
     if "optuna-torch" in contenders:
         torch_python()  # create its virtualenv before any timing
     from models.runtime import matmul_peak_gflops

@@ -20,6 +20,7 @@ import itertools
 import json
 import math
 import time
+from collections.abc import Iterator
 
 import numpy as np
 import optuna
@@ -48,14 +49,17 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
         return float((model(x).argmax(-1) == y).float().mean())
 
 
-def train_trial(hp: dict, data: dict[str, torch.Tensor], epochs: int) -> tuple[int, float, float]:
-    """(epochs trained, best dev accuracy, test accuracy at that epoch); NaN ones if diverged."""
+def epochs_of(
+    hp: dict, data: dict[str, torch.Tensor], epochs: int
+) -> Iterator[tuple[int, float, float, float]]:
+    """Train one trial, yielding (epoch, dev accuracy, best dev so far, test accuracy at that
+    best) after each epoch; a diverged trial yields a NaN dev accuracy and stops."""
     model = mlp(data["x"].shape[1], int(data["y"].max()) + 1, hp["seed"], hp.get("hidden", HIDDEN))
     beta = hp["momentum"]
     if hp.get("optimizer", "momentum") == "adam":
         betas = (beta, hp.get("beta2", 0.999))
         optimizer = torch.optim.Adam(model.parameters(), lr=hp["learning_rate"], betas=betas)
-    else:
+    else:  # Caviar's v = β·v + (1-β)·dW is PyTorch's SGD with lr·(1-β)
         optimizer = torch.optim.SGD(
             model.parameters(), lr=hp["learning_rate"] * (1 - beta), momentum=beta
         )
@@ -74,11 +78,23 @@ def train_trial(hp: dict, data: dict[str, torch.Tensor], epochs: int) -> tuple[i
             loss.backward()
             optimizer.step()
         if not math.isfinite(float(loss)):
-            return epoch, math.nan, math.nan
+            yield epoch, math.nan, best_dev, best_test
+            return
         dev = accuracy(model, data["x_dev"], data["y_dev"])
         if dev > best_dev:
             best_dev, best_test = dev, accuracy(model, data["x_test"], data["y_test"])
-    return epochs, best_dev, best_test
+        yield epoch, dev, best_dev, best_test
+
+
+def train_trial(hp: dict, data: dict[str, torch.Tensor], epochs: int) -> tuple[int, float, float]:
+    """(epochs trained, best dev accuracy, test accuracy at that epoch); NaN ones if diverged."""
+    last = (0, math.nan, math.nan, math.nan)
+    for last in epochs_of(hp, data, epochs):  # noqa: B007 (the last epoch's figures are kept)
+        pass
+    epoch, dev, best_dev, best_test = last
+    if math.isnan(dev):
+        return epoch, math.nan, math.nan
+    return epoch, best_dev, best_test
 
 
 def main() -> None:

@@ -46,9 +46,17 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import machine, median, print_table, run_contender
+from bench.common import (
+    benchmark_venv,
+    chosen_contenders,
+    machine,
+    median,
+    print_table,
+    run_contender,
+)
 from bench.engine import BATCH
-from bench.peers import torch_python
+from bench.mixed import MIXED_SPACE
+from bench.peers import TORCH, torch_python
 
 CONTENDERS = ("caviar-random", "caviar-asha", "optuna-torch-sha", "ray-asha")
 REFERENCE = "caviar-asha"
@@ -58,7 +66,6 @@ MIN_EPOCHS, REDUCTION_FACTOR = 1, 3
 TRIALS = 10_000  # never the limit: the budget is the wall time
 RAY = "ray[tune]==2.60.0"
 RAY_VENV = Path(__file__).resolve().parent.parent / ".cache" / "bench-ray-2.60.0"
-TORCH = "torch==2.13.0"  # bench.peers' torch
 
 
 def write_data(directory: Path, samples: int) -> Path:
@@ -86,15 +93,7 @@ budget: {{trials: {TRIALS}, epochs: {epochs}, timeout_s: {budget_s}}}
 sampler: random
 seed: {seed}
 {pruner}
-space:
-  learning_rate: {{low: 1.0e-4, high: 1.0, scale: log}}
-  momentum: {{low: 0.9, high: 0.999, scale: one_minus_log}}
-  l2: {{low: 1.0e-6, high: 1.0e-2, scale: log}}
-  hidden_units: {{low: 32, high: 512, scale: log, type: int}}
-  hidden_layers: {{low: 1, high: 3, type: int}}
-  optimizer: {{choices: [momentum, adam]}}
-fixed: {{batch_size: {BATCH}, activation: relu}}
-"""
+{MIXED_SPACE}"""
 
 
 # --- contenders, each in its own process ------------------------------------------------------
@@ -153,21 +152,9 @@ def run_caviar(
 
 
 def ray_python() -> Path:
-    """The Ray contender's interpreter: a virtualenv of its own, created on first use."""
-    python = RAY_VENV / "bin" / "python"
-    if not python.exists():
-        import optuna  # the trainable reuses pruning_torch.py, which imports it
-
-        print(f"creating {RAY_VENV} with {RAY} and {TORCH} (once)", file=sys.stderr)
-        base = getattr(sys, "_base_executable", sys.executable)
-        subprocess.run([base, "-m", "venv", str(RAY_VENV)], check=True)
-        packages = [RAY, TORCH, f"optuna=={optuna.__version__}", "numpy", "pandas"]
-        try:
-            subprocess.run([python, "-m", "pip", "install", "--quiet", *packages], check=True)
-        except subprocess.CalledProcessError:
-            python.unlink()  # not usable: the next call tries again
-            raise
-    return python
+    """The Ray contender's interpreter: a virtualenv of its own, created on first use (the
+    trainable reuses `pruning_torch.py`, which imports Optuna)."""
+    return benchmark_venv(RAY_VENV, [RAY, TORCH, "pandas"])
 
 
 def run_script(python: Path, script: str, data: Path, args: list[str]) -> dict:
@@ -281,10 +268,7 @@ def main() -> None:
         print(json.dumps(out))
         return
 
-    contenders = args.contenders.split(",")
-    unknown = set(contenders) - set(CONTENDERS)
-    if unknown:
-        parser.error(f"unknown contenders {sorted(unknown)}; choose among {', '.join(CONTENDERS)}")
+    contenders = chosen_contenders(parser, args.contenders, CONTENDERS)
     if "optuna-torch-sha" in contenders:
         torch_python()  # create the virtualenvs before any timing
     if "ray-asha" in contenders:

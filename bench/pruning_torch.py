@@ -20,13 +20,11 @@ import argparse
 import json
 import math
 import time
-from collections.abc import Iterator
 
 import numpy as np
 import optuna
 import torch
-from peers_torch import BATCH, accuracy, mlp
-from torch import nn
+from peers_torch import epochs_of
 
 
 def load(path: str) -> dict[str, torch.Tensor]:
@@ -38,44 +36,6 @@ def load(path: str) -> dict[str, torch.Tensor]:
             )
             for name in ("x", "y", "x_dev", "y_dev", "x_test", "y_test")
         }
-
-
-def epochs_of(
-    hp: dict, data: dict[str, torch.Tensor], epochs: int
-) -> Iterator[tuple[int, float, float, float]]:
-    """Train one trial, yielding (epoch, dev accuracy, best dev so far, test accuracy at that
-    best) after each epoch; a diverged trial yields a NaN dev accuracy and stops."""
-    model = mlp(data["x"].shape[1], int(data["y"].max()) + 1, hp["seed"], hp["hidden"])
-    beta = hp["momentum"]
-    if hp["optimizer"] == "adam":
-        optimizer = torch.optim.Adam(
-            model.parameters(), lr=hp["learning_rate"], betas=(beta, 0.999)
-        )
-    else:  # Caviar's v = β·v + (1-β)·dW is PyTorch's SGD with lr·(1-β)
-        optimizer = torch.optim.SGD(
-            model.parameters(), lr=hp["learning_rate"] * (1 - beta), momentum=beta
-        )
-    weights = [p for name, p in model.named_parameters() if name.endswith("weight")]
-    loss_fn = nn.CrossEntropyLoss()
-    generator = torch.Generator().manual_seed(0)
-    best_dev, best_test = -1.0, math.nan
-    n = len(data["y"])
-    for epoch in range(1, epochs + 1):
-        order = torch.randperm(n, generator=generator)
-        for step in range(n // BATCH):
-            rows = order[step * BATCH : (step + 1) * BATCH]
-            loss = loss_fn(model(data["x"][rows]), data["y"][rows])
-            loss = loss + hp["l2"] / (2 * BATCH) * sum((w * w).sum() for w in weights)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        if not math.isfinite(float(loss)):
-            yield epoch, math.nan, best_dev, best_test
-            return
-        dev = accuracy(model, data["x_dev"], data["y_dev"])
-        if dev > best_dev:
-            best_dev, best_test = dev, accuracy(model, data["x_test"], data["y_test"])
-        yield epoch, dev, best_dev, best_test
 
 
 def hparams(values: dict, seed: int) -> dict:

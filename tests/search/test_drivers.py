@@ -63,6 +63,23 @@ def trials_of(url: str, search: Search) -> list[optuna.trial.FrozenTrial]:
     ]
 
 
+def watch_programs(monkeypatch, fail_above: int | None = None) -> list[int]:
+    """The trials each engine call starts with, as the drivers make them; with `fail_above`, a
+    call starting with more runs out of memory."""
+    sizes: list[int] = []
+    train = search.worker.train_batch
+
+    def watched(shapes, hparams, *args, **kwargs):
+        sizes.append(len(hparams))
+        assert len(sizes) < 10, f"the driver keeps asking for more than fits: {sizes}"
+        if fail_above is not None and len(hparams) > fail_above:
+            raise MemoryError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate")
+        return train(shapes, hparams, *args, **kwargs)
+
+    monkeypatch.setattr(search.worker, "train_batch", watched)
+    return sizes
+
+
 @pytest.mark.parametrize("driver", DRIVERS)
 def test_the_timeout_stops_trials_in_the_middle_of_training(driver, url):
     slow = (
@@ -94,17 +111,7 @@ def test_the_final_fit_tests_the_weights_the_process_trained(driver, url, monkey
 
 @pytest.mark.parametrize("driver", DRIVERS)
 def test_running_out_of_memory_halves_the_batch_and_keeps_the_budget(driver, url, monkeypatch):
-    sizes = []
-    train = search.worker.train_batch
-
-    def two_fit(shapes, hparams, *args, **kwargs):
-        sizes.append(len(hparams))
-        assert len(sizes) < 10, f"the driver keeps asking for more than fits: {sizes}"
-        if len(hparams) > 2:
-            raise MemoryError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate")
-        return train(shapes, hparams, *args, **kwargs)
-
-    monkeypatch.setattr(search.worker, "train_batch", two_fit)
+    sizes = watch_programs(monkeypatch, fail_above=2)
     done = drive(driver, url, SPEC, batch=4)
     # Two slots after the failure: the retried trials come two at once and the last two take
     # the slots the first two leave (one stream).
@@ -146,14 +153,7 @@ ASHA = (
 
 @pytest.mark.parametrize("driver", DRIVERS)
 def test_asha_frees_slots_that_new_trials_take_and_the_budget_is_exact(driver, url, monkeypatch):
-    calls = []
-    train = search.worker.train_batch
-
-    def counted(shapes, hparams, *args, **kwargs):
-        calls.append(len(hparams))
-        return train(shapes, hparams, *args, **kwargs)
-
-    monkeypatch.setattr(search.worker, "train_batch", counted)
+    calls = watch_programs(monkeypatch)
     done = drive(driver, url, ASHA, batch=4)
     assert done.status == "completed", done.error
     trials = trials_of(url, done)

@@ -17,7 +17,7 @@ def machine() -> dict:
     """What the figures were measured on (`caviar_cpu_devices`: Caviar's split of a CPU)."""
     import jax
 
-    from models.runtime import cpu_device_count
+    from caviar.models.runtime import cpu_device_count
 
     info = {
         "cpu": platform.processor() or platform.machine(),

@@ -52,7 +52,7 @@ def training_gflop(epochs_per_trial: list[int], train: int, dev: int) -> float:
 def epoch_gflop(width: int, train: int, dev: int) -> float:
     """GFLOP of one trial-epoch of the workload's MLP with hidden layers of `width` units:
     3× forward per training example in full minibatches, 1× per dev example."""
-    from models.train import Shape
+    from caviar.models.train import Shape
 
     shape = Shape(40, 10, (width,) * len(HIDDEN), optimizer="momentum", batch_size=BATCH)
     return (3 * shape.forward_flops(train // BATCH * BATCH) + shape.forward_flops(dev)) / 1e9
@@ -60,8 +60,8 @@ def epoch_gflop(width: int, train: int, dev: int) -> float:
 
 def run_caviar(trials: int, epochs: int, group_size: int) -> dict:
     """Contender: one `train_batch` call for all trials (groups of `group_size` per program)."""
-    from models.data import load_dataset
-    from models.train import Shape, TrainData, evaluate, train_batch
+    from caviar.models.data import load_dataset
+    from caviar.models.train import Shape, TrainData, evaluate, train_batch
 
     ds = load_dataset(DATASET)
     hparams = sample_hparams(trials, seed=0)
@@ -87,7 +87,7 @@ def run_caviar(trials: int, epochs: int, group_size: int) -> dict:
 
 def run_per_trial(trials: int, epochs: int) -> dict:
     """Contender: the usual loop, a Flax model and a jitted train step per trial."""
-    from models.data import load_dataset
+    from caviar.models.data import load_dataset
 
     ds = load_dataset(DATASET)
     hparams = sample_hparams(trials, seed=0)
@@ -110,7 +110,7 @@ def train_flax_trial(hp: dict, ds, epochs: int) -> tuple[int, float, float]:
     import jax.numpy as jnp
     import optax
 
-    from models.mlp import MLP, init_variables, sum_squared_weights
+    from caviar.models.mlp import MLP, init_variables, sum_squared_weights
 
     model = MLP(hidden=tuple(hp.get("hidden", HIDDEN)), num_outputs=ds.num_outputs)
     key = jax.random.PRNGKey(hp["seed"])
@@ -204,11 +204,11 @@ def main() -> None:
 
     if args.contender:  # inside a contender's own process
         if args.cache:
-            from models.runtime import enable_compilation_cache
+            from caviar.models.runtime import enable_compilation_cache
 
             enable_compilation_cache(args.cache)
         if args.contender == "caviar":
-            from models.runtime import use_every_core
+            from caviar.models.runtime import use_every_core
 
             use_every_core()  # as `caviar run` and workers do
             out = run_caviar(args.trials, args.epochs, args.group_size)
@@ -217,7 +217,7 @@ def main() -> None:
         print(json.dumps(out))
         return
 
-    from models.runtime import matmul_peak_gflops
+    from caviar.models.runtime import matmul_peak_gflops
 
     peak = matmul_peak_gflops()
     info = machine()

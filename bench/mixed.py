@@ -68,7 +68,7 @@ seed: {SEED}
 
 def real_gflop(configs: list[dict], epochs_done: list[int], train: int, dev: int) -> float:
     """FLOPs the trials really need: each trial's own shape, epochs it trained."""
-    from models.bucket import Shape, epoch_flops
+    from caviar.models.bucket import Shape, epoch_flops
 
     total = 0
     for config, epochs in zip(configs, epochs_done, strict=True):
@@ -84,10 +84,10 @@ def run_caviar(data: Path, trials: int, epochs: int, workdir: Path) -> dict:
     """Contender: `caviar run`'s path with the strategy of `$CAVIAR_BUCKETS`."""
     import jax
 
-    from db.migrate import upgrade
-    from db.storage import optuna_storage
-    from search.runner import run_search, search_trials, start_search
-    from search.spec import parse_spec
+    from caviar.db.migrate import upgrade
+    from caviar.db.storage import optuna_storage
+    from caviar.search.runner import run_search, search_trials, start_search
+    from caviar.search.spec import parse_spec
 
     compiles: list[float] = []
     jax.monitoring.register_event_duration_secs_listener(
@@ -96,8 +96,8 @@ def run_caviar(data: Path, trials: int, epochs: int, workdir: Path) -> dict:
         )
     )
     plans = _PlanRecorder()
-    logging.getLogger("search.worker").addHandler(plans)
-    logging.getLogger("search.worker").setLevel(logging.INFO)
+    logging.getLogger("caviar.search.worker").addHandler(plans)
+    logging.getLogger("caviar.search.worker").setLevel(logging.INFO)
 
     spec = parse_spec(spec_text(data, trials, epochs))
     url = f"sqlite:///{workdir / 'caviar.db'}"
@@ -151,7 +151,7 @@ class _PlanRecorder(logging.Handler):
 
 def run_flax(data: Path, configs: Path, epochs: int) -> dict:
     """Contender: one Flax model and jitted step per configuration."""
-    from models.data import load_dataset
+    from caviar.models.data import load_dataset
 
     ds = load_dataset({"path": str(data)})
     drawn = json.loads(configs.read_text())
@@ -248,7 +248,7 @@ def main() -> None:
     if args.contender:  # inside a contender's own process
         data = Path(args.data)
         if args.contender == "caviar":
-            from models.runtime import use_every_core
+            from caviar.models.runtime import use_every_core
 
             use_every_core()  # as `caviar run` does
             with tempfile.TemporaryDirectory() as workdir:
@@ -263,7 +263,7 @@ def main() -> None:
         parser.error("the first contender must be a Caviar one: it samples the configurations")
     if "torch" in contenders:
         torch_python()  # create its virtualenv before any timing
-    from models.runtime import matmul_peak_gflops
+    from caviar.models.runtime import matmul_peak_gflops
 
     peak = matmul_peak_gflops()
     info = machine()

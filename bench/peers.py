@@ -63,14 +63,14 @@ SEED = 0  # the spec seed; the Optuna contenders use the sampler seed Caviar der
 
 def sampler_seed() -> int:
     """The RandomSampler seed of Caviar's stage 1, so that every contender draws the same trials."""
-    from search.studies import sampler_seed as caviar_sampler_seed
+    from caviar.search.studies import sampler_seed as caviar_sampler_seed
 
     return caviar_sampler_seed(SEED, stage=1)
 
 
 def write_data(directory: Path) -> Path:
     """MNIST-1D's ready splits as one .npz, the same file for every contender."""
-    from models.data import load_dataset
+    from caviar.models.data import load_dataset
 
     ds = load_dataset(DATASET)
     path = directory / "mnist1d.npz"
@@ -126,10 +126,10 @@ def suggest(trial) -> dict:
 
 def run_caviar(data: Path, trials: int, epochs: int, workdir: Path) -> dict:
     """Contender: `caviar run`'s path, a spec → Optuna on SQLite → worker → engine."""
-    from db.migrate import upgrade
-    from db.storage import optuna_storage
-    from search.runner import run_search, search_trials, start_search
-    from search.spec import parse_spec
+    from caviar.db.migrate import upgrade
+    from caviar.db.storage import optuna_storage
+    from caviar.search.runner import run_search, search_trials, start_search
+    from caviar.search.spec import parse_spec
 
     spec = parse_spec(spec_text(data, trials, epochs))
     url = f"sqlite:///{workdir / 'caviar.db'}"
@@ -152,7 +152,7 @@ def run_optuna_flax(data: Path, trials: int, epochs: int) -> dict:
     """Contender: a plain Optuna script training one Flax model per trial."""
     import optuna
 
-    from models.data import load_dataset
+    from caviar.models.data import load_dataset
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     ds = load_dataset({"path": str(data)})
@@ -319,7 +319,7 @@ def main() -> None:
     if args.contender:  # inside a contender's own process
         data = Path(args.data)
         if args.contender == "caviar":
-            from models.runtime import enable_compilation_cache, use_every_core
+            from caviar.models.runtime import enable_compilation_cache, use_every_core
 
             use_every_core()  # as `caviar run` does
             enable_compilation_cache(os.environ["CAVIAR_COMPILE_CACHE"])
@@ -335,7 +335,7 @@ def main() -> None:
     contenders = chosen_contenders(parser, args.contenders, CONTENDERS)
     if "optuna-torch" in contenders:
         torch_python()  # create its virtualenv before any timing
-    from models.runtime import matmul_peak_gflops
+    from caviar.models.runtime import matmul_peak_gflops
 
     peak = matmul_peak_gflops()
     info = machine()

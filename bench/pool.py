@@ -44,7 +44,7 @@ fixed: {{optimizer: adam, batch_size: 64, hidden_units: 128, hidden_layers: 2}}
 
 def fresh_database() -> None:
     """Drop and create the benchmark database, then apply the migrations."""
-    from db.migrate import upgrade
+    from caviar.db.migrate import upgrade
 
     name = BENCH_URL.rsplit("/", 1)[1]
     admin = create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
@@ -56,9 +56,9 @@ def fresh_database() -> None:
 
 
 def submit(trials: int, epochs: int) -> str:
-    from db.session import session_scope
-    from search.spec import parse_spec
-    from service.searches import submit_search
+    from caviar.db.session import session_scope
+    from caviar.search.spec import parse_spec
+    from caviar.service.searches import submit_search
 
     with session_scope(BENCH_URL) as session:
         search, _ = submit_search(
@@ -79,7 +79,16 @@ def start_worker(name: str, grace: int) -> subprocess.Popen:
         "CAVIAR_GRACE_S": str(grace),
     }
     return subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "worker", "--batch", "4", "--idle-sleep", "0.2"],
+        [
+            sys.executable,
+            "-m",
+            "caviar.service.cli",
+            "worker",
+            "--batch",
+            "4",
+            "--idle-sleep",
+            "0.2",
+        ],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -87,8 +96,8 @@ def start_worker(name: str, grace: int) -> subprocess.Popen:
 
 
 def search_trials(search_id: str) -> list[optuna.trial.FrozenTrial]:
-    from db.models import Search
-    from db.session import session_scope
+    from caviar.db.models import Search
+    from caviar.db.session import session_scope
 
     with session_scope(BENCH_URL) as session:
         studies = list(session.get(Search, search_id).studies)
@@ -99,8 +108,8 @@ def search_trials(search_id: str) -> list[optuna.trial.FrozenTrial]:
 
 
 def status(search_id: str) -> str:
-    from db.models import Search
-    from db.session import session_scope
+    from caviar.db.models import Search
+    from caviar.db.session import session_scope
 
     with session_scope(BENCH_URL) as session:
         return session.get(Search, search_id).status

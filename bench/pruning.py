@@ -70,7 +70,7 @@ RAY_VENV = Path(__file__).resolve().parent.parent / ".cache" / "bench-ray-2.60.0
 
 def write_data(directory: Path, samples: int) -> Path:
     """MNIST-1D's ready splits as one .npz (bench.peers' layout), the same for every contender."""
-    from models.data import load_dataset
+    from caviar.models.data import load_dataset
 
     ds = load_dataset({"name": "mnist1d", "samples": samples})
     path = directory / "mnist1d.npz"
@@ -107,10 +107,10 @@ def run_caviar(
     Wraps (in this process only) the worker's `report_epoch`, to see each epoch's dev accuracy
     as it is reported, and `train_batch`, to read each batch's slot occupancy.
     """
-    import search.worker as worker
-    from db.migrate import upgrade
-    from search.runner import run_search, start_search
-    from search.spec import parse_spec
+    import caviar.search.worker as worker
+    from caviar.db.migrate import upgrade
+    from caviar.search.runner import run_search, start_search
+    from caviar.search.spec import parse_spec
 
     reached: list[float] = []
     started: set[tuple[str, int]] = set()
@@ -252,7 +252,7 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.contender:  # inside a contender's own process
-        from models.runtime import use_every_core
+        from caviar.models.runtime import use_every_core
 
         use_every_core()  # as `caviar run` does
         with tempfile.TemporaryDirectory() as workdir:

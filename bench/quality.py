@@ -54,13 +54,13 @@ import optuna
 from optuna.trial import Trial, TrialState
 
 from bench.common import machine, median, print_table
-from db.migrate import upgrade
-from db.storage import optuna_storage
-from models.runtime import use_every_core
-from search.runner import open_stage, run_search, search_trials, start_search
-from search.space import distribution, optuna_name
-from search.spec import FloatParam, SearchSpec
-from search.worker import TrialOutcome
+from caviar.db.migrate import upgrade
+from caviar.db.storage import optuna_storage
+from caviar.models.runtime import use_every_core
+from caviar.search.runner import open_stage, run_search, search_trials, start_search
+from caviar.search.space import distribution, optuna_name
+from caviar.search.spec import FloatParam, SearchSpec
+from caviar.search.worker import TrialOutcome
 
 STRATEGIES = ("grid", "random_linear", "random_log", "coarse_to_fine", "tpe", "hyperband")
 DATASETS: dict[str, dict[str, Any]] = {

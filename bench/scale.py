@@ -66,7 +66,7 @@ from bench.engine import BATCH, DATASET, HIDDEN, epoch_gflop, sample_hparams
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
-    from search.spec import SearchSpec
+    from caviar.search.spec import SearchSpec
 
 SECTIONS = ("trials", "data", "width", "storage", "api")
 BASE_TRAIN = 4000
@@ -91,7 +91,7 @@ def samples_for(train: int) -> int:
 
 def dataset_file(train: int, directory: Path) -> Path:
     """MNIST-1D with `train` training examples, generated once and saved as npz (not timed)."""
-    from models.data import load_dataset
+    from caviar.models.data import load_dataset
 
     path = directory / f"mnist1d-{train}.npz"
     if not path.exists():
@@ -102,7 +102,7 @@ def dataset_file(train: int, directory: Path) -> Path:
 
 def run_point(data_path: Path, trials: int, width: int, epochs: int) -> dict:
     """Inside a fresh process: train `trials` trials for `epochs` epochs, timing every epoch."""
-    from models.train import EpochReport, Shape, TrainData, train_batch
+    from caviar.models.train import EpochReport, Shape, TrainData, train_batch
 
     arrays = np.load(data_path)
     shape = Shape(
@@ -172,7 +172,7 @@ def sweep(points: list[tuple[int, int, int]], epochs: int, peak: float, cache: P
 
 def bench_spec(trials: int, epochs: int) -> SearchSpec:
     """The base workload as a Caviar search spec."""
-    from search.spec import SearchSpec
+    from caviar.search.spec import SearchSpec
 
     return SearchSpec.model_validate(
         {
@@ -198,11 +198,11 @@ def record_trials(url: str, spec: SearchSpec, search_id: str, count: int) -> dic
     """Open stage 1 of `search_id` on Caviar's Optuna storage at `url` and write `count` finished
     trials into it as a worker does (batches of 32, one transaction per epoch's reports), without
     training; milliseconds per trial by phase."""
-    from db.storage import optuna_storage, report_epoch
-    from search.runner import open_stage
-    from search.space import sample_trial
-    from search.studies import ask
-    from search.worker import DEFAULT_BATCH
+    from caviar.db.storage import optuna_storage, report_epoch
+    from caviar.search.runner import open_stage
+    from caviar.search.space import sample_trial
+    from caviar.search.studies import ask
+    from caviar.search.worker import DEFAULT_BATCH
 
     storage = optuna_storage(url)
     objective = spec.resolved_objective("classification")
@@ -303,9 +303,9 @@ def wait_until_up(url: str, server: subprocess.Popen, log: Path, seconds: float 
 
 def filled_search(url: str, api: httpx.Client, trials: int, epochs: int) -> str:
     """Submit a search through the API, open its first stage and finish `trials` trials in it."""
-    from db.models import Search, utcnow
-    from db.session import session_scope
-    from search.studies import study_name
+    from caviar.db.models import Search, utcnow
+    from caviar.db.session import session_scope
+    from caviar.search.studies import study_name
 
     spec = bench_spec(trials, epochs)
     response = api.post("/v1/searches", json=spec.model_dump(mode="json", exclude_none=True))
@@ -348,8 +348,8 @@ def api_latency(
 ) -> tuple[dict, list[float]]:
     """Latency figures (p50, p99, mean) and requests/s of `GET /v1/searches/{id}` on a real
     `caviar serve`, and every request's latency in ms."""
-    from db.keys import create_key
-    from db.session import session_scope
+    from caviar.db.keys import create_key
+    from caviar.db.session import session_scope
 
     with session_scope(url) as session:
         _, token = create_key(session, "bench", "scale")
@@ -359,7 +359,7 @@ def api_latency(
     with tempfile.NamedTemporaryFile("w+", suffix=".log") as log:
         command = ["serve", "--port", str(port), "--database-url", url]
         server = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", *command], stdout=log, stderr=log
+            [sys.executable, "-m", "caviar.service.cli", *command], stdout=log, stderr=log
         )
         try:
             wait_until_up(f"{base_url}/healthz", server, Path(log.name))
@@ -483,7 +483,7 @@ def main() -> None:
         parser.error(f"unknown sections {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
 
     if args.point:  # inside a training point's own process
-        from models.runtime import use_every_core
+        from caviar.models.runtime import use_every_core
 
         use_every_core()  # as `caviar run` and workers do
         print(json.dumps(run_point(args.point, args.trials, args.width, args.epochs)))
@@ -491,7 +491,7 @@ def main() -> None:
 
     import optuna
 
-    from models.runtime import matmul_peak_gflops
+    from caviar.models.runtime import matmul_peak_gflops
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     peak = matmul_peak_gflops()

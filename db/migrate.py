@@ -6,8 +6,8 @@ rest. `upgrade` also creates (or migrates) Optuna's schema, so workers and the A
 To write the next revision, change `db.models`, then autogenerate against a database at head:
 
     from alembic import command
-    from db.migrate import alembic_config
-    from db.session import get_engine
+    from caviar.db.migrate import alembic_config
+    from caviar.db.session import get_engine
     with get_engine(url).begin() as connection:
         command.revision(alembic_config(connection), "what changed", autogenerate=True)
 """
@@ -24,9 +24,9 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, text
 
-from db.models import Base
-from db.session import DatabaseError, database_errors, get_engine
-from db.storage import engine_options, normalise_url, optuna_schema_is_current
+from caviar.db.models import Base
+from caviar.db.session import DatabaseError, database_errors, get_engine
+from caviar.db.storage import engine_options, normalise_url, optuna_schema_is_current
 
 VERSION_TABLE = "caviar_alembic_version"
 TABLE_PREFIX = "caviar_"

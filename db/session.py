@@ -28,8 +28,8 @@ from sqlalchemy.exc import (
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.models import Search
-from db.storage import engine_options, normalise_url
+from caviar.db.models import Search
+from caviar.db.storage import engine_options, normalise_url
 
 
 class DatabaseError(RuntimeError):

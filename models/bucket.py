@@ -22,8 +22,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
-from models.mlp import ACTIVATIONS, MLP, count_parameters
-from models.optim import OPTIMIZERS
+from caviar.models.mlp import ACTIVATIONS, MLP, count_parameters
+from caviar.models.optim import OPTIMIZERS
 
 Task = Literal["classification", "regression"]
 

@@ -23,8 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models.train import Shape
-from models.train import predict as predict_outputs
+from caviar.models.train import Shape
+from caviar.models.train import predict as predict_outputs
 
 FORMAT_VERSION = 1
 

@@ -20,7 +20,7 @@ import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from models.bucket import Bucket, Shape, epoch_flops
+from caviar.models.bucket import Bucket, Shape, epoch_flops
 
 STRATEGIES: tuple[str, ...] = ("auto", "exact", "single")
 

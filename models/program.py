@@ -24,9 +24,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from models.bucket import Bucket, Shape, Task
-from models.mlp import ACTIVATIONS, INITS, init_std, inverted_dropout
-from models.optim import LR_DECAYS, OPTIMIZERS, Hyper, Moments, init_moments, lr_factor, update
+from caviar.models.bucket import Bucket, Shape, Task
+from caviar.models.mlp import ACTIVATIONS, INITS, init_std, inverted_dropout
+from caviar.models.optim import (
+    LR_DECAYS,
+    OPTIMIZERS,
+    Hyper,
+    Moments,
+    init_moments,
+    lr_factor,
+    update,
+)
 
 #: Batch norm as the Flax MLP has it: running averages with momentum 0.9, ε 1e-5.
 BN_MOMENTUM = 0.9

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import jax
 import numpy as np
 
-from models.placement import Placement
-from models.program import TrialState
+from caviar.models.placement import Placement
+from caviar.models.program import TrialState
 
 #: Marks a slot with no trial.
 EMPTY = -1

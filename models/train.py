@@ -27,10 +27,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models.bucket import Bucket, Shape, Task, epoch_flops
-from models.placement import Placement
-from models.planner import Costs
-from models.program import (
+from caviar.models.bucket import Bucket, Shape, Task, epoch_flops
+from caviar.models.placement import Placement
+from caviar.models.planner import Costs
+from caviar.models.program import (
     HPARAM_DEFAULTS,
     TrialState,
     init_trial,
@@ -39,8 +39,8 @@ from models.program import (
     train_epoch,
     trial_arrays,
 )
-from models.runtime import matmul_peak_gflops
-from models.slots import EMPTY, Group, build_groups, read_groups, read_slot, write_slot
+from caviar.models.runtime import matmul_peak_gflops
+from caviar.models.slots import EMPTY, Group, build_groups, read_groups, read_slot, write_slot
 
 __all__ = [
     "DEFAULT_GROUP_SIZE",

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import optuna
 
-from search.worker_metrics import METRICS
+from caviar.search.worker_metrics import METRICS
 
 log = logging.getLogger("caviar.worker")
 

@@ -32,21 +32,21 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from db.models import Dataset as DatasetRow
-from db.models import Lease, Search, utcnow
-from db.session import DatabaseError, lock_search, session_scope
-from db.storage import (
+from caviar.db.models import Dataset as DatasetRow
+from caviar.db.models import Lease, Search, utcnow
+from caviar.db.session import DatabaseError, lock_search, session_scope
+from caviar.db.storage import (
     GRACE_PERIOD_S,
     HEARTBEAT_INTERVAL_S,
     fail_stale_trials,
     optuna_storage,
 )
-from models.data import Dataset, DatasetError, from_arrays, read_csv, read_npz
-from models.train import DEFAULT_GROUP_SIZE
-from search.datadir import DataPathError, resolve_data_path
-from search.driver import Ask, Finish, best_trained, capacity_after
-from search.heartbeat import Heartbeat
-from search.runner import (
+from caviar.models.data import Dataset, DatasetError, from_arrays, read_csv, read_npz
+from caviar.models.train import DEFAULT_GROUP_SIZE
+from caviar.search.datadir import DataPathError, resolve_data_path
+from caviar.search.driver import Ask, Finish, best_trained, capacity_after
+from caviar.search.heartbeat import Heartbeat
+from caviar.search.runner import (
     StageStudies,
     advance,
     close_search,
@@ -55,8 +55,8 @@ from search.runner import (
     more_trials,
     search_stop_check,
 )
-from search.spec import Param, SearchSpec, SpecError
-from search.worker import (
+from caviar.search.spec import Param, SearchSpec, SpecError
+from caviar.search.worker import (
     DEFAULT_BATCH,
     SearchContext,
     TrialOutcome,
@@ -64,7 +64,7 @@ from search.worker import (
     is_out_of_memory,
     train_trials,
 )
-from search.worker_metrics import METRICS
+from caviar.search.worker_metrics import METRICS
 
 log = logging.getLogger("caviar.worker")
 

@@ -11,7 +11,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from search.spec import CategoricalParam, Direction, FloatParam, IntParam, Param, is_active
+from caviar.search.spec import CategoricalParam, Direction, FloatParam, IntParam, Param, is_active
 
 _AXES: dict[str, tuple[Callable[[float], float], Callable[[float], float]]] = {
     "linear": (float, float),

@@ -24,12 +24,12 @@ from optuna.trial import FrozenTrial, TrialState
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
-from search.final import HIGH_BIAS_ERROR
-from search.refine import top_fraction
-from search.runner import SearchResult, SearchTrial, search_trials
-from search.space import distribution, optuna_name
-from search.spec import CategoricalParam, FloatParam, IntParam, Param, SearchSpec
-from search.studies import stage_space
+from caviar.search.final import HIGH_BIAS_ERROR
+from caviar.search.refine import top_fraction
+from caviar.search.runner import SearchResult, SearchTrial, search_trials
+from caviar.search.space import distribution, optuna_name
+from caviar.search.spec import CategoricalParam, FloatParam, IntParam, Param, SearchSpec
+from caviar.search.studies import stage_space
 
 #: What each bias/variance reading of `search.final.diagnose` suggests doing next.
 NEXT_STEP = {

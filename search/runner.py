@@ -26,14 +26,19 @@ from pydantic import ValidationError
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
-from db.models import TERMINAL_STATUSES, Search, utcnow
-from db.models import TrainedModel as StoredModel
-from db.session import DatabaseError, claim_sole_sqlite_worker, lock_search, session_scope
-from db.storage import annotate_finished_trial, fail_stale_trials, normalise_url, optuna_storage
-from models.data import Dataset, load_dataset
-from models.export import TrainedModel, save_model
-from models.train import DEFAULT_GROUP_SIZE
-from search.driver import (
+from caviar.db.models import TERMINAL_STATUSES, Search, utcnow
+from caviar.db.models import TrainedModel as StoredModel
+from caviar.db.session import DatabaseError, claim_sole_sqlite_worker, lock_search, session_scope
+from caviar.db.storage import (
+    annotate_finished_trial,
+    fail_stale_trials,
+    normalise_url,
+    optuna_storage,
+)
+from caviar.models.data import Dataset, load_dataset
+from caviar.models.export import TrainedModel, save_model
+from caviar.models.train import DEFAULT_GROUP_SIZE
+from caviar.search.driver import (
     Ask,
     Cancel,
     Decision,
@@ -46,11 +51,11 @@ from search.driver import (
     out_of_time,
     stop_reason,
 )
-from search.final import FinalFit, final_fit
-from search.refine import refine_space, top_fraction
-from search.space import engine_params
-from search.spec import Objective, Param, SearchSpec, SpecError, is_active
-from search.studies import (
+from caviar.search.final import FinalFit, final_fit
+from caviar.search.refine import refine_space, top_fraction
+from caviar.search.space import engine_params
+from caviar.search.spec import Objective, Param, SearchSpec, SpecError, is_active
+from caviar.search.studies import (
     ask,
     counts_toward_budget,
     create_stage_study,
@@ -59,7 +64,7 @@ from search.studies import (
     stage_space,
     study_name,
 )
-from search.worker import (
+from caviar.search.worker import (
     DEFAULT_BATCH,
     RETRIED_REASONS,
     AskMore,

@@ -18,7 +18,7 @@ from optuna.distributions import (
 )
 from optuna.trial import BaseTrial, FrozenTrial
 
-from search.spec import (
+from caviar.search.spec import (
     APPLIES_TO,
     DEFAULTS,
     PARENT,

@@ -29,9 +29,9 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from models.mlp import ACTIVATIONS, INITS
-from models.optim import LR_DECAYS, OPTIMIZERS
-from models.train import HPARAM_DEFAULTS
+from caviar.models.mlp import ACTIVATIONS, INITS
+from caviar.models.optim import LR_DECAYS, OPTIMIZERS
+from caviar.models.train import HPARAM_DEFAULTS
 
 Task = Literal["classification", "regression"]
 Direction = Literal["maximize", "minimize"]

@@ -14,8 +14,8 @@ import warnings
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from search.refine import describe_ranges
-from search.spec import CategoricalParam, FloatParam, IntParam, Param, SearchSpec, SpecError
+from caviar.search.refine import describe_ranges
+from caviar.search.spec import CategoricalParam, FloatParam, IntParam, Param, SearchSpec, SpecError
 
 STUDY_PREFIX = "caviar"
 

@@ -22,10 +22,10 @@ import optuna
 from optuna.trial import Trial, TrialState
 from sqlalchemy.exc import SQLAlchemyError
 
-from db.storage import report_epoch, retry_trial, set_user_attrs
-from models.data import Dataset
-from models.planner import plan, strategy_from_env
-from models.train import (
+from caviar.db.storage import report_epoch, retry_trial, set_user_attrs
+from caviar.models.data import Dataset
+from caviar.models.planner import plan, strategy_from_env
+from caviar.models.train import (
     DEFAULT_GROUP_SIZE,
     HPARAM_DEFAULTS,
     Bucket,
@@ -37,8 +37,8 @@ from models.train import (
     planning_costs,
     train_batch,
 )
-from search.space import sample_trial
-from search.spec import Objective, Param, SearchSpec
+from caviar.search.space import sample_trial
+from caviar.search.spec import Objective, Param, SearchSpec
 
 #: Trials one worker asks for at once; the planner splits them into buckets.
 DEFAULT_BATCH = 32

@@ -14,13 +14,13 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from db.session import DatabaseError, DatabaseUnavailable
-from db.storage import GRACE_PERIOD_S
-from search.pool import reap_stale_trials
-from search.spec import printable
-from service.events import EventStreams
-from service.routes import datasets, ops, searches
-from service.settings import Settings, get_settings
+from caviar.db.session import DatabaseError, DatabaseUnavailable
+from caviar.db.storage import GRACE_PERIOD_S
+from caviar.search.pool import reap_stale_trials
+from caviar.search.spec import printable
+from caviar.service.events import EventStreams
+from caviar.service.routes import datasets, ops, searches
+from caviar.service.settings import Settings, get_settings
 
 log = logging.getLogger("caviar.api")
 

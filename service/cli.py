@@ -18,7 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 if TYPE_CHECKING:
-    from service.settings import Settings
+    from caviar.service.settings import Settings
 
 app = typer.Typer(
     help="Caviar: hyperparameter search that trains many MLPs at once.",
@@ -69,12 +69,12 @@ def run(
     The search is stored in the database like a submitted one (owner $CAVIAR_LOCAL_OWNER), so
     `caviar report`, `caviar export` and the API see it.
     """
-    from db.migrate import upgrade
-    from db.storage import optuna_storage
-    from search.runner import run_search, start_search, stored_spec
-    from search.spec import SpecError, load_spec
-    from service.limits import dataset_size_errors
-    from service.settings import get_settings
+    from caviar.db.migrate import upgrade
+    from caviar.db.storage import optuna_storage
+    from caviar.search.runner import run_search, start_search, stored_spec
+    from caviar.search.spec import SpecError, load_spec
+    from caviar.service.limits import dataset_size_errors
+    from caviar.service.settings import get_settings
 
     console = _console(stderr=json_output)
     settings = get_settings()
@@ -125,7 +125,7 @@ def run(
         model.write_bytes(result.model)
         console.print(f"model written to {model} (load it with models.export.load_model)")
     if report is not None:
-        from search.report import write_report
+        from caviar.search.report import write_report
 
         write_report(str(report), spec, storage, result)
         console.print(f"report written to {report}")
@@ -150,7 +150,7 @@ app.add_typer(keys_app, name="keys")
 @db_app.command("upgrade")
 def db_upgrade(database_url: DatabaseOption = None) -> None:
     """Apply Caviar's migrations (run once per database, not from every worker)."""
-    from db.migrate import upgrade
+    from caviar.db.migrate import upgrade
 
     url = _database_url(database_url)
     with _database(url):
@@ -167,9 +167,9 @@ def keys_create(
     database_url: DatabaseOption = None,
 ) -> None:
     """Create an API key; its token is printed once, last on its line, and stored only hashed."""
-    from db.keys import create_key
-    from db.migrate import upgrade
-    from db.session import session_scope
+    from caviar.db.keys import create_key
+    from caviar.db.migrate import upgrade
+    from caviar.db.session import session_scope
 
     url = _database_url(database_url)
     with _database(url):
@@ -189,8 +189,8 @@ def serve(
     """Serve the API with uvicorn (on a database that `caviar db upgrade` brought current)."""
     import uvicorn
 
-    from service.app import create_app
-    from service.settings import Settings
+    from caviar.service.app import create_app
+    from caviar.service.settings import Settings
 
     url = _database_url(database_url)
     _require_upgraded(url)
@@ -215,7 +215,7 @@ def worker(
     import os
     import sys
 
-    from db.session import claim_sole_sqlite_worker
+    from caviar.db.session import claim_sole_sqlite_worker
 
     url = _database_url(database_url)
     _require_upgraded(url)
@@ -227,13 +227,13 @@ def worker(
         os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = fraction
     import jax
 
-    from search.pool import Worker
-    from service.settings import get_settings
+    from caviar.search.pool import Worker
+    from caviar.service.settings import get_settings
 
     settings = get_settings()
     _prepare_jax(_console(stderr=True), settings)
     if settings.require_accelerator:
-        from models.runtime import require_accelerator
+        from caviar.models.runtime import require_accelerator
 
         try:
             require_accelerator()
@@ -272,7 +272,7 @@ def _serve_worker_metrics(settings: Settings) -> str | None:
     """Serve the worker's Prometheus metrics if `CAVIAR_WORKER_METRICS_PORT` is set; its URL."""
     if not settings.worker_metrics_port:
         return None
-    from search.worker_metrics import serve
+    from caviar.search.worker_metrics import serve
 
     host, port = settings.worker_metrics_host, settings.worker_metrics_port
     try:
@@ -285,7 +285,7 @@ def _serve_worker_metrics(settings: Settings) -> str | None:
 def _prepare_jax(console: Console, settings: Settings) -> None:
     """Before JAX starts: one device per CPU core, the matmul precision, and the persistent
     compilation cache if set."""
-    from models.runtime import enable_compilation_cache, set_matmul_precision, use_every_core
+    from caviar.models.runtime import enable_compilation_cache, set_matmul_precision, use_every_core
 
     try:
         use_every_core()
@@ -299,7 +299,7 @@ def _prepare_jax(console: Console, settings: Settings) -> None:
 @app.command()
 def submit(spec_path: Annotated[Path, typer.Argument(metavar="SPEC")]) -> None:
     """Submit a search to the API; prints its id."""
-    from search.spec import SpecError, load_spec
+    from caviar.search.spec import SpecError, load_spec
 
     console = _console()
     try:
@@ -337,7 +337,7 @@ def watch(search_id: str) -> None:
 
     A restarted API is reconnected to, and the stream carries on where it broke.
     """
-    from service.client import ApiError
+    from caviar.service.client import ApiError
 
     console = _console()
     total = _call(console, "GET", f"/v1/searches/{search_id}").json()["progress"]["total"]
@@ -505,7 +505,7 @@ def dashboard(
     import shutil
     import sys
 
-    from db.storage import normalise_url
+    from caviar.db.storage import normalise_url
 
     url = normalise_url(_database_url(database_url))
     exposure = (
@@ -524,14 +524,14 @@ def dashboard(
 
 
 def _database_url(option: str | None) -> str:
-    from service.settings import get_settings
+    from caviar.service.settings import get_settings
 
     return option or get_settings().database_url
 
 
 def _require_upgraded(url: str) -> None:
     """Refuse, in one line, a database that `caviar db upgrade` has not brought current."""
-    from db.migrate import require_current
+    from caviar.db.migrate import require_current
 
     with _database(url):
         require_current(url)
@@ -541,7 +541,7 @@ def _require_upgraded(url: str) -> None:
 def _database(url: str) -> Iterator[None]:
     """Exit with code 2 and one line, not a traceback, where the database at `url` fails inside
     (a wrong URL, unreachable, not upgraded)."""
-    from db.session import DatabaseError, database_errors
+    from caviar.db.session import DatabaseError, database_errors
 
     try:
         with database_errors(url):
@@ -551,21 +551,21 @@ def _database(url: str) -> Iterator[None]:
 
 
 def _safe(url: str) -> str:
-    from db.session import display_url
+    from caviar.db.session import display_url
 
     return display_url(url)
 
 
 def _client():
-    from service.client import Client
-    from service.settings import get_settings
+    from caviar.service.client import Client
+    from caviar.service.settings import get_settings
 
     settings = get_settings()
     return Client(settings.api_url, settings.token)
 
 
 def _call(console: Console, method: str, path: str, **kwargs):
-    from service.client import ApiError
+    from caviar.service.client import ApiError
 
     try:
         return _client().request(method, path, **kwargs)
@@ -619,7 +619,7 @@ class _SearchProgress:
 def _print_best_trials(console: Console, spec, storage, result, top: int = 10) -> None:
     from optuna.trial import TrialState
 
-    from search.runner import search_trials
+    from caviar.search.runner import search_trials
 
     best = result.best
     counts = ", ".join(f"{v} {k}" for k, v in result.counts.items())

@@ -9,9 +9,9 @@ from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
-from db.keys import authenticate
-from db.session import session_scope
-from service.settings import Settings
+from caviar.db.keys import authenticate
+from caviar.db.session import session_scope
+from caviar.service.settings import Settings
 
 
 def get_app_settings(request: Request) -> Settings:

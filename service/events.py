@@ -18,11 +18,11 @@ import anyio
 import anyio.to_thread
 from optuna.trial import TrialState
 
-from db.models import TERMINAL_STATUSES
-from db.session import session_scope
-from db.storage import trial_states
-from search.runner import SearchTrial
-from service.searches import TooMany, owned_search, public_trial, search_trials
+from caviar.db.models import TERMINAL_STATUSES
+from caviar.db.session import session_scope
+from caviar.db.storage import trial_states
+from caviar.search.runner import SearchTrial
+from caviar.service.searches import TooMany, owned_search, public_trial, search_trials
 
 #: Trial states that end a trial: each finished trial is one `trial` event.
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from models.mlp import count_parameters
-from search.datadir import DataPathError, resolve_data_path
-from search.spec import DEFAULTS, CategoricalParam, SearchSpec
-from service.settings import Settings
+from caviar.models.mlp import count_parameters
+from caviar.search.datadir import DataPathError, resolve_data_path
+from caviar.search.spec import DEFAULTS, CategoricalParam, SearchSpec
+from caviar.service.settings import Settings
 
 #: Input and output sizes of the built-in datasets (for the parameter-count limit).
 _BUILTIN_SIZES = {"mnist1d": (40, 10), "digits": (64, 10)}

@@ -13,13 +13,13 @@ from optuna.trial import FrozenTrial
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from db.models import TERMINAL_STATUSES, Dataset, Search, utcnow
-from db.session import lock_owner
-from db.storage import optuna_storage, trial_states
-from search import runner
-from search.runner import SearchResult, SearchTrial, new_search_row, tally_states
-from search.spec import SearchSpec, text_problem
-from service.schemas import Progress, SearchPublic, TrialPublic
+from caviar.db.models import TERMINAL_STATUSES, Dataset, Search, utcnow
+from caviar.db.session import lock_owner
+from caviar.db.storage import optuna_storage, trial_states
+from caviar.search import runner
+from caviar.search.runner import SearchResult, SearchTrial, new_search_row, tally_states
+from caviar.search.spec import SearchSpec, text_problem
+from caviar.service.schemas import Progress, SearchPublic, TrialPublic
 
 OPEN_STATUSES = ("queued", "running")
 

@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from db.storage import DEFAULT_DATABASE_URL
+from caviar.db.storage import DEFAULT_DATABASE_URL
 
 
 class Settings(BaseSettings):

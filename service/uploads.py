@@ -21,8 +21,8 @@ from typing import Literal
 import numpy as np
 from numpy.lib import format as npy_format
 
-from models.data import DatasetError, from_arrays, read_csv, read_npz
-from search.spec import MAX_NAME_LENGTH, text_problem
+from caviar.models.data import DatasetError, from_arrays, read_csv, read_npz
+from caviar.search.spec import MAX_NAME_LENGTH, text_problem
 
 #: Array names whose first axis counts examples (their sum is the upload's rows).
 _X_ARRAYS = ("x", "x_dev", "x_test")

@@ -15,9 +15,9 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.pool import NullPool
 
-from db.migrate import upgrade
-from db.session import get_engine
-from db.storage import optuna_storage
+from caviar.db.migrate import upgrade
+from caviar.db.session import get_engine
+from caviar.db.storage import optuna_storage
 
 import external
 

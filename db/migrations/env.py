@@ -2,7 +2,7 @@
 
 from alembic import context
 
-from db.migrate import context_options
+from caviar.db.migrate import context_options
 
 connection = context.config.attributes.get("connection")
 if connection is None:

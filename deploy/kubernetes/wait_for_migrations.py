@@ -9,7 +9,7 @@ import os
 import sys
 import time
 
-from db.migrate import is_current
+from caviar.db.migrate import is_current
 
 
 def main() -> None:

@@ -15,11 +15,11 @@ from fastapi import APIRouter, Form, HTTPException, Request, Response, UploadFil
 from pydantic import BaseModel, Field
 from sqlalchemy import select
 
-from db.models import Dataset, Search
-from search.spec import text_problem
-from service.deps import Owner, SessionDep, SettingsDep
-from service.schemas import DatasetList, DatasetPublic, error_responses
-from service.uploads import ParsedUpload, UploadError, UploadLimits, parse_upload
+from caviar.db.models import Dataset, Search
+from caviar.search.spec import text_problem
+from caviar.service.deps import Owner, SessionDep, SettingsDep
+from caviar.service.schemas import DatasetList, DatasetPublic, error_responses
+from caviar.service.uploads import ParsedUpload, UploadError, UploadLimits, parse_upload
 
 router = APIRouter(
     prefix="/v1/datasets", tags=["datasets"], responses=error_responses(401, 422, 503)
@@ -91,7 +91,7 @@ async def upload_dataset(
 
 #: Parser processes are forked from a server that has imported the parser (started on first use).
 _PARSERS = multiprocessing.get_context("forkserver")
-_PARSERS.set_forkserver_preload(["service.uploads"])
+_PARSERS.set_forkserver_preload(["caviar.service.uploads"])
 
 
 async def _parse_apart(

@@ -8,11 +8,11 @@ from fastapi import APIRouter, Response, status
 from fastapi.responses import JSONResponse, PlainTextResponse
 from sqlalchemy import func, inspect, select, text
 
-from db.migrate import is_current
-from db.models import SEARCH_STATUSES, Search
-from db.session import DatabaseError, session_scope
-from service.deps import SettingsDep
-from service.schemas import Health, content_response, error_responses
+from caviar.db.migrate import is_current
+from caviar.db.models import SEARCH_STATUSES, Search
+from caviar.db.session import DatabaseError, session_scope
+from caviar.service.deps import SettingsDep
+from caviar.service.schemas import Health, content_response, error_responses
 
 log = logging.getLogger("caviar.api")
 router = APIRouter(tags=["operations"])

@@ -9,16 +9,16 @@ from fastapi import APIRouter, Body, Header, HTTPException, Query, Request, Resp
 from fastapi.responses import HTMLResponse, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from db.models import TrainedModel
-from db.session import session_scope
-from db.storage import optuna_storage
-from search.report import render_report
-from search.spec import SearchSpec
-from service import searches
-from service.deps import Owner, SessionDep, SettingsDep
-from service.events import EventCursor, EventStreams, events
-from service.limits import spec_limit_errors
-from service.schemas import (
+from caviar.db.models import TrainedModel
+from caviar.db.session import session_scope
+from caviar.db.storage import optuna_storage
+from caviar.search.report import render_report
+from caviar.search.spec import SearchSpec
+from caviar.service import searches
+from caviar.service.deps import Owner, SessionDep, SettingsDep
+from caviar.service.events import EventCursor, EventStreams, events
+from caviar.service.limits import spec_limit_errors
+from caviar.service.schemas import (
     Problem,
     SearchCreated,
     SearchList,

@@ -8,8 +8,8 @@ from datetime import UTC
 import pytest
 from sqlalchemy import text
 
-from db.keys import TOKEN_PREFIX, authenticate, create_key, revoke_key
-from db.session import session_scope
+from caviar.db.keys import TOKEN_PREFIX, authenticate, create_key, revoke_key
+from caviar.db.session import session_scope
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import MetaData, inspect, text
 
-from db.migrate import (
+from caviar.db.migrate import (
     VERSION_TABLE,
     NotUpgraded,
     context_options,
@@ -18,9 +18,9 @@ from db.migrate import (
     require_current,
     upgrade,
 )
-from db.models import Base
-from db.session import get_engine
-from db.storage import optuna_head_revision, optuna_storage
+from caviar.db.models import Base
+from caviar.db.session import get_engine
+from caviar.db.storage import optuna_head_revision, optuna_storage
 
 CAVIAR_TABLES = {
     "caviar_searches",

@@ -6,7 +6,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from db.storage import optuna_storage, report_epoch, set_user_attrs, trial_states
+from caviar.db.storage import optuna_storage, report_epoch, set_user_attrs, trial_states
 
 
 def test_report_epoch_writes_every_trials_value_where_optuna_and_pruners_read_it(database_url):

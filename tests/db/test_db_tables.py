@@ -14,10 +14,10 @@ import pytest
 from sqlalchemy import inspect, select, text
 from sqlalchemy.exc import OperationalError
 
-from db.migrate import is_current
-from db.models import ApiKey, Dataset, Search, TrainedModel, utcnow
-from db.session import ConflictError, DatabaseError, get_engine, lock_search, session_scope
-from db.storage import optuna_storage
+from caviar.db.migrate import is_current
+from caviar.db.models import ApiKey, Dataset, Search, TrainedModel, utcnow
+from caviar.db.session import ConflictError, DatabaseError, get_engine, lock_search, session_scope
+from caviar.db.storage import optuna_storage
 
 BLOB = bytes(range(256)) * 40
 

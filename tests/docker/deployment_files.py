@@ -35,7 +35,7 @@ def assert_caviar_command(where: str, command: list[str]) -> None:
     words = [w for w in command if not w.startswith("-")]
     subcommand = words[:2] if words[0] in ("db", "keys") else words[:1]
     done = subprocess.run(
-        [sys.executable, "-m", "service.cli", *subcommand, "--help"],
+        [sys.executable, "-m", "caviar.service.cli", *subcommand, "--help"],
         capture_output=True,
         text=True,
         timeout=60,

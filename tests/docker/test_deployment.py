@@ -126,7 +126,7 @@ def test_dockerfiles_install_the_locked_project_and_run_as_non_root(dockerfile):
 def test_entry_commands_run_as_plain_processes(postgres_url, tmp_path):
     env = {**os.environ, "CAVIAR_DATABASE_URL": postgres_url}
     migrate = subprocess.run(
-        [sys.executable, "-m", "service.cli", "db", "upgrade"],
+        [sys.executable, "-m", "caviar.service.cli", "db", "upgrade"],
         env=env,
         capture_output=True,
         text=True,
@@ -134,7 +134,7 @@ def test_entry_commands_run_as_plain_processes(postgres_url, tmp_path):
     )
     assert migrate.returncode == 0 and "current" in migrate.stdout
     worker = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "worker", "--batch", "32"],
+        [sys.executable, "-m", "caviar.service.cli", "worker", "--batch", "32"],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -307,7 +307,7 @@ def test_wait_for_migrations_blocks_until_the_database_is_upgraded(tmp_path):
         time.sleep(1)
         assert waiter.poll() is None  # still waiting on an empty database
         upgrade = subprocess.run(
-            [sys.executable, "-m", "service.cli", "db", "upgrade"],
+            [sys.executable, "-m", "caviar.service.cli", "db", "upgrade"],
             env=env,
             capture_output=True,
             text=True,

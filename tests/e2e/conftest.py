@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from db.migrate import upgrade
+from caviar.db.migrate import upgrade
 
 #: Seconds after which a worker that wrote no heartbeat (1 s apart) counts as dead.
 GRACE_S = 4

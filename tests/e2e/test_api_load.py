@@ -15,9 +15,9 @@ import psutil
 import pytest
 from test_service import SPEC, caviar, free_port, start, wait_for
 
-from db.keys import create_key
-from db.models import Search
-from db.session import session_scope
+from caviar.db.keys import create_key
+from caviar.db.models import Search
+from caviar.db.session import session_scope
 
 OWNERS = 8
 STREAMS_PER_OWNER = 8  # the default CAVIAR_MAX_EVENT_STREAMS
@@ -74,7 +74,7 @@ def auth(token: str) -> dict[str, str]:
 
 
 def submit(server: Api, token: str, spec: str = SPEC) -> str:
-    from search.spec import parse_spec
+    from caviar.search.spec import parse_spec
 
     body = parse_spec(spec).model_dump(mode="json", exclude_none=True)
     response = httpx.post(f"{server.url}/v1/searches", json=body, headers=auth(token), timeout=30)

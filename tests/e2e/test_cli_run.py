@@ -12,8 +12,8 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from models.data import load_dataset
-from models.export import load_model
+from caviar.models.data import load_dataset
+from caviar.models.export import load_model
 
 SPEC = """
 name: cli-tiny
@@ -29,7 +29,7 @@ stages: [{trials: 4}, {trials: 2}]
 
 def caviar(*args, cwd, env=None):
     return subprocess.run(
-        [sys.executable, "-m", "service.cli", *args],
+        [sys.executable, "-m", "caviar.service.cli", *args],
         cwd=cwd,
         env={**os.environ, **(env or {})},
         capture_output=True,
@@ -105,7 +105,7 @@ def test_a_stopped_run_resumes_with_its_finished_trials_and_ends_with_its_budget
     db = tmp_path / "caviar.db"
     url = f"sqlite:///{db}"
     run = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "run", "spec.yaml", "--batch", "2"],
+        [sys.executable, "-m", "caviar.service.cli", "run", "spec.yaml", "--batch", "2"],
         cwd=tmp_path,
         env={**os.environ, "CAVIAR_DATABASE_URL": url},
         stdout=subprocess.PIPE,

@@ -56,7 +56,16 @@ def test_dashboard_lists_the_search_and_shows_its_trials(tmp_path):
     (tmp_path / "spec.yaml").write_text(SPEC)
     url = f"sqlite:///{tmp_path / 'caviar.db'}"
     run = subprocess.run(
-        [sys.executable, "-m", "service.cli", "run", "spec.yaml", "--json", "--database-url", url],
+        [
+            sys.executable,
+            "-m",
+            "caviar.service.cli",
+            "run",
+            "spec.yaml",
+            "--json",
+            "--database-url",
+            url,
+        ],
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -72,7 +81,7 @@ def test_dashboard_lists_the_search_and_shows_its_trials(tmp_path):
         [
             sys.executable,
             "-m",
-            "service.cli",
+            "caviar.service.cli",
             "dashboard",
             "--port",
             str(port),

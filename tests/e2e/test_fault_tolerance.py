@@ -16,11 +16,11 @@ from sqlalchemy import create_engine, text
 from test_service import free_port
 from test_worker_metrics import scrape
 
-from db.models import Search
-from db.session import session_scope
-from search.spec import parse_spec
-from search.studies import FINAL_FAILURES
-from service.searches import submit_search
+from caviar.db.models import Search
+from caviar.db.session import session_scope
+from caviar.search.spec import parse_spec
+from caviar.search.studies import FINAL_FAILURES
+from caviar.service.searches import submit_search
 
 TRIALS = 6
 SPEC = f"""
@@ -48,7 +48,7 @@ def start_worker(env, batch=2):
         [
             sys.executable,
             "-m",
-            "service.cli",
+            "caviar.service.cli",
             "worker",
             "--batch",
             str(batch),
@@ -203,7 +203,7 @@ def test_restarting_the_api_mid_search_loses_nothing(url, env):
 
     import httpx
 
-    from db.keys import create_key
+    from caviar.db.keys import create_key
 
     with session_scope(url) as session:
         token = create_key(session, "alice", "test")[1]
@@ -215,7 +215,7 @@ def test_restarting_the_api_mid_search_loses_nothing(url, env):
 
     def serve():
         return subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve", "--port", str(port)],
+            [sys.executable, "-m", "caviar.service.cli", "serve", "--port", str(port)],
             env=env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

@@ -9,7 +9,7 @@ import httpx
 from test_fault_tolerance import wait_until
 from test_service import caviar, free_port, start, wait_for
 
-from models.export import load_model
+from caviar.models.export import load_model
 
 SPEC = """
 name: one-driver

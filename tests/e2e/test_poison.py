@@ -12,10 +12,10 @@ import time
 import pytest
 from sqlalchemy import select
 
-from db.models import Lease, Search
-from db.session import session_scope
-from search.spec import parse_spec
-from service.searches import submit_search
+from caviar.db.models import Lease, Search
+from caviar.db.session import session_scope
+from caviar.search.spec import parse_spec
+from caviar.service.searches import submit_search
 
 SLOW = """
 name: slow
@@ -43,7 +43,7 @@ def queue(url, text: str, owner: str) -> str:
 
 def start_worker(env):
     return subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "worker", "--idle-sleep", "0.2"],
+        [sys.executable, "-m", "caviar.service.cli", "worker", "--idle-sleep", "0.2"],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

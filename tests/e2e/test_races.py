@@ -9,8 +9,8 @@ import httpx
 import pytest
 from test_service import SPEC, caviar, free_port, start, wait_for
 
-from db.migrate import upgrade
-from search.spec import parse_spec
+from caviar.db.migrate import upgrade
+from caviar.search.spec import parse_spec
 
 LIMIT = 4
 

@@ -7,11 +7,11 @@ import re
 import numpy as np
 from test_dashboard import chromium, render
 
-from db.migrate import upgrade
-from db.storage import optuna_storage
-from search.report import render_report
-from search.runner import SearchResult, run_search, start_search
-from search.spec import parse_spec
+from caviar.db.migrate import upgrade
+from caviar.db.storage import optuna_storage
+from caviar.search.report import render_report
+from caviar.search.runner import SearchResult, run_search, start_search
+from caviar.search.spec import parse_spec
 
 SPEC = """
 name: report-tiny

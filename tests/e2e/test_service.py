@@ -12,8 +12,8 @@ import httpx
 import numpy as np
 import pytest
 
-from models.data import load_dataset
-from models.export import load_model
+from caviar.models.data import load_dataset
+from caviar.models.export import load_model
 
 SPEC = """
 name: e2e
@@ -42,7 +42,7 @@ def free_port() -> int:
 
 def caviar(*args, env, timeout=300, check=True):
     done = subprocess.run(
-        [sys.executable, "-m", "service.cli", *args],
+        [sys.executable, "-m", "caviar.service.cli", *args],
         env=env,
         capture_output=True,
         text=True,
@@ -55,7 +55,7 @@ def caviar(*args, env, timeout=300, check=True):
 
 def start(*args, env):
     return subprocess.Popen(
-        [sys.executable, "-m", "service.cli", *args],
+        [sys.executable, "-m", "caviar.service.cli", *args],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

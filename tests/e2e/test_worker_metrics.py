@@ -12,11 +12,11 @@ import jax
 import pytest
 from test_service import free_port, start
 
-from db.migrate import upgrade
-from db.models import Search
-from db.session import session_scope
-from search.spec import parse_spec
-from service.searches import submit_search
+from caviar.db.migrate import upgrade
+from caviar.db.models import Search
+from caviar.db.session import session_scope
+from caviar.search.spec import parse_spec
+from caviar.service.searches import submit_search
 
 TRIALS, EPOCHS, BATCH = 6, 3, 4
 # No pruner and a small learning rate: every trial trains every epoch. Two stages of 4 and 2

@@ -5,12 +5,12 @@ import signal
 import subprocess
 import sys
 
-from db.migrate import upgrade
+from caviar.db.migrate import upgrade
 
 
 def start_worker(url: str, **env: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "worker", "--database-url", url],
+        [sys.executable, "-m", "caviar.service.cli", "worker", "--database-url", url],
         env={**os.environ, "JAX_PLATFORMS": "cpu", **env},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.data import (
+from caviar.models.data import (
     Dataset,
     DatasetError,
     from_arrays,

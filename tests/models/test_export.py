@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-from models.data import Dataset, load_dataset
-from models.export import (
+from caviar.models.data import Dataset, load_dataset
+from caviar.models.export import (
     FORMAT_VERSION,
     ModelFileError,
     TrainedModel,
     load_model,
     save_model,
 )
-from models.train import Shape, TrainData, predict, train_batch
+from caviar.models.train import Shape, TrainData, predict, train_batch
 
 
 def _train(ds: Dataset, shape: Shape, hparams: dict) -> dict:
@@ -209,3 +211,29 @@ def _without_header(data: bytes) -> bytes:
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
     return buffer.getvalue()
+
+
+def test_readme_example_runs_beside_a_users_own_models_py(
+    classifier: TrainedModel, blobs: Dataset, tmp_path
+) -> None:
+    """Caviar installs as `caviar.*`: a notebook's own models.py, db.py, search.py or service.py
+    in the working directory shadows nothing of it."""
+    for name in ("models", "db", "search", "service"):
+        (tmp_path / f"{name}.py").write_text(f"OWNER = 'the user, not Caviar ({name})'\n")
+    (tmp_path / "best.npz").write_bytes(save_model(classifier))
+    raw_x = _raw(blobs, blobs.x_test)
+    np.save(tmp_path / "raw_x.npy", raw_x)
+    snippet = (
+        "import numpy as np\n"
+        "import models\n"
+        "from caviar.models.export import load_model\n"
+        "model = load_model('best.npz')\n"
+        "np.save('predictions.npy', model.predict(np.load('raw_x.npy')))\n"
+        "print(models.OWNER)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", snippet], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert "the user, not Caviar" in done.stdout
+    np.testing.assert_array_equal(np.load(tmp_path / "predictions.npy"), classifier.predict(raw_x))

@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from models.optim import OPTIMIZERS, Hyper, init_moments, lr_factor, update
+from caviar.models.optim import OPTIMIZERS, Hyper, init_moments, lr_factor, update
 
 LR, B1, B2, EPS, WD = 0.03, 0.8, 0.95, 1e-3, 0.1
 PARAMS = {"kernel": (jnp.asarray([[0.5, -1.0], [2.0, 0.1]]),), "bias": (jnp.asarray([0.3, -0.2]),)}

@@ -12,10 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models.data import load_dataset
-from models.export import TrainedModel, load_model, save_model
-from models.program import forward, init_trial, train_epoch, trial_arrays
-from models.train import Bucket, Shape, TrainData, train_batch
+from caviar.models.data import load_dataset
+from caviar.models.export import TrainedModel, load_model, save_model
+from caviar.models.program import forward, init_trial, train_epoch, trial_arrays
+from caviar.models.train import Bucket, Shape, TrainData, train_batch
 
 EPOCHS = 3
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from models.bucket import Bucket, Shape
-from models.data import load_dataset
-from models.planner import STRATEGIES, Costs, plan
-from models.train import TrainData, compile_count, compiled_buckets, train_batch
+from caviar.models.bucket import Bucket, Shape
+from caviar.models.data import load_dataset
+from caviar.models.planner import STRATEGIES, Costs, plan
+from caviar.models.train import TrainData, compile_count, compiled_buckets, train_batch
 
 
 def shape(*hidden: int, optimizer: str = "momentum", batch_size: int = 32) -> Shape:

@@ -13,10 +13,10 @@ import json, sys, jax
 from jax import monitoring
 hits = []
 monitoring.register_event_listener(lambda name, **kw: hits.append(name))
-from models.runtime import enable_compilation_cache
+from caviar.models.runtime import enable_compilation_cache
 enable_compilation_cache(sys.argv[1])
-from models.data import load_dataset
-from models.train import Shape, TrainData, train_batch
+from caviar.models.data import load_dataset
+from caviar.models.train import Shape, TrainData, train_batch
 ds = load_dataset({"name": "synthetic", "samples": 300, "features": 5, "classes": 2})
 data = TrainData.from_arrays(ds.x_train, ds.y_train, ds.x_dev, ds.y_dev)
 train_batch(Shape(5, 2, (8,), optimizer="momentum", batch_size=32), [{}, {}], data, epochs=1)
@@ -43,7 +43,7 @@ DEVICES = """
 import json, os, sys, jax
 if sys.argv[1] == "started":
     jax.numpy.zeros(1).block_until_ready()
-from models.runtime import use_every_core
+from caviar.models.runtime import use_every_core
 use_every_core()
 print(json.dumps({"devices": len(jax.devices()), "cores": len(os.sched_getaffinity(0))}))
 """
@@ -95,7 +95,7 @@ def test_matmul_precision_is_set_for_every_program_compiled_after():
     import jax
     import jax.numpy as jnp
 
-    from models.runtime import set_matmul_precision
+    from caviar.models.runtime import set_matmul_precision
 
     a = jnp.ones((4, 4), jnp.float32)
     before = jax.config.jax_default_matmul_precision
@@ -111,7 +111,7 @@ def test_matmul_precision_is_set_for_every_program_compiled_after():
 
 
 def test_a_required_accelerator_that_is_missing_is_a_clear_error():
-    from models.runtime import require_accelerator
+    from caviar.models.runtime import require_accelerator
 
     with pytest.raises(RuntimeError, match="only the CPU"):
         require_accelerator()  # the suite runs on the CPU platform

@@ -18,9 +18,9 @@ compiles = []
 jax.monitoring.register_event_duration_secs_listener(
     lambda event, _, **kw: compiles.append(1) if event.endswith("backend_compile_duration") else 0
 )
-from models.data import load_dataset
-from models.placement import Placement
-from models.train import Shape, TrainData, train_batch
+from caviar.models.data import load_dataset
+from caviar.models.placement import Placement
+from caviar.models.train import Shape, TrainData, train_batch
 ds = load_dataset({"name": "synthetic", "samples": 500, "features": 8, "classes": 3}, seed=2)
 data = TrainData.from_arrays(ds.x_train, ds.y_train, ds.x_dev, ds.y_dev)
 shapes = [Shape(8, 3, (16 - 3 * (i % 3),) * (1 + i % 2), optimizer=("adam", "momentum")[i % 2],

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from models.data import load_dataset
-from models.train import Bucket, Shape, TrainData, train_batch
+from caviar.models.data import load_dataset
+from caviar.models.train import Bucket, Shape, TrainData, train_batch
 
 EPOCHS = 5
 

@@ -5,10 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models.data import load_dataset
-from models.mlp import MLP, sum_squared_weights
-from models.program import cost, init_trial, trial_arrays
-from models.train import (
+from caviar.models.data import load_dataset
+from caviar.models.mlp import MLP, sum_squared_weights
+from caviar.models.program import cost, init_trial, trial_arrays
+from caviar.models.train import (
     Bucket,
     Shape,
     TrainData,
@@ -193,7 +193,7 @@ def test_dropout_only_in_training_mode():
 
 
 def test_inverted_dropout_keeps_the_expected_activation():
-    from models.mlp import inverted_dropout
+    from caviar.models.mlp import inverted_dropout
 
     x = jnp.ones((200_000,))
     dropped = inverted_dropout(x, jnp.float32(0.3), jax.random.PRNGKey(0))

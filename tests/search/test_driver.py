@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from search.driver import (
+from caviar.search.driver import (
     Ask,
     Cancel,
     Finish,

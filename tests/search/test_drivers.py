@@ -8,15 +8,14 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-import search.final
-import search.worker
-from db.migrate import upgrade
-from db.models import Search
-from db.session import session_scope
-from search.pool import Worker
-from search.runner import run_search, start_search
-from search.spec import SpecError, parse_spec
-from service.searches import submit_search
+from caviar.db.migrate import upgrade
+from caviar.db.models import Search
+from caviar.db.session import session_scope
+from caviar.search import final, worker
+from caviar.search.pool import Worker
+from caviar.search.runner import run_search, start_search
+from caviar.search.spec import SpecError, parse_spec
+from caviar.service.searches import submit_search
 
 SPEC = """
 name: drivers
@@ -67,7 +66,7 @@ def watch_programs(monkeypatch, fail_above: int | None = None) -> list[int]:
     """The trials each engine call starts with, as the drivers make them; with `fail_above`, a
     call starting with more runs out of memory."""
     sizes: list[int] = []
-    train = search.worker.train_batch
+    train = worker.train_batch
 
     def watched(shapes, hparams, *args, **kwargs):
         sizes.append(len(hparams))
@@ -76,7 +75,7 @@ def watch_programs(monkeypatch, fail_above: int | None = None) -> list[int]:
             raise MemoryError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate")
         return train(shapes, hparams, *args, **kwargs)
 
-    monkeypatch.setattr(search.worker, "train_batch", watched)
+    monkeypatch.setattr(worker, "train_batch", watched)
     return sizes
 
 
@@ -98,10 +97,8 @@ def test_the_timeout_stops_trials_in_the_middle_of_training(driver, url):
 @pytest.mark.parametrize("driver", DRIVERS)
 def test_the_final_fit_tests_the_weights_the_process_trained(driver, url, monkeypatch):
     refits = []
-    train = search.final.train_batch
-    monkeypatch.setattr(
-        search.final, "train_batch", lambda *a, **k: refits.append(1) or train(*a, **k)
-    )
+    train = final.train_batch
+    monkeypatch.setattr(final, "train_batch", lambda *a, **k: refits.append(1) or train(*a, **k))
     done = drive(driver, url, SPEC, batch=4)
     assert done.status == "completed", done.error
     assert refits == [], "the best trial was trained again for the final fit"

@@ -9,14 +9,14 @@ import pytest
 from optuna.trial import TrialState
 from sqlalchemy import select, text
 
-from db.migrate import upgrade
-from db.models import Lease, Search, TrainedModel
-from db.session import lock_search, session_scope
-from models.data import load_dataset
-from models.export import load_model
-from search.pool import Worker
-from search.spec import parse_spec
-from service.searches import submit_search
+from caviar.db.migrate import upgrade
+from caviar.db.models import Lease, Search, TrainedModel
+from caviar.db.session import lock_search, session_scope
+from caviar.models.data import load_dataset
+from caviar.models.export import load_model
+from caviar.search.pool import Worker
+from caviar.search.spec import parse_spec
+from caviar.service.searches import submit_search
 
 SPEC = """
 name: pool
@@ -90,7 +90,7 @@ def with_dataset(dataset: str) -> str:
 
 def queue_unchecked(url, spec: dict, owner="alice") -> str:
     """A search whose stored spec was never validated (as an older Caviar may have stored it)."""
-    from search.runner import new_search_id
+    from caviar.search.runner import new_search_id
 
     with session_scope(url) as session:
         search = Search(id=new_search_id("raw"), owner=owner, name="raw", spec=spec)
@@ -149,7 +149,7 @@ def test_diverging_trials_fail_and_the_search_still_completes(url):
 def test_out_of_memory_errors_are_recognised():
     import jax
 
-    from search.worker import is_out_of_memory
+    from caviar.search.worker import is_out_of_memory
 
     assert is_out_of_memory(
         jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate")
@@ -170,7 +170,7 @@ def store_csv(url, dataset_id: str, owner: str, content: bytes) -> None:
     """An uploaded CSV dataset (target column `label`), as the API stores it."""
     import hashlib
 
-    from db.models import Dataset
+    from caviar.db.models import Dataset
 
     lines = content.decode().strip().splitlines()
     with session_scope(url) as session:
@@ -249,8 +249,8 @@ def test_a_search_that_cannot_be_loaded_fails_alone(url):
 def test_a_search_whose_workers_keep_dying_fails_after_the_attempt_limit(url):
     from datetime import timedelta
 
-    from db.models import utcnow
-    from db.storage import GRACE_PERIOD_S
+    from caviar.db.models import utcnow
+    from caviar.db.storage import GRACE_PERIOD_S
 
     search_id = queue(url)
     for attempt in range(2):  # two workers died while loading it: their leases went stale

@@ -10,9 +10,9 @@ import optuna
 import pytest
 from optuna.samplers import RandomSampler
 
-from search.refine import describe_ranges, refine_space, top_fraction
-from search.space import sample_trial
-from search.spec import DEFAULTS, CategoricalParam, FloatParam, IntParam, Param
+from caviar.search.refine import describe_ranges, refine_space, top_fraction
+from caviar.search.space import sample_trial
+from caviar.search.spec import DEFAULTS, CategoricalParam, FloatParam, IntParam, Param
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

@@ -7,10 +7,10 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from db.migrate import upgrade
-from db.storage import optuna_storage
-from search.runner import finish_search, load_search_dataset, run_search, start_search
-from search.spec import parse_spec
+from caviar.db.migrate import upgrade
+from caviar.db.storage import optuna_storage
+from caviar.search.runner import finish_search, load_search_dataset, run_search, start_search
+from caviar.search.spec import parse_spec
 
 TINY = """
 name: tiny

@@ -11,8 +11,8 @@ import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.samplers import RandomSampler
 
-from search.space import APPLIES_TO, distribution, engine_params, optuna_name, sample_trial
-from search.spec import DEFAULTS, CategoricalParam, FloatParam, IntParam, Param
+from caviar.search.space import APPLIES_TO, distribution, engine_params, optuna_name, sample_trial
+from caviar.search.spec import DEFAULTS, CategoricalParam, FloatParam, IntParam, Param
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from search.spec import (
+from caviar.search.spec import (
     Budget,
     CategoricalParam,
     DatasetRef,

@@ -3,11 +3,11 @@
 import pytest
 from fastapi.testclient import TestClient
 
-from db.keys import create_key
-from db.migrate import upgrade
-from db.session import session_scope
-from service.app import create_app
-from service.settings import Settings
+from caviar.db.keys import create_key
+from caviar.db.migrate import upgrade
+from caviar.db.session import session_scope
+from caviar.service.app import create_app
+from caviar.service.settings import Settings
 
 
 @pytest.fixture

@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from service.app import create_app
-from service.settings import Settings
+from caviar.service.app import create_app
+from caviar.service.settings import Settings
 
 from support import SPEC, auth
 

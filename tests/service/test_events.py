@@ -5,9 +5,9 @@ import time
 
 import pytest
 
-from search.pool import Worker
-from service.client import _server_sent_events
-from service.events import EventCursor, EventStreams, events
+from caviar.search.pool import Worker
+from caviar.service.client import _server_sent_events
+from caviar.service.events import EventCursor, EventStreams, events
 
 from support import SPEC, auth
 

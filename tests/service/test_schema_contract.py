@@ -13,12 +13,12 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from db.keys import create_key
-from db.migrate import upgrade
-from db.session import session_scope
-from service.app import create_app
-from service.routes.searches import SPEC_EXAMPLES
-from service.settings import Settings
+from caviar.db.keys import create_key
+from caviar.db.migrate import upgrade
+from caviar.db.session import session_scope
+from caviar.service.app import create_app
+from caviar.service.routes.searches import SPEC_EXAMPLES
+from caviar.service.settings import Settings
 
 from support import auth
 

@@ -10,8 +10,8 @@ import zipfile
 import numpy as np
 import pytest
 
-from service import uploads
-from service.uploads import ParsedUpload, UploadError, UploadLimits, parse_upload
+from caviar.service import uploads
+from caviar.service.uploads import ParsedUpload, UploadError, UploadLimits, parse_upload
 
 LIMITS = UploadLimits()
 

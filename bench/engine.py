@@ -108,7 +108,7 @@ def train_flax_trial(hp: dict, ds, epochs: int) -> tuple[int, float, float]:
     """
     import jax
     import jax.numpy as jnp
-    import optax
+    import optax  # type: ignore[import-untyped]  # optax ships no py.typed marker
 
     from caviar.models.mlp import MLP, init_variables, sum_squared_weights
 

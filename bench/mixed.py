@@ -91,13 +91,13 @@ def run_caviar(data: Path, trials: int, epochs: int, workdir: Path) -> dict:
 
     compiles: list[float] = []
     jax.monitoring.register_event_duration_secs_listener(
-        lambda event, seconds, **_: (
-            compiles.append(seconds) if event.endswith("backend_compile_duration") else None
+        lambda event, duration_secs, **_: (
+            compiles.append(duration_secs) if event.endswith("backend_compile_duration") else None
         )
     )
     plans = _PlanRecorder()
-    logging.getLogger("caviar.search.worker").addHandler(plans)
-    logging.getLogger("caviar.search.worker").setLevel(logging.INFO)
+    logging.getLogger("caviar.search.trials").addHandler(plans)
+    logging.getLogger("caviar.search.trials").setLevel(logging.INFO)
 
     spec = parse_spec(spec_text(data, trials, epochs))
     url = f"sqlite:///{workdir / 'caviar.db'}"
@@ -122,6 +122,7 @@ def run_caviar(data: Path, trials: int, epochs: int, workdir: Path) -> dict:
         for t in found
     ]
     sizes = split_sizes(data)
+    assert result.best is not None  # the search completed trials
     row = summarise(
         wall, epochs_done, devs, None, *sizes, selected_test=result.best["test_accuracy"]
     )

@@ -141,6 +141,7 @@ def run_caviar(data: Path, trials: int, epochs: int, workdir: Path) -> dict:
     found = search_trials(storage, spec, result.studies)
     epochs_done = [t.trial.user_attrs.get("epochs", 0) for t in found]
     devs = [t.trial.value if t.trial.value is not None else np.nan for t in found]
+    assert result.best is not None  # the search completed trials
     test = result.best["test_accuracy"]
     return {
         **summarise(wall, epochs_done, devs, None, *split_sizes(data), selected_test=test),

@@ -24,7 +24,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import optuna
-import torch
+import torch  # type: ignore[import-not-found]  # in the benchmark's own venv only
 from torch import nn
 
 HIDDEN = (256, 256)

@@ -17,6 +17,8 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import datetime
+from typing import cast
 
 import optuna
 from sqlalchemy import create_engine, text
@@ -96,11 +98,13 @@ def start_worker(name: str, grace: int) -> subprocess.Popen:
 
 
 def search_trials(search_id: str) -> list[optuna.trial.FrozenTrial]:
-    from caviar.db.models import Search
     from caviar.db.session import session_scope
+    from caviar.db.tables import Search
 
     with session_scope(BENCH_URL) as session:
-        studies = list(session.get(Search, search_id).studies)
+        search = session.get(Search, search_id)
+        assert search is not None
+        studies = list(search.studies)
     storage = optuna.storages.RDBStorage(BENCH_URL)
     return [
         t for name in studies for t in optuna.load_study(study_name=name, storage=storage).trials
@@ -108,11 +112,13 @@ def search_trials(search_id: str) -> list[optuna.trial.FrozenTrial]:
 
 
 def status(search_id: str) -> str:
-    from caviar.db.models import Search
     from caviar.db.session import session_scope
+    from caviar.db.tables import Search
 
     with session_scope(BENCH_URL) as session:
-        return session.get(Search, search_id).status
+        search = session.get(Search, search_id)
+        assert search is not None
+        return search.status
 
 
 def connections() -> dict[str, int]:
@@ -154,7 +160,7 @@ def throughput(workers: int, trials: int, epochs: int, grace: int) -> dict:
             process.send_signal(signal.SIGTERM)
             process.wait(timeout=30)
     found = search_trials(search_id)
-    start = min(t.datetime_start for t in found)
+    start = min(cast(datetime, t.datetime_start) for t in found)  # every trial ran
     end = max(t.datetime_complete for t in found if t.datetime_complete)
     minutes = (end - start).total_seconds() / 60
     return {

@@ -107,7 +107,7 @@ def run_caviar(
     Wraps (in this process only) the worker's `report_epoch`, to see each epoch's dev accuracy
     as it is reported, and `train_batch`, to read each batch's slot occupancy.
     """
-    import caviar.search.worker as worker
+    import caviar.search.trials as worker
     from caviar.db.migrate import upgrade
     from caviar.search.runner import run_search, start_search
     from caviar.search.spec import parse_spec

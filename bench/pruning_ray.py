@@ -31,9 +31,10 @@ SAMPLES = 10_000
 
 def trainable(config: dict) -> None:
     """One trial: train, reporting after every epoch; stopped by ASHA or the time budget."""
-    import torch
-    from pruning_torch import epochs_of, hparams, load
-    from ray.tune import report
+    # torch and ray are in the benchmark's own venv only; pruning_torch is the sibling script.
+    import torch  # type: ignore[import-not-found]
+    from pruning_torch import epochs_of, hparams, load  # type: ignore[import-not-found]
+    from ray.tune import report  # type: ignore[import-not-found]
 
     torch.set_num_threads(1)
     data = load(config["data"])
@@ -66,10 +67,10 @@ def main() -> None:
     args = parser.parse_args()
 
     start = time.time()
-    import ray
+    import ray  # type: ignore[import-not-found]  # in the benchmark's own venv only
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.basic_variant import BasicVariantGenerator
+    from ray.tune.schedulers import ASHAScheduler  # type: ignore[import-not-found]
+    from ray.tune.search.basic_variant import BasicVariantGenerator  # type: ignore[import-not-found]
 
     here = str(Path(__file__).resolve().parent)
     cpus = os.cpu_count() or 1

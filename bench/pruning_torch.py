@@ -20,11 +20,12 @@ import argparse
 import json
 import math
 import time
+from typing import cast
 
 import numpy as np
 import optuna
-import torch
-from peers_torch import epochs_of
+import torch  # type: ignore[import-not-found]  # in the benchmark's own venv only
+from peers_torch import epochs_of  # type: ignore[import-not-found]  # sibling script
 
 
 def load(path: str) -> dict[str, torch.Tensor]:
@@ -112,7 +113,8 @@ def main() -> None:
     wall = time.perf_counter() - start
     states = [t.state for t in study.trials]
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    picked = max(complete, key=lambda t: t.value) if complete else None
+    # Complete trials have a value.
+    picked = max(complete, key=lambda t: cast(float, t.value)) if complete else None
     print(
         json.dumps(
             {

@@ -60,7 +60,7 @@ from caviar.models.runtime import use_every_core
 from caviar.search.runner import open_stage, run_search, search_trials, start_search
 from caviar.search.space import distribution, optuna_name
 from caviar.search.spec import FloatParam, SearchSpec
-from caviar.search.worker import TrialOutcome
+from caviar.search.trials import TrialOutcome
 
 STRATEGIES = ("grid", "random_linear", "random_log", "coarse_to_fine", "tpe", "hyperband")
 DATASETS: dict[str, dict[str, Any]] = {
@@ -139,6 +139,7 @@ def grid_points(spec: SearchSpec, count: int) -> list[dict[str, float]]:
     for (name, param), size in zip(spec.space.items(), sizes, strict=True):
         assert isinstance(param, FloatParam)
         dist = distribution(param)
+        assert isinstance(dist, optuna.distributions.FloatDistribution)  # of a FloatParam
         low, high = (math.log(dist.low), math.log(dist.high)) if dist.log else (dist.low, dist.high)
         centres = [low + (high - low) * (i + 0.5) / size for i in range(size)]
         axes.append([(optuna_name(name, param), math.exp(c) if dist.log else c) for c in centres])
@@ -201,7 +202,12 @@ def run_one(
 
     def on_trial(outcome: TrialOutcome) -> None:
         outcomes.append(outcome)
-        if outcome.state == TrialState.COMPLETE and outcome.value >= target and not reached:
+        if (
+            outcome.state == TrialState.COMPLETE
+            and outcome.value is not None
+            and outcome.value >= target
+            and not reached
+        ):
             reached.append(time.perf_counter() - start)
 
     storage = optuna_storage(url)

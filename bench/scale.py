@@ -202,7 +202,7 @@ def record_trials(url: str, spec: SearchSpec, search_id: str, count: int) -> dic
     from caviar.search.runner import open_stage
     from caviar.search.space import sample_trial
     from caviar.search.studies import ask
-    from caviar.search.worker import DEFAULT_BATCH
+    from caviar.search.trials import DEFAULT_BATCH
 
     storage = optuna_storage(url)
     objective = spec.resolved_objective("classification")
@@ -303,8 +303,8 @@ def wait_until_up(url: str, server: subprocess.Popen, log: Path, seconds: float 
 
 def filled_search(url: str, api: httpx.Client, trials: int, epochs: int) -> str:
     """Submit a search through the API, open its first stage and finish `trials` trials in it."""
-    from caviar.db.models import Search, utcnow
     from caviar.db.session import session_scope
+    from caviar.db.tables import Search, utcnow
     from caviar.search.studies import study_name
 
     spec = bench_spec(trials, epochs)
@@ -314,6 +314,7 @@ def filled_search(url: str, api: httpx.Client, trials: int, epochs: int) -> str:
     record_trials(url, spec, search_id, trials)
     with session_scope(url) as session:  # what a worker's claim records when it opens stage 1
         row = session.get(Search, search_id)
+        assert row is not None
         row.stage, row.studies = 1, [study_name(search_id, 1)]
         row.status, row.started_at = "running", utcnow()
     return search_id

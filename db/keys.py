@@ -13,7 +13,7 @@ import secrets
 
 from sqlalchemy.orm import Session
 
-from caviar.db.models import ApiKey, utcnow
+from caviar.db.tables import ApiKey, utcnow
 
 TOKEN_PREFIX = "cav_"
 _KEY_ID = re.compile(r"[0-9a-f]{24}")

@@ -3,7 +3,7 @@
 Optuna keeps its own tables and its own `alembic_version` table in the same database; ours are
 the `caviar_` tables, versioned in `caviar_alembic_version`, and our migrations never touch the
 rest. `upgrade` also creates (or migrates) Optuna's schema, so workers and the API run no DDL.
-To write the next revision, change `db.models`, then autogenerate against a database at head:
+To write the next revision, change `db.tables`, then autogenerate against a database at head:
 
     from alembic import command
     from caviar.db.migrate import alembic_config
@@ -24,9 +24,9 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, text
 
-from caviar.db.models import Base
 from caviar.db.session import DatabaseError, database_errors, get_engine
 from caviar.db.storage import engine_options, normalise_url, optuna_schema_is_current
+from caviar.db.tables import Base
 
 VERSION_TABLE = "caviar_alembic_version"
 TABLE_PREFIX = "caviar_"

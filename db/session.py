@@ -14,9 +14,9 @@ import hashlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, cast
 
-from sqlalchemy import Engine, create_engine, event, false, select, text, update
+from sqlalchemy import Engine, Table, create_engine, event, false, select, text, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import (
     ArgumentError,
@@ -28,11 +28,12 @@ from sqlalchemy.exc import (
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
 
-from caviar.db.models import Search
 from caviar.db.storage import engine_options, normalise_url
+from caviar.db.tables import Search
+from caviar.models.errors import CaviarError
 
 
-class DatabaseError(RuntimeError):
+class DatabaseError(CaviarError, RuntimeError):
     """The database failed or is unreachable; the message says what (no driver traceback)."""
 
 
@@ -140,7 +141,7 @@ def lock_owner(session: Session, owner: str) -> None:
     `BEGIN IMMEDIATE` would, with a write that changes nothing, before anything is read.
     """
     if session.get_bind().dialect.name == "sqlite":
-        table = Search.__table__
+        table = cast(Table, Search.__table__)
         session.execute(update(table).where(false()).values(owner=table.c.owner))
         return
     digest = hashlib.blake2b(f"caviar owner {owner}".encode(), digest_size=8).digest()

@@ -11,7 +11,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import optuna
 from alembic.runtime.migration import MigrationContext
@@ -144,11 +144,11 @@ def fail_stale_trials(study: optuna.Study) -> int:
     """
     from optuna.storages._rdb import models
 
-    rdb = getattr(study._storage, "_backend", study._storage)
+    rdb = _rdb_of(study)
     cutoff = datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=GRACE_PERIOD_S)
     with rdb.scoped_session() as session:
         orphans = [
-            trial.trial_id
+            cast(int, trial.trial_id)  # Optuna's tables declare untyped columns
             for trial in session.query(models.TrialModel)
             .filter(models.TrialModel.study_id == study._study_id)
             .filter(models.TrialModel.state == optuna.trial.TrialState.RUNNING)
@@ -253,7 +253,8 @@ def set_user_attrs(study: optuna.Study, attrs: Sequence[tuple[Trial, dict[str, A
 
 
 def _rdb_of(study: optuna.Study) -> optuna.storages.RDBStorage:
-    return getattr(study._storage, "_backend", study._storage)  # a study caches its storage
+    # A study may hold a caching wrapper around the RDB storage it was loaded from.
+    return cast(optuna.storages.RDBStorage, getattr(study._storage, "_backend", study._storage))
 
 
 @contextmanager

@@ -20,12 +20,22 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any
 
+from caviar.models.data import Task
 from caviar.models.mlp import ACTIVATIONS, MLP, count_parameters
 from caviar.models.optim import OPTIMIZERS
 
-Task = Literal["classification", "regression"]
+SHAPE_DEFAULTS: dict[str, Any] = {
+    "hidden_layers": 2,
+    "hidden_units": 128,
+    "activation": "relu",
+    "batch_norm": False,
+    "optimizer": "adam",
+    "batch_size": 128,
+}
+"""The architecture and layout hyperparameters a trial takes when it neither searches nor fixes
+them; with `program.HPARAM_DEFAULTS`, every default of the engine."""
 
 
 @dataclass(frozen=True)
@@ -35,10 +45,10 @@ class Shape:
     input_dim: int
     num_outputs: int
     hidden: tuple[int, ...]
-    activation: str = "relu"
-    batch_norm: bool = False
-    optimizer: str = "adam"
-    batch_size: int = 128
+    activation: str = SHAPE_DEFAULTS["activation"]
+    batch_norm: bool = SHAPE_DEFAULTS["batch_norm"]
+    optimizer: str = SHAPE_DEFAULTS["optimizer"]
+    batch_size: int = SHAPE_DEFAULTS["batch_size"]
     task: Task = "classification"
     use_dropout: bool = False
 

@@ -16,11 +16,14 @@ import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal, TypedDict, get_args
 
 import numpy as np
 
+from caviar.models.errors import CaviarError
+
 Task = Literal["classification", "regression"]
+"""What a dataset's targets are: class ids or real values; every package uses this one."""
 
 MIN_EXAMPLES = 10
 """Fewest examples (over all splits) a dataset may have."""
@@ -37,7 +40,7 @@ _BUILTIN_KEYS: dict[str, set[str]] = {
 _SPLIT_KEYS = {"x_dev", "y_dev", "x_test", "y_test"}
 
 
-class DatasetError(ValueError):
+class DatasetError(CaviarError, ValueError):
     """A dataset that cannot be loaded or is malformed; the message says why."""
 
 
@@ -80,6 +83,14 @@ class Dataset:
         )
 
 
+class _Split(TypedDict):
+    """How `load_dataset` splits any dataset (passed on to `from_arrays`)."""
+
+    seed: int
+    dev_fraction: float
+    test_fraction: float
+
+
 def load_dataset(
     source: Mapping[str, Any],
     *,
@@ -106,7 +117,7 @@ def load_dataset(
             f"{', '.join(_BUILTIN_KEYS)}) or 'path' (a .csv or .npz file)"
         )
     task = _merge_task(source.get("task"), task)
-    split = {"seed": seed, "dev_fraction": dev_fraction, "test_fraction": test_fraction}
+    split: _Split = {"seed": seed, "dev_fraction": dev_fraction, "test_fraction": test_fraction}
     if "path" in source:
         return _load_file(source, task=task, **split)
 
@@ -378,7 +389,7 @@ def read_csv(source: str | os.PathLike[str] | bytes, target: str) -> tuple[np.nd
                 for line, row in zip(lines, rows, strict=True)
             ]
         )
-    bad = np.argwhere(~np.isfinite(x))
+    bad: np.ndarray = np.argwhere(~np.isfinite(x))
     if len(bad):
         r, j = bad[0]
         raise DatasetError(

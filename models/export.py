@@ -19,10 +19,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
+from caviar.models.errors import CaviarError
+from caviar.models.mlp import variable_template
 from caviar.models.train import Shape
 from caviar.models.train import predict as predict_outputs
 
@@ -32,7 +32,7 @@ _HEADER = "__caviar__"
 _STATS = ("feature_mean", "feature_std")
 
 
-class ModelFileError(ValueError):
+class ModelFileError(CaviarError, ValueError):
     """A model file that cannot be read; the message says why."""
 
 
@@ -230,10 +230,7 @@ def _check_variables(shape: Shape, flat: Mapping[str, np.ndarray]) -> None:
 @functools.lru_cache(maxsize=64)
 def _leaf_shapes(shape: Shape) -> dict[str, tuple[int, ...]]:
     """Path → array shape of every variable leaf of `shape`'s MLP (traced, nothing computed)."""
-    sample = jax.ShapeDtypeStruct((1, shape.input_dim), jnp.float32)
-    template = jax.eval_shape(
-        lambda x: shape.model.init(jax.random.PRNGKey(0), x, train=False), sample
-    )
+    template = variable_template(shape.model, shape.input_dim)
     return {path: tuple(leaf.shape) for path, leaf in _flatten(template).items()}
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable
+from typing import Any, cast
 
 import flax.linen as nn
 import jax
@@ -70,14 +71,19 @@ class MLP(nn.Module):
         return nn.Dense(self.num_outputs)(x)
 
 
+def variable_template(model: MLP, input_dim: int) -> Any:
+    """The model's variables as shapes and dtypes only (traced, nothing computed)."""
+    sample = jax.ShapeDtypeStruct((1, input_dim), jnp.float32)
+    return jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False), sample)
+
+
 def init_variables(model: MLP, input_dim: int, key: jax.Array, init: int = 0) -> dict:
     """Fresh variables: kernels ~ N(0, init_std²), biases and shifts 0, scales and variances 1.
 
     Built from the model's variable structure rather than by `model.init`, whose default
     initialisers would be drawn only to be replaced (and cost seconds of compilation).
     """
-    sample = jax.ShapeDtypeStruct((1, input_dim), jnp.float32)
-    template = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False), sample)
+    template = variable_template(model, input_dim)
     paths_and_leaves = jax.tree_util.tree_flatten_with_path(template)[0]
     keys = iter(jax.random.split(key, len(paths_and_leaves)))
 
@@ -97,7 +103,10 @@ def init_variables(model: MLP, input_dim: int, key: jax.Array, init: int = 0) ->
 def sum_squared_weights(params: dict) -> jax.Array:
     """Σ_l ‖W[l]‖²_F over kernels only, never biases or batch-norm scales."""
     leaves = jax.tree_util.tree_flatten_with_path(params)[0]
-    return sum(jnp.sum(jnp.square(leaf)) for path, leaf in leaves if _is_kernel(path))
+    # A jax.Array, not sum()'s start 0: there is always an output kernel.
+    return cast(
+        jax.Array, sum(jnp.sum(jnp.square(leaf)) for path, leaf in leaves if _is_kernel(path))
+    )
 
 
 def count_parameters(input_dim: int, hidden: tuple[int, ...], num_outputs: int) -> int:

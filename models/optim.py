@@ -16,6 +16,11 @@ import numpy as np
 
 OPTIMIZERS: tuple[str, ...] = ("gd", "momentum", "rmsprop", "adam", "adamw")
 LR_DECAYS: tuple[str, ...] = ("none", "exponential", "inverse_time", "inverse_sqrt", "step")
+#: The families that keep a first moment (use β1, `momentum`) and a second one (use β2 and ε).
+FIRST_MOMENT_FAMILIES = frozenset({"momentum", "adam", "adamw"})
+SECOND_MOMENT_FAMILIES = frozenset({"rmsprop", "adam", "adamw"})
+#: The decays whose schedule reads `decay_rate` (see `lr_factor`).
+RATED_DECAYS = frozenset({"exponential", "inverse_time", "step"})
 
 Params = Any  # a pytree of arrays
 
@@ -25,7 +30,8 @@ class Moments(NamedTuple):
 
     first: Params
     second: Params
-    count: jax.Array  # steps taken
+    # A NamedTuple field may shadow tuple.count at runtime; mypy rejects the override.
+    count: jax.Array | np.int32  # type: ignore[assignment]  # steps taken (host: init_moments)
 
 
 class Hyper(NamedTuple):
@@ -61,8 +67,8 @@ def update(
     """
     b1, b2, eps = hyper.momentum, hyper.beta2, hyper.epsilon
     count = moments.count + 1
-    uses_first = {"momentum", "adam", "adamw"} & set(families)
-    uses_second = {"rmsprop", "adam", "adamw"} & set(families)
+    uses_first = FIRST_MOMENT_FAMILIES & set(families)
+    uses_second = SECOND_MOMENT_FAMILIES & set(families)
     tree = jax.tree_util.tree_map
     first = tree(lambda g, m: (1 - b1) * g + b1 * m, grads, moments.first) if uses_first else None
     second = (
@@ -90,11 +96,12 @@ def update(
         return w - hyper.learning_rate * chosen
 
     leaves, treedef = jax.tree_util.tree_flatten(params)
-    grads_, masks = treedef.flatten_up_to(grads), treedef.flatten_up_to(decay_mask)
-    firsts = treedef.flatten_up_to(first) if first is not None else [None] * len(leaves)
-    seconds = treedef.flatten_up_to(second) if second is not None else [None] * len(leaves)
+    up_to = treedef.flatten_up_to  # type: ignore[attr-defined]  # jaxlib has no PyTreeDef stub
+    grads_, masks = up_to(grads), up_to(decay_mask)
+    firsts = up_to(first) if first is not None else [None] * len(leaves)
+    seconds = up_to(second) if second is not None else [None] * len(leaves)
     new = [step(*args) for args in zip(grads_, firsts, seconds, leaves, masks, strict=True)]
-    return treedef.unflatten(new), Moments(
+    return jax.tree_util.tree_unflatten(treedef, new), Moments(
         moments.first if first is None else first,
         moments.second if second is None else second,
         count,

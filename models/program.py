@@ -17,14 +17,15 @@ dropout masks are drawn unit-major, so the real units draw what they would alone
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
+import optax  # type: ignore[import-untyped]  # optax ships no py.typed marker
 
-from caviar.models.bucket import Bucket, Shape, Task
+from caviar.models.bucket import Bucket, Shape
+from caviar.models.data import Task
 from caviar.models.mlp import ACTIVATIONS, INITS, init_std, inverted_dropout
 from caviar.models.optim import (
     LR_DECAYS,
@@ -58,7 +59,7 @@ HPARAM_DEFAULTS: dict[str, Any] = {
 #: One trial's arrays: HPARAM_DEFAULTS' names plus `widths`, `depth`, `activation`,
 #: `optimizer` and `batch_norm`.
 TrialArrays = dict[str, jax.Array]
-Params = dict[str, tuple[jax.Array, ...]]
+Params = dict[str, tuple[jax.Array | np.ndarray, ...]]  # NumPy on the host (init_trial, read_slot)
 
 
 class TrialState(NamedTuple):
@@ -69,8 +70,8 @@ class TrialState(NamedTuple):
     moments: Moments
     best_params: Params
     best_stats: Params
-    best_score: jax.Array
-    best_epoch: jax.Array  # 0 until an epoch has a finite score
+    best_score: jax.Array | np.ndarray | np.float32
+    best_epoch: jax.Array | np.ndarray | np.int32  # 0 until an epoch has a finite score
 
 
 def trial_arrays(
@@ -188,8 +189,8 @@ def forward(
         plain = z + params["bias"][position]
         if bucket.batch_norm:
             if train:
-                mean = z.mean(0)
-                var = jnp.maximum(0.0, jnp.mean(z * z, 0) - mean * mean)
+                mean: jax.Array | np.ndarray = z.mean(0)
+                var: jax.Array | np.ndarray = jnp.maximum(0.0, jnp.mean(z * z, 0) - mean * mean)
                 on = hp["batch_norm"]
                 means.append(
                     jnp.where(
@@ -217,12 +218,14 @@ def forward(
             a = jnp.where(hp["activation"] == code, g(z), a)
         a = a * mask
         if bucket.dropout and train:
+            assert key is not None  # training with dropout needs `key`
             a = inverted_dropout(a, hp["dropout"], jax.random.fold_in(key, position))
         if position + 1 >= bucket.min_depth:
             padded = jnp.pad(a, ((0, 0), (0, bucket.out_width - a.shape[1])))
             last = padded if last is None else jnp.where(hp["depth"] == position + 1, padded, last)
+    assert last is not None  # min_depth >= 1, so some position set it
     out = last @ params["kernel"][-1] + params["bias"][-1]
-    new_stats = {"mean": tuple(means), "var": tuple(variances)} if means else stats
+    new_stats: Params = {"mean": tuple(means), "var": tuple(variances)} if means else stats
     return out, new_stats
 
 
@@ -241,7 +244,8 @@ def data_loss(task: Task, out: jax.Array, y: jax.Array, target_std=1.0):
 
 def sum_squared_kernels(params: Params) -> jax.Array:
     """Σ_l ‖W[l]‖²_F over kernels only, never biases or batch-norm scales (padding adds zero)."""
-    return sum(jnp.sum(jnp.square(kernel)) for kernel in params["kernel"])
+    # A jax.Array, not sum()'s start 0: there is always an output kernel.
+    return cast(jax.Array, sum(jnp.sum(jnp.square(kernel)) for kernel in params["kernel"]))
 
 
 def cost(

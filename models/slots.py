@@ -68,7 +68,7 @@ def build_groups(
 def write_slot(
     placement: Placement,
     group: Group,
-    slot: int,
+    slot: int | np.integer,
     trial: int,
     state: TrialState,
     row: dict[str, np.ndarray],
@@ -80,7 +80,7 @@ def write_slot(
     group.occupants[slot], group.epochs[slot] = trial, 0
 
 
-def read_slot(group: Group, slot: int) -> TrialState:
+def read_slot(group: Group, slot: int | np.integer) -> TrialState:
     """The state of `slot`'s trial, on the host (one slot's arrays only)."""
     return jax.device_get(_read_row(group.state, slot))
 

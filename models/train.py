@@ -27,7 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from caviar.models.bucket import Bucket, Shape, Task, epoch_flops
+from caviar.models.bucket import Bucket, Shape, epoch_flops
+from caviar.models.data import Task
 from caviar.models.placement import Placement
 from caviar.models.planner import Costs
 from caviar.models.program import (
@@ -281,12 +282,12 @@ def train_batch(
         devices=placement.devices,
     )
     group_size = _group_size(placement, min(group_size, slots), key_of)
+    x_train, y_train, x_dev, y_dev = placement.replicate(
+        (data.x_train, data.y_train, data.x_dev, data.y_dev)
+    )
     run = _SlotRun(
         bucket,
-        TrainData(
-            *placement.replicate((data.x_train, data.y_train, data.x_dev, data.y_dev)),
-            target_std=data.target_std,
-        ),
+        TrainData(x_train, y_train, x_dev, y_dev, target_std=data.target_std),
         placement,
         key_of(group_size),
         groups=-(-slots // group_size),
@@ -531,7 +532,7 @@ def _epoch_order(data_seed: int, epoch: int, size: int, examples: int) -> np.nda
 
 
 class _Programs(NamedTuple):
-    epoch: Callable
+    epoch: jax.stages.Wrapped
 
 
 @functools.lru_cache(maxsize=256)

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from caviar.models.errors import CaviarError
 
-class DataPathError(ValueError):
+
+class DataPathError(CaviarError, ValueError):
     """A `dataset.path` the service will not read; the message says why."""
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar, cast
 
 #: Why trials in flight stop, for the search's own reasons (a process stopping has its own).
 CANCELLED = "cancelled"
@@ -124,6 +124,10 @@ def capacity_after(capacity: int, reasons: Iterable[str | None]) -> int:
     return max(1, capacity // 2) if "oom" in set(reasons) else capacity
 
 
+if TYPE_CHECKING:
+    from caviar.search.spec import Direction
+
+
 class Trained(Protocol):
     """A trial this process trained: its dev value (None unless complete) and, if it still
     holds them, its best epoch's weights."""
@@ -138,7 +142,7 @@ class Trained(Protocol):
 T = TypeVar("T", bound=Trained)
 
 
-def best_trained(best: T | None, outcomes: Iterable[T], direction: str) -> T | None:
+def best_trained(best: T | None, outcomes: Iterable[T], direction: Direction) -> T | None:
     """The best of `best` and `outcomes` among trials whose weights this process holds.
 
     The final fit tests that trial's own weights when it is the search's best, instead of
@@ -148,4 +152,4 @@ def best_trained(best: T | None, outcomes: Iterable[T], direction: str) -> T | N
     if not held:
         return None
     pick = max if direction == "maximize" else min
-    return pick(held, key=lambda o: o.value)
+    return pick(held, key=lambda o: cast(float, o.value))  # `held` has values only

@@ -10,7 +10,7 @@ import numpy as np
 from caviar.models.data import Dataset
 from caviar.models.train import Shape, TrainData, evaluate, train_batch
 from caviar.search.spec import SearchSpec
-from caviar.search.worker import continuous_hparams, shape_of
+from caviar.search.trials import continuous_hparams, shape_of
 
 #: Error above which a model underfits (avoidable bias, taking the best possible error as ~0),
 #: and dev-minus-train gap above which it overfits (variance), both in points of error.

@@ -14,7 +14,7 @@ import html
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 import optuna
 import plotly.graph_objects as go
@@ -28,8 +28,15 @@ from caviar.search.final import HIGH_BIAS_ERROR
 from caviar.search.refine import top_fraction
 from caviar.search.runner import SearchResult, SearchTrial, search_trials
 from caviar.search.space import distribution, optuna_name
-from caviar.search.spec import CategoricalParam, FloatParam, IntParam, Param, SearchSpec
-from caviar.search.studies import stage_space
+from caviar.search.spec import (
+    CategoricalParam,
+    Direction,
+    FloatParam,
+    IntParam,
+    Param,
+    SearchSpec,
+)
+from caviar.search.studies import complete_value, stage_space
 
 #: What each bias/variance reading of `search.final.diagnose` suggests doing next.
 NEXT_STEP = {
@@ -61,7 +68,7 @@ class _Search:
 
     spec: SearchSpec
     metric: str
-    direction: str
+    direction: Direction
     stages: list[_Stage]
     merged: optuna.Study
     stage_of: list[int]  # merged trial number → stage
@@ -129,7 +136,8 @@ def _load(spec: SearchSpec, storage: optuna.storages.BaseStorage, result: Search
         for n, study in enumerate(studies, start=1)
     ]
     metric = studies[0].metric_names[0] if studies and studies[0].metric_names else "value"
-    direction = studies[0].direction.name.lower() if studies else "maximize"
+    maximize = not studies or studies[0].direction == optuna.study.StudyDirection.MAXIMIZE
+    direction: Direction = "maximize" if maximize else "minimize"
     merged = optuna.create_study(direction=direction)
     distributions = {optuna_name(n, p): distribution(p) for n, p in spec.space.items()}
     merged.add_trials([_copy(t, distributions) for t in trials])
@@ -199,7 +207,7 @@ def _summary(search: _Search, result: SearchResult) -> str:
                 s.number,
                 len(s.complete()),
                 len(s.trials) - len(s.complete()),
-                _pick(search, [t.trial.value for t in s.complete()]),
+                _pick(search, [complete_value(t.trial) for t in s.complete()]),
             ]
             for s in search.stages
         ],
@@ -353,7 +361,7 @@ _BIAS_NOTE = (
 )
 
 
-def _one_minus(param: Param) -> bool:
+def _one_minus(param: Param) -> TypeGuard[FloatParam]:
     return isinstance(param, FloatParam) and param.scale == "one_minus_log"
 
 
@@ -463,19 +471,21 @@ def _stage_points(search: _Search, stage: _Stage, name: str) -> tuple[list[float
     """A stage's values of `name`: those of its complete trials, and those of its top trials."""
     plan = search.spec.stage_plan()
     keep = plan[stage.number].keep_top if stage.number < len(plan) else 0.0
-    scored = [(t.trial.value, t.params) for t in stage.complete() if name in t.params]
+    scored = [(complete_value(t.trial), t.params) for t in stage.complete() if name in t.params]
     top = top_fraction(scored, keep, search.direction) if scored else []
     return [p[name] for _, p in scored], [p[name] for p in top]
+
+
+def _choices(param: Param) -> str:
+    assert isinstance(param, CategoricalParam), "stages narrow ranges, never a choice's kind"
+    return ", ".join(map(str, param.choices))
 
 
 def _choices_table(search: _Search) -> str:
     names = [n for n, p in search.spec.space.items() if isinstance(p, CategoricalParam)]
     if not names:
         return ""
-    rows = [
-        [name, *(", ".join(map(str, s.space[name].choices)) for s in search.stages)]
-        for name in names
-    ]
+    rows = [[name, *(_choices(s.space[name]) for s in search.stages)] for name in names]
     return _table(["choices", *(f"stage {s.number}" for s in search.stages)], rows)
 
 

@@ -1,7 +1,7 @@
 """A whole search in this process (`caviar run`), and what every driver of a search shares.
 
 `run_search` drives a stored search (a `caviar_searches` row) with the decisions of
-`search.driver`, as `search.pool.Worker` does under the search's row lock: `StageStudies` says
+`search.driver`, as `search.worker.Worker` does under the search's row lock: `StageStudies` says
 where the open stage stands and carries out opening stages and asking for trials, `advance`
 makes the decisions that change the row, `finish` tests the best trial once and closes the
 search. Between stages, each numeric range narrows around the best trials (coarse to fine).
@@ -26,8 +26,6 @@ from pydantic import ValidationError
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
-from caviar.db.models import TERMINAL_STATUSES, Search, utcnow
-from caviar.db.models import TrainedModel as StoredModel
 from caviar.db.session import DatabaseError, claim_sole_sqlite_worker, lock_search, session_scope
 from caviar.db.storage import (
     annotate_finished_trial,
@@ -35,6 +33,7 @@ from caviar.db.storage import (
     normalise_url,
     optuna_storage,
 )
+from caviar.db.tables import TERMINAL_STATUSES, Search, StoredModel, utcnow
 from caviar.models.data import Dataset, load_dataset
 from caviar.models.export import TrainedModel, save_model
 from caviar.models.train import DEFAULT_GROUP_SIZE
@@ -57,6 +56,7 @@ from caviar.search.space import engine_params
 from caviar.search.spec import Objective, Param, SearchSpec, SpecError, is_active
 from caviar.search.studies import (
     ask,
+    complete_value,
     counts_toward_budget,
     create_stage_study,
     load_stage_study,
@@ -64,7 +64,7 @@ from caviar.search.studies import (
     stage_space,
     study_name,
 )
-from caviar.search.worker import (
+from caviar.search.trials import (
     DEFAULT_BATCH,
     RETRIED_REASONS,
     AskMore,
@@ -109,6 +109,8 @@ class SearchResult:
     final: FinalFit | None = field(default=None, repr=False)
     status: str = "completed"
     model: bytes | None = field(default=None, repr=False)
+    #: What trials were ranked by; None where the dataset (so the task) was not loaded.
+    objective: Objective | None = None
 
     def model_file(self, dataset: Dataset) -> bytes:
         """The refit best model with the dataset's preprocessing, as one .npz file."""
@@ -188,7 +190,7 @@ def run_search(
 ) -> SearchResult:
     """Drive the stored search `search_id` in this process (`caviar run`) until it ends.
 
-    The decisions are `search.driver`'s, as for the workers (`search.pool`), which make them
+    The decisions are `search.driver`'s, as for the workers (`search.worker`), which make them
     under the search's row lock. A reason from `should_stop` stops the trials in flight; a
     retried one (`interrupted`, `preempted`) also stops this run and leaves the search open:
     calling this again resumes it, keeping its finished trials and running the stopped ones
@@ -247,7 +249,7 @@ def run_search(
             group_size=min(DEFAULT_GROUP_SIZE, capacity),
             ask_more=more_trials(database_url, stages, search_id, number),
         )
-        best = best_trained(best, outcomes, ctx.objective.direction)
+        best = best_trained(best, outcomes, ctx.objective.resolved_direction)
         capacity = capacity_after(capacity, (outcome.reason for outcome in outcomes))
 
 
@@ -424,7 +426,8 @@ class _Requested:
     """`should_stop`, remembered: once it gives a reason, that reason holds."""
 
     def __init__(self, should_stop: StopCheck | None) -> None:
-        self.should_stop, self.reason = should_stop, None
+        self.should_stop = should_stop
+        self.reason: str | None = None
 
     def __call__(self) -> str | None:
         if self.reason is None and self.should_stop is not None:
@@ -465,14 +468,14 @@ def open_stage(
         space = stage_space(previous)
         stage = spec.stage_plan()[number - 1]
         scored = [
-            (t.value, engine_params(t, space, spec.fixed))
+            (complete_value(t), engine_params(t, space, spec.fixed))
             for t in previous.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         ]
-        top = top_fraction(scored, stage.keep_top, objective.direction)
+        top = top_fraction(scored, stage.keep_top, objective.resolved_direction)
         if top:
             space = refine_space(space, top, margin=stage.margin, original=spec.space)
     create_stage_study(
-        storage, spec, search_id, number, space, objective.direction, objective.metric
+        storage, spec, search_id, number, space, objective.resolved_direction, objective.metric
     )
     return load_stage_study(storage, spec, search_id, number), space
 
@@ -500,9 +503,9 @@ def finish_search(
     objective = spec.resolved_objective(dataset.task)
     complete = [t for t in trials if t.trial.state == TrialState.COMPLETE]
     if not complete:
-        return SearchResult(search_id, studies, counts, None)
-    pick = max if objective.direction == "maximize" else min
-    stage, best, params = pick(complete, key=lambda t: t.trial.value)
+        return SearchResult(search_id, studies, counts, None, objective=objective)
+    pick = max if objective.resolved_direction == "maximize" else min
+    stage, best, params = pick(complete, key=lambda t: complete_value(t.trial))
     study = _load(storage, study_name(search_id, stage))
     own = trained is not None and (trained.stage, trained.number) == (stage, best.number)
     fit = final_fit(
@@ -511,7 +514,7 @@ def finish_search(
         params,
         trial_seed(spec.seed, stage, best.number),
         int(best.user_attrs.get("best_epoch") or spec.budget.epochs),
-        trained.variables() if own and trained.variables else None,
+        trained.variables() if trained is not None and own and trained.variables else None,
     )
     tests = {name: fit.figures[name] for name in TEST_FIGURES[dataset.task]}
     record = {
@@ -532,7 +535,7 @@ def finish_search(
         **tests,
         "diagnosis": fit.diagnosis,
     }
-    return SearchResult(search_id, studies, counts, best_summary, fit)
+    return SearchResult(search_id, studies, counts, best_summary, fit, objective=objective)
 
 
 def shown_params(params: dict[str, Any], spec: SearchSpec) -> dict[str, Any]:

@@ -14,7 +14,7 @@ import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, Self, TypedDict
+from typing import Annotated, Any, Literal, NotRequired, Self, TypedDict
 
 import yaml
 from pydantic import (
@@ -29,11 +29,19 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from caviar.models.bucket import SHAPE_DEFAULTS
+from caviar.models.data import Task
+from caviar.models.errors import CaviarError
 from caviar.models.mlp import ACTIVATIONS, INITS
-from caviar.models.optim import LR_DECAYS, OPTIMIZERS
+from caviar.models.optim import (
+    FIRST_MOMENT_FAMILIES,
+    LR_DECAYS,
+    OPTIMIZERS,
+    RATED_DECAYS,
+    SECOND_MOMENT_FAMILIES,
+)
 from caviar.models.train import HPARAM_DEFAULTS
 
-Task = Literal["classification", "regression"]
 Direction = Literal["maximize", "minimize"]
 Metric = Literal["dev_accuracy", "dev_loss", "dev_mse", "dev_r2"]
 Scale = Literal["linear", "log", "one_minus_log"]
@@ -108,21 +116,15 @@ DOMAINS: dict[str, Domain] = {
 
 DEFAULTS: dict[str, Any] = {
     **{name: value for name, value in HPARAM_DEFAULTS.items() if name != "seed"},
-    "hidden_layers": 2,
-    "hidden_units": 128,
-    "batch_size": 128,
-    "optimizer": "adam",
-    "activation": "relu",
-    "batch_norm": False,
+    **SHAPE_DEFAULTS,
 }
 """Value of each engine hyperparameter that is neither searched nor fixed."""
 
-_ADAPTIVE = {"rmsprop", "adam", "adamw"}
-APPLIES_TO: dict[str, set[str]] = {
-    "momentum": {"momentum", "adam", "adamw"},
-    "beta2": _ADAPTIVE,
-    "epsilon": _ADAPTIVE,
-    "decay_rate": {"exponential", "inverse_time", "step"},
+APPLIES_TO: dict[str, frozenset[str]] = {
+    "momentum": FIRST_MOMENT_FAMILIES,
+    "beta2": SECOND_MOMENT_FAMILIES,
+    "epsilon": SECOND_MOMENT_FAMILIES,
+    "decay_rate": RATED_DECAYS,
 }
 """Conditional hyperparameters: the values of their :data:`PARENT` under which they are used."""
 
@@ -304,6 +306,11 @@ class Objective(_Model):
         if direction not in (None, natural):
             raise _invalid(f"{metric} must be {natural}d, not {direction}d")
         return natural
+
+    @property
+    def resolved_direction(self) -> Direction:
+        """The direction, which validation always sets (None only in the schema's default)."""
+        return self.direction or METRICS[self.metric].direction
 
 
 def _trials_optional(schema: dict[str, Any]) -> None:
@@ -646,9 +653,10 @@ class SpecIssue(TypedDict):
 
     loc: list[str | int]
     msg: str
+    type: NotRequired[str]  # pydantic's error type, where the problem comes from a check of ours
 
 
-class SpecError(ValueError):
+class SpecError(CaviarError, ValueError):
     """An invalid search spec; ``errors`` lists every problem found, one line each in str()."""
 
     def __init__(self, errors: list[SpecIssue]) -> None:
@@ -690,7 +698,7 @@ class _YamlLoader(yaml.SafeLoader):
         self._aliases = 0
         self._path: list[str | int] = []
 
-    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
         mark = self.peek_event().start_mark
         if self.check_event(yaml.AliasEvent):
             self._aliases += 1
@@ -714,8 +722,9 @@ class _YamlLoader(yaml.SafeLoader):
             if step is not None:
                 self._path.pop()
 
-    def compose_mapping_node(self, anchor: str | None) -> yaml.MappingNode:
-        node = super().compose_mapping_node(anchor)
+    # types-PyYAML types `anchor` as a dict; PyYAML passes the anchor's name (or None).
+    def compose_mapping_node(self, anchor: str | None) -> yaml.MappingNode:  # type: ignore[override]
+        node = super().compose_mapping_node(anchor)  # type: ignore[arg-type]
         seen = set()
         for key, _ in node.value:
             if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":

@@ -15,7 +15,15 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from caviar.search.refine import describe_ranges
-from caviar.search.spec import CategoricalParam, FloatParam, IntParam, Param, SearchSpec, SpecError
+from caviar.search.spec import (
+    CategoricalParam,
+    Direction,
+    FloatParam,
+    IntParam,
+    Param,
+    SearchSpec,
+    SpecError,
+)
 
 STUDY_PREFIX = "caviar"
 
@@ -93,7 +101,7 @@ def create_stage_study(
     search_id: str,
     stage: int,
     space: dict[str, Param],
-    direction: str,
+    direction: Direction,
     metric: str,
 ) -> optuna.Study:
     """Create the study of `stage` (or load it if another process already did)."""
@@ -136,6 +144,12 @@ def stage_space(study: optuna.Study) -> dict[str, Param]:
         else:
             space[name] = FloatParam(**described)
     return space
+
+
+def complete_value(trial: FrozenTrial) -> float:
+    """The objective value of a complete trial (Optuna types it optional for the others)."""
+    assert trial.value is not None, f"trial {trial.number} is not complete"
+    return trial.value
 
 
 def counts_toward_budget(trial: FrozenTrial) -> bool:

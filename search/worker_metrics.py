@@ -1,6 +1,6 @@
 """A worker's Prometheus metrics: counters its loop bumps, served as text on a port of its own.
 
-The worker loop (`search.pool`), its heartbeats and its reaper call into the process-wide
+The worker loop (`search.worker`), its heartbeats and its reaper call into the process-wide
 `METRICS`; JAX reports compiles and compilation-cache hits through `jax.monitoring` listeners;
 device memory is read from each local device at every scrape (CPUs report none, and nothing is
 exported for them). `serve` starts the HTTP server on a daemon thread; `caviar worker` calls it
@@ -97,12 +97,12 @@ class WorkerMetrics:
             self._cache_hits += event == CACHE_HIT_EVENT
             self._cache_misses += event == CACHE_MISS_EVENT
 
-    def jax_duration(self, event: str, seconds: float, **_: Any) -> None:
+    def jax_duration(self, event: str, duration_secs: float, **_: str | int) -> None:
         """A `jax.monitoring` duration: compiles are counted and timed."""
         if event == COMPILE_EVENT:
             with self._lock:
                 self._compiles += 1
-                self._compile_seconds += seconds
+                self._compile_seconds += duration_secs
 
     # -- exposition -----------------------------------------------------------------------------
 
@@ -196,7 +196,7 @@ def _device_memory() -> list[str]:
         for key in MEMORY_STATS:
             if key in stats:
                 samples[key].append(({"device": f"{device.platform}:{device.id}"}, stats[key]))
-    lines = []
+    lines: list[str] = []
     for key, help_text in MEMORY_STATS.items():
         if samples[key]:
             lines += _metric(f"device_memory_{key}", "gauge", help_text, samples[key])

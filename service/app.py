@@ -4,20 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import threading
-from typing import Any
 
 import anyio
 from fastapi import FastAPI, Request, status
-from fastapi.encoders import jsonable_encoder
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from caviar.db.session import DatabaseError, DatabaseUnavailable
 from caviar.db.storage import GRACE_PERIOD_S
-from caviar.search.pool import reap_stale_trials
-from caviar.search.spec import printable
+from caviar.search.worker import reap_stale_trials
+from caviar.service.errors import install_error_handlers
 from caviar.service.events import EventStreams
 from caviar.service.routes import datasets, ops, searches
 from caviar.service.settings import Settings, get_settings
@@ -71,42 +66,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 return JSONResponse({"detail": detail}, status_code=code)
         return await call_next(request)
 
-    @app.exception_handler(RequestValidationError)
-    async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
-        """422 naming each field, even when the input holds NaN, infinity or a lone surrogate."""
-        detail = _encodable(jsonable_encoder(error.errors()))
-        return JSONResponse({"detail": detail}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
-
-    @app.exception_handler(DatabaseError)
-    async def database_error(request: Request, error: DatabaseError) -> JSONResponse:
-        """503 when the database cannot be reached, else 500; the detail is only logged, since
-        it names the database."""
-        log.error("%s %s: %s", request.method, request.url.path, error, exc_info=error)
-        if isinstance(error, DatabaseUnavailable):
-            detail = "database unavailable; try again later"
-            return JSONResponse({"detail": detail}, status_code=status.HTTP_503_SERVICE_UNAVAILABLE)
-        return JSONResponse(
-            {"detail": "internal error"}, status_code=status.HTTP_500_INTERNAL_SERVER_ERROR
-        )
-
+    install_error_handlers(app)
     app.include_router(ops.router)
     app.include_router(searches.router)
     app.include_router(datasets.router)
     return app
-
-
-def _encodable(value: Any) -> Any:
-    """`value` with what strict JSON cannot hold spelled out: non-finite floats as text, lone
-    surrogates escaped."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, str):
-        return printable(value)
-    if isinstance(value, dict):
-        return {_encodable(key): _encodable(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_encodable(item) for item in value]
-    return value
 
 
 def _reap_until(database_url: str, stop: threading.Event) -> None:

@@ -9,7 +9,7 @@ import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -18,6 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 if TYPE_CHECKING:
+    from caviar.search.spec import SearchSpec
     from caviar.service.settings import Settings
 
 app = typer.Typer(
@@ -93,7 +94,7 @@ def run(
         upgrade(url)
         storage = optuna_storage(url)
         try:
-            search_id = resume or start_search(url, spec, settings.local_owner)
+            search_id = resume or start_search(url, _given(spec), settings.local_owner)
             spec = stored_spec(url, search_id)
         except SpecError as error:
             _fail(console, str(error))
@@ -227,7 +228,7 @@ def worker(
         os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = fraction
     import jax
 
-    from caviar.search.pool import Worker
+    from caviar.search.worker import Worker
     from caviar.service.settings import get_settings
 
     settings = get_settings()
@@ -579,7 +580,6 @@ class _SearchProgress:
     def __init__(self, console: Console, spec) -> None:
         self.spec = spec
         self.best: float | None = None
-        self.maximize = spec.objective is None or spec.objective.direction == "maximize"
         self.started = time.monotonic()
         self.done = 0
         self.stage = 1
@@ -599,8 +599,9 @@ class _SearchProgress:
 
     def trial_done(self, outcome) -> None:
         self.done += 1
+        maximize = outcome.direction == "maximize"
         if outcome.value is not None and (
-            self.best is None or (outcome.value > self.best) == self.maximize
+            self.best is None or (outcome.value > self.best) == maximize
         ):
             self.best = outcome.value
         self.bar.update(self.task, advance=1)
@@ -620,6 +621,7 @@ def _print_best_trials(console: Console, spec, storage, result, top: int = 10) -
     from optuna.trial import TrialState
 
     from caviar.search.runner import search_trials
+    from caviar.search.studies import complete_value
 
     best = result.best
     counts = ", ".join(f"{v} {k}" for k, v in result.counts.items())
@@ -627,13 +629,15 @@ def _print_best_trials(console: Console, spec, storage, result, top: int = 10) -
     if best is None:
         console.print("[red]no trial completed[/red]")
         return
-    metric = next(k for k in best if k.startswith("dev_"))
+    objective = result.objective
+    assert objective is not None, "a result with a best trial carries its objective"
+    metric = objective.metric
     complete = [
         t
         for t in search_trials(storage, spec, result.studies)
         if t.trial.state == TrialState.COMPLETE
     ]
-    complete.sort(key=lambda t: t.trial.value, reverse=metric not in ("dev_mse", "dev_loss"))
+    complete.sort(key=lambda t: complete_value(t.trial), reverse=objective.direction == "maximize")
     table = Table(title=f"Best trials by {metric}")
     names = [name for name in spec.space if name in best["params"]]
     for column in ("stage", "trial", metric, *names):
@@ -699,7 +703,13 @@ def _quiet_optuna() -> None:
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.ERROR)
 
 
-def _fail(console: Console, message: str) -> None:
+def _given(spec: SearchSpec | None) -> SearchSpec:
+    """The spec of a new run (`run` has one whenever it is not resuming)."""
+    assert spec is not None, "a run that does not resume has a spec"
+    return spec
+
+
+def _fail(console: Console, message: str) -> NoReturn:
     """Print `message` to stderr as one line (never read as markup, never wrapped); exit 2."""
     errors = console if console.stderr else _console(stderr=True)
     errors.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)

@@ -9,8 +9,10 @@ from typing import Any
 
 import httpx
 
+from caviar.models.errors import CaviarError
 
-class ApiError(RuntimeError):
+
+class ApiError(CaviarError, RuntimeError):
     """The API answered with an error; the message carries its status and detail."""
 
 

@@ -18,11 +18,12 @@ import anyio
 import anyio.to_thread
 from optuna.trial import TrialState
 
-from caviar.db.models import TERMINAL_STATUSES
 from caviar.db.session import session_scope
 from caviar.db.storage import trial_states
+from caviar.db.tables import TERMINAL_STATUSES
 from caviar.search.runner import SearchTrial
-from caviar.service.searches import TooMany, owned_search, public_trial, search_trials
+from caviar.service.errors import TooMany
+from caviar.service.searches import owned_search, public_trial, search_trials
 
 #: Trial states that end a trial: each finished trial is one `trial` event.
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from caviar.models.mlp import count_parameters
 from caviar.search.datadir import DataPathError, resolve_data_path
-from caviar.search.spec import DEFAULTS, CategoricalParam, SearchSpec
+from caviar.search.spec import DEFAULTS, CategoricalParam, SearchSpec, SpecIssue
 from caviar.service.settings import Settings
 
 #: Input and output sizes of the built-in datasets (for the parameter-count limit).
@@ -18,7 +16,7 @@ _GENERATED = {"mnist1d": (5000, 40), "synthetic": (2000, 20)}
 
 def spec_limit_errors(
     spec: SearchSpec, settings: Settings, input_output: tuple[int, int] | None = None
-) -> list[dict[str, Any]]:
+) -> list[SpecIssue]:
     """Every limit the spec exceeds, as pydantic-style errors naming the field."""
     errors = []
 
@@ -44,7 +42,7 @@ def spec_limit_errors(
     return errors
 
 
-def data_path_errors(spec: SearchSpec, settings: Settings) -> list[dict[str, Any]]:
+def data_path_errors(spec: SearchSpec, settings: Settings) -> list[SpecIssue]:
     """A `dataset.path` the service may not read: any, without a data directory; else one that
     leads out of it or names no file in it."""
     if spec.dataset.path is None:
@@ -56,7 +54,7 @@ def data_path_errors(spec: SearchSpec, settings: Settings) -> list[dict[str, Any
     return []
 
 
-def dataset_size_errors(spec: SearchSpec, settings: Settings) -> list[dict[str, Any]]:
+def dataset_size_errors(spec: SearchSpec, settings: Settings) -> list[SpecIssue]:
     """The limits a generated dataset exceeds (samples, features, classes, samples x features),
     as errors naming the field."""
     ref = spec.dataset
@@ -84,7 +82,7 @@ def dataset_size_errors(spec: SearchSpec, settings: Settings) -> list[dict[str, 
     return errors
 
 
-def _limit_error(loc: tuple[str, ...], message: str) -> dict[str, Any]:
+def _limit_error(loc: tuple[str, ...], message: str) -> SpecIssue:
     return {"loc": list(loc), "msg": message, "type": "limit"}
 
 

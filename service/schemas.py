@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-SearchStatus = Literal["queued", "running", "completed", "failed", "cancelled"]
+from caviar.db.tables import SearchStatus
 
 
 class Progress(BaseModel):

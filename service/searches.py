@@ -13,27 +13,14 @@ from optuna.trial import FrozenTrial
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from caviar.db.models import TERMINAL_STATUSES, Dataset, Search, utcnow
 from caviar.db.session import lock_owner
 from caviar.db.storage import optuna_storage, trial_states
+from caviar.db.tables import OPEN_STATUSES, TERMINAL_STATUSES, Search, StoredDataset, utcnow
 from caviar.search import runner
 from caviar.search.runner import SearchResult, SearchTrial, new_search_row, tally_states
 from caviar.search.spec import SearchSpec, text_problem
+from caviar.service.errors import Conflict, NotFound, TooMany
 from caviar.service.schemas import Progress, SearchPublic, TrialPublic
-
-OPEN_STATUSES = ("queued", "running")
-
-
-class NotFound(LookupError):
-    """No such resource for this owner (another owner's id is not found either)."""
-
-
-class Conflict(RuntimeError):
-    """The request contradicts the resource's state (e.g. a reused idempotency key)."""
-
-
-class TooMany(RuntimeError):
-    """The owner is over a concurrency limit."""
 
 
 def request_digest(spec: SearchSpec) -> str:
@@ -65,11 +52,11 @@ def submit_search(
             if existing.request_sha256 != digest:
                 raise Conflict("Idempotency-Key was already used with a different spec")
             return existing, False
-    open_count = session.scalar(
+    open_count = session.execute(
         select(func.count())
         .select_from(Search)
         .where(Search.owner == owner, Search.status.in_(OPEN_STATUSES))
-    )
+    ).scalar_one()
     if open_count >= max_concurrent:
         raise TooMany(f"{open_count} searches are queued or running; the limit is {max_concurrent}")
     search = new_search_row(spec, owner)
@@ -115,7 +102,7 @@ def dataset_errors(session: Session, owner: str, spec: SearchSpec) -> list[dict[
     dataset_id = spec.dataset.id
     if dataset_id is None:
         return []
-    row = session.get(Dataset, dataset_id)
+    row = session.get(StoredDataset, dataset_id)
     if row is not None and row.owner == owner:
         return []
     message = f"no dataset {dataset_id!r} among yours: upload it first (POST /v1/datasets)"

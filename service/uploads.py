@@ -22,6 +22,7 @@ import numpy as np
 from numpy.lib import format as npy_format
 
 from caviar.models.data import DatasetError, from_arrays, read_csv, read_npz
+from caviar.models.errors import CaviarError
 from caviar.search.spec import MAX_NAME_LENGTH, text_problem
 
 #: Array names whose first axis counts examples (their sum is the upload's rows).
@@ -41,7 +42,7 @@ class UploadLimits:
     max_name_length: int = MAX_NAME_LENGTH
 
 
-class UploadError(ValueError):
+class UploadError(CaviarError, ValueError):
     """An upload refused with an HTTP status and a reason the user can act on."""
 
     def __init__(self, status_code: int, reason: str) -> None:

@@ -20,7 +20,7 @@ _ENTRY = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;\\]+)(?:\s*;\s*([^\\]
 def pinned(lock: str) -> dict[str, str]:
     """Name → version of every package the lock installs on this interpreter; each has a hash."""
     lines = (ROOT / "requirements" / f"{lock}.txt").read_text().splitlines()
-    versions = {}
+    versions: dict[str, str] = {}
     for number, line in enumerate(lines):
         match = _ENTRY.match(line)
         if match is None:

@@ -11,13 +11,14 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Annotated
 
 import anyio.to_thread
-from fastapi import APIRouter, Form, HTTPException, Request, Response, UploadFile, status
+from fastapi import APIRouter, Form, Request, Response, UploadFile, status
 from pydantic import BaseModel, Field
 from sqlalchemy import select
 
-from caviar.db.models import Dataset, Search
+from caviar.db.tables import OPEN_STATUSES, Search, StoredDataset
 from caviar.search.spec import text_problem
 from caviar.service.deps import Owner, SessionDep, SettingsDep
+from caviar.service.errors import Conflict, NotFound, TooMany
 from caviar.service.schemas import DatasetList, DatasetPublic, error_responses
 from caviar.service.uploads import ParsedUpload, UploadError, UploadLimits, parse_upload
 
@@ -62,17 +63,15 @@ async def upload_dataset(
     uploading: set[str] = request.app.state.uploading
     if owner in uploading:
         detail = "an upload of yours is still being parsed: send the next one when it is done"
-        raise HTTPException(status.HTTP_429_TOO_MANY_REQUESTS, detail=detail)
+        raise TooMany(detail)
     uploading.add(owner)
     try:
         content = await file.read(limits.max_bytes + 1)
         async with request.app.state.upload_parsing:
             parsed = await _parse_apart(file.filename or "", content, upload.target, limits)
-    except UploadError as error:
-        raise HTTPException(error.status_code, detail=error.reason) from None
     finally:
         uploading.discard(owner)
-    row = Dataset(
+    row = StoredDataset(
         id=f"ds-{uuid.uuid4().hex[:12]}",
         owner=owner,
         name=file.filename or "upload",
@@ -114,7 +113,9 @@ async def _parse_apart(
 def list_datasets(owner: Owner, session: SessionDep) -> DatasetList:
     """The caller's datasets, newest first."""
     rows = session.scalars(
-        select(Dataset).where(Dataset.owner == owner).order_by(Dataset.created_at.desc())
+        select(StoredDataset)
+        .where(StoredDataset.owner == owner)
+        .order_by(StoredDataset.created_at.desc())
     )
     return DatasetList(items=[DatasetPublic.model_validate(row) for row in rows])
 
@@ -126,13 +127,13 @@ def list_datasets(owner: Owner, session: SessionDep) -> DatasetList:
 )
 def delete_dataset(dataset_id: str, owner: Owner, session: SessionDep) -> Response:
     """Delete a dataset that no queued or running search uses (409 otherwise)."""
-    row = session.get(Dataset, dataset_id) if text_problem(dataset_id) is None else None
+    row = session.get(StoredDataset, dataset_id) if text_problem(dataset_id) is None else None
     if row is None or row.owner != owner:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"dataset {dataset_id!r} not found")
+        raise NotFound(f"dataset {dataset_id!r} not found")
     open_searches = session.scalars(
-        select(Search).where(Search.owner == owner, Search.status.in_(("queued", "running")))
+        select(Search).where(Search.owner == owner, Search.status.in_(OPEN_STATUSES))
     )
     if any(s.spec.get("dataset", {}).get("id") == dataset_id for s in open_searches):
-        raise HTTPException(status.HTTP_409_CONFLICT, detail="a queued or running search uses it")
+        raise Conflict("a queued or running search uses it")
     session.delete(row)
     return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -9,8 +9,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from sqlalchemy import func, inspect, select, text
 
 from caviar.db.migrate import is_current
-from caviar.db.models import SEARCH_STATUSES, Search
 from caviar.db.session import DatabaseError, session_scope
+from caviar.db.tables import SEARCH_STATUSES, Search
 from caviar.service.deps import SettingsDep
 from caviar.service.schemas import Health, content_response, error_responses
 
@@ -58,10 +58,11 @@ def metrics(settings: SettingsDep) -> PlainTextResponse:
             session.execute(select(Search.status, func.count()).group_by(Search.status)).all()
         )
         tables = set(inspect(session.connection()).get_table_names())
-        trials, durations = [], []
+        trials: list[tuple[str, int]] = []
+        durations = []
         if "trials" in tables:  # Optuna's table, once any study exists
-            trials = session.execute(text("SELECT state, COUNT(*) FROM trials GROUP BY state"))
-            trials = [(str(state).rsplit(".", 1)[-1], count) for state, count in trials]
+            rows = session.execute(text("SELECT state, COUNT(*) FROM trials GROUP BY state"))
+            trials = [(str(state).rsplit(".", 1)[-1], count) for state, count in rows]
             finished = session.execute(
                 text(
                     "SELECT datetime_start, datetime_complete FROM trials "

@@ -9,13 +9,14 @@ from fastapi import APIRouter, Body, Header, HTTPException, Query, Request, Resp
 from fastapi.responses import HTMLResponse, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from caviar.db.models import TrainedModel
 from caviar.db.session import session_scope
 from caviar.db.storage import optuna_storage
+from caviar.db.tables import StoredModel
 from caviar.search.report import render_report
 from caviar.search.spec import SearchSpec
 from caviar.service import searches
 from caviar.service.deps import Owner, SessionDep, SettingsDep
+from caviar.service.errors import Conflict
 from caviar.service.events import EventCursor, EventStreams, events
 from caviar.service.limits import spec_limit_errors
 from caviar.service.schemas import (
@@ -105,18 +106,13 @@ def submit_search(
     errors = spec_limit_errors(spec, settings) + searches.dataset_errors(session, owner, spec)
     if errors:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=errors)
-    try:
-        search, _ = searches.submit_search(
-            session,
-            owner,
-            spec,
-            idempotency_key=idempotency_key,
-            max_concurrent=settings.max_concurrent_searches,
-        )
-    except searches.Conflict as error:
-        raise HTTPException(status.HTTP_409_CONFLICT, detail=str(error)) from None
-    except searches.TooMany as error:
-        raise HTTPException(status.HTTP_429_TOO_MANY_REQUESTS, detail=str(error)) from None
+    search, _ = searches.submit_search(
+        session,
+        owner,
+        spec,
+        idempotency_key=idempotency_key,
+        max_concurrent=settings.max_concurrent_searches,
+    )
     return SearchCreated(id=search.id, status=search.status)
 
 
@@ -138,7 +134,7 @@ def get_search(
     search_id: str, owner: Owner, session: SessionDep, settings: SettingsDep
 ) -> SearchPublic:
     """Status, stage, progress and best trial of one search."""
-    search = _owned(session, owner, search_id)
+    search = searches.owned_search(session, owner, search_id)
     return searches.public_search(search, searches.progress(settings.database_url, search))
 
 
@@ -147,7 +143,7 @@ def get_trials(
     search_id: str, owner: Owner, session: SessionDep, settings: SettingsDep
 ) -> TrialList:
     """Every trial of the search with its parameters (β as β) and figures."""
-    search = _owned(session, owner, search_id)
+    search = searches.owned_search(session, owner, search_id)
     trials = searches.search_trials(settings.database_url, search)
     return TrialList(items=[searches.public_trial(*t) for t in trials])
 
@@ -157,11 +153,8 @@ def get_trials(
 )
 def cancel_search(search_id: str, owner: Owner, session: SessionDep) -> SearchPublic:
     """Cancel the search; workers stop its trials within an epoch."""
-    search = _owned(session, owner, search_id)
-    try:
-        searches.cancel_search(session, search)
-    except searches.Conflict as error:
-        raise HTTPException(status.HTTP_409_CONFLICT, detail=str(error)) from None
+    search = searches.owned_search(session, owner, search_id)
+    searches.cancel_search(session, search)
     return searches.public_search(search)
 
 
@@ -177,9 +170,9 @@ def get_report(
     search_id: str, owner: Owner, session: SessionDep, settings: SettingsDep
 ) -> HTMLResponse:
     """The search's self-contained HTML report."""
-    search = _owned(session, owner, search_id)
+    search = searches.owned_search(session, owner, search_id)
     if not search.studies:
-        raise HTTPException(status.HTTP_409_CONFLICT, detail="the search has not started yet")
+        raise Conflict("the search has not started yet")
     spec = SearchSpec.model_validate(search.spec)
     result = searches.search_result(settings.database_url, search)
     return HTMLResponse(render_report(spec, optuna_storage(settings.database_url), result))
@@ -221,10 +214,7 @@ async def get_events(
     streams: EventStreams = request.app.state.event_streams
     url = settings.database_url
     await streams.run(_check_owned, url, owner, search_id)
-    try:
-        streams.acquire(owner)
-    except searches.TooMany as error:
-        raise HTTPException(status.HTTP_429_TOO_MANY_REQUESTS, detail=str(error)) from None
+    streams.acquire(owner)
     return _EventStream(
         events(streams, url, owner, search_id, after),
         release=lambda: streams.release(owner),
@@ -257,8 +247,8 @@ class _EventStream(StreamingResponse):
 )
 def get_model(search_id: str, owner: Owner, session: SessionDep) -> Response:
     """The refit best model (parameters, architecture, preprocessing) as one .npz file."""
-    _owned(session, owner, search_id)
-    model = session.get(TrainedModel, search_id)
+    searches.owned_search(session, owner, search_id)
+    model = session.get(StoredModel, search_id)
     if model is None:
         raise HTTPException(
             status.HTTP_404_NOT_FOUND, detail="no model yet: the search has not completed"
@@ -272,11 +262,4 @@ def get_model(search_id: str, owner: Owner, session: SessionDep) -> Response:
 
 def _check_owned(database_url: str, owner: str, search_id: str) -> None:
     with session_scope(database_url) as session:
-        _owned(session, owner, search_id)
-
-
-def _owned(session, owner: str, search_id: str):
-    try:
-        return searches.owned_search(session, owner, search_id)
-    except searches.NotFound as error:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=str(error)) from None
+        searches.owned_search(session, owner, search_id)

@@ -18,9 +18,9 @@ from caviar.db.migrate import (
     require_current,
     upgrade,
 )
-from caviar.db.models import Base
 from caviar.db.session import get_engine
 from caviar.db.storage import optuna_head_revision, optuna_storage
+from caviar.db.tables import Base
 
 CAVIAR_TABLES = {
     "caviar_searches",

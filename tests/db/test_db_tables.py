@@ -15,9 +15,9 @@ from sqlalchemy import inspect, select, text
 from sqlalchemy.exc import OperationalError
 
 from caviar.db.migrate import is_current
-from caviar.db.models import ApiKey, Dataset, Search, TrainedModel, utcnow
 from caviar.db.session import ConflictError, DatabaseError, get_engine, lock_search, session_scope
 from caviar.db.storage import optuna_storage
+from caviar.db.tables import ApiKey, Search, StoredDataset, StoredModel, utcnow
 
 BLOB = bytes(range(256)) * 40
 
@@ -64,7 +64,7 @@ def test_search_round_trip(migrated_url):
 def test_dataset_round_trip_loads_content_only_on_demand(migrated_url):
     with session_scope(migrated_url) as session:
         session.add(
-            Dataset(
+            StoredDataset(
                 id="d1",
                 owner="alice",
                 name="iris.csv",
@@ -78,7 +78,7 @@ def test_dataset_round_trip_loads_content_only_on_demand(migrated_url):
             )
         )
     with session_scope(migrated_url) as session:
-        dataset = session.scalars(select(Dataset).where(Dataset.owner == "alice")).one()
+        dataset = session.scalars(select(StoredDataset).where(StoredDataset.owner == "alice")).one()
         assert (dataset.format, dataset.target, dataset.rows, dataset.columns) == (
             "csv",
             "species",
@@ -90,7 +90,7 @@ def test_dataset_round_trip_loads_content_only_on_demand(migrated_url):
         assert hashlib.sha256(dataset.content).hexdigest() == dataset.sha256
         session.delete(dataset)
     with session_scope(migrated_url) as session:
-        assert session.get(Dataset, "d1") is None
+        assert session.get(StoredDataset, "d1") is None
 
 
 def test_api_key_round_trip(migrated_url):
@@ -108,20 +108,20 @@ def test_api_key_round_trip(migrated_url):
 def test_trained_model_round_trip_and_cascade_delete(migrated_url):
     add_search(migrated_url)
     with session_scope(migrated_url) as session:
-        session.add(TrainedModel(search_id="s1", content=BLOB, size=len(BLOB), sha256="a" * 64))
+        session.add(StoredModel(search_id="s1", content=BLOB, size=len(BLOB), sha256="a" * 64))
     with session_scope(migrated_url) as session:
-        model = session.get(TrainedModel, "s1")
+        model = session.get(StoredModel, "s1")
         assert "content" in inspect(model).unloaded
         assert (model.content, model.size) == (BLOB, len(BLOB))
     with session_scope(migrated_url) as session:
         session.delete(session.get(Search, "s1"))
     with session_scope(migrated_url) as session:
-        assert session.scalars(select(TrainedModel)).all() == []
+        assert session.scalars(select(StoredModel)).all() == []
 
 
 def test_model_of_a_missing_search_is_a_conflict(migrated_url):
     with pytest.raises(ConflictError), session_scope(migrated_url) as session:
-        session.add(TrainedModel(search_id="nope", content=b"", size=0, sha256="a" * 64))
+        session.add(StoredModel(search_id="nope", content=b"", size=0, sha256="a" * 64))
 
 
 def test_idempotency_key_is_unique_per_owner(migrated_url):
@@ -145,7 +145,7 @@ def test_unknown_status_and_format_are_refused(migrated_url):
         add_search(migrated_url, status="paused")
     with pytest.raises(ConflictError), session_scope(migrated_url) as session:
         session.add(
-            Dataset(
+            StoredDataset(
                 id="d",
                 owner="a",
                 name="x",
@@ -252,6 +252,7 @@ def test_lock_search_serialises_read_modify_write(migrated_url):
         for _ in range(rounds):
             with session_scope(migrated_url) as session:
                 search = lock_search(session, "s1")
+                assert search is not None
                 stage = search.stage
                 time.sleep(0.02)
                 search.stage = stage + 1

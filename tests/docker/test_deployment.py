@@ -10,7 +10,7 @@ import subprocess
 import sys
 from importlib import resources
 
-import jsonschema
+import jsonschema  # type: ignore[import-untyped]  # no types-jsonschema in the dev tools
 import pytest
 from deployment_files import (
     COMPOSE_FILES,

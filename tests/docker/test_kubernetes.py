@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 
-import kubernetes_validate
+import kubernetes_validate  # type: ignore[import-untyped]  # ships no py.typed marker
 import pytest
 import yaml
 from deployment_files import (

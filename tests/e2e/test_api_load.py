@@ -16,8 +16,8 @@ import pytest
 from test_service import SPEC, caviar, free_port, start, wait_for
 
 from caviar.db.keys import create_key
-from caviar.db.models import Search
 from caviar.db.session import session_scope
+from caviar.db.tables import Search
 
 OWNERS = 8
 STREAMS_PER_OWNER = 8  # the default CAVIAR_MAX_EVENT_STREAMS
@@ -133,7 +133,8 @@ def test_healthz_answers_within_100_ms_while_64_streams_and_a_60_mb_upload_are_o
                     timeout=600,
                 )
             )
-            seconds, again = [], []
+            seconds: list[float] = []
+            again: list[httpx.Response] = []
             small, began = big_csv(10_000), time.monotonic()
             while not upload.done():
                 seconds.append(await healthz_seconds(http))

@@ -153,6 +153,32 @@ def test_a_stopped_run_resumes_with_its_finished_trials_and_ends_with_its_budget
     assert f"search {search_id!r} is completed: there is nothing to resume" in again.stderr
 
 
+REGRESSION_SPEC = """
+name: cli-regression
+dataset: {name: synthetic, samples: 300, features: 5, task: regression, noise: 5.0}
+budget: {trials: 6, epochs: 3}
+space:
+  learning_rate: {low: 1.0e-4, high: 0.3, scale: log}
+fixed: {optimizer: adam, batch_size: 32, hidden_units: 8, hidden_layers: 1}
+"""
+
+
+def test_a_regression_run_calls_the_lowest_dev_mse_best(tmp_path):
+    """The objective (dev_mse, minimized) comes with the results: the progress bar, the table's
+    order and the best line all pick the lowest dev MSE, not the highest."""
+    (tmp_path / "spec.yaml").write_text(REGRESSION_SPEC)
+    done = caviar("run", "spec.yaml", "--database-url", f"sqlite:///{tmp_path}/c.db", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    rows = [line.split("│") for line in lines if line.startswith("│")]
+    values = [float(row[3]) for row in rows]
+    assert len(values) == 6 and values == sorted(values), "the table lists the lowest MSE first"
+    shown = next(line for line in lines if " · best " in line).split(" · best ")[1].split()[0]
+    assert float(shown) == pytest.approx(values[0], rel=1e-3), "the bar shows the lowest MSE"
+    best_line = next(line for line in lines if line.startswith("best: trial"))
+    assert f"dev_mse {values[0]:.4f}" in best_line
+
+
 def test_bad_spec_exits_with_the_field_and_reason(tmp_path):
     (tmp_path / "bad.yaml").write_text(
         SPEC.replace("scale: log}", "scale: log, low: 0}", 1).replace("low: 1.0e-3, ", "")

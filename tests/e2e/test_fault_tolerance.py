@@ -16,8 +16,8 @@ from sqlalchemy import create_engine, text
 from test_service import free_port
 from test_worker_metrics import scrape
 
-from caviar.db.models import Search
 from caviar.db.session import session_scope
+from caviar.db.tables import Search
 from caviar.search.spec import parse_spec
 from caviar.search.studies import FINAL_FAILURES
 from caviar.service.searches import submit_search
@@ -84,7 +84,7 @@ def running(url, search_id) -> int:
 
 def status(url, search_id) -> str:
     with session_scope(url) as session:
-        return session.get(Search, search_id).status
+        return session.get_one(Search, search_id).status
 
 
 def assert_exact_budget(url, search_id):

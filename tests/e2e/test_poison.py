@@ -12,8 +12,8 @@ import time
 import pytest
 from sqlalchemy import select
 
-from caviar.db.models import Lease, Search
 from caviar.db.session import session_scope
+from caviar.db.tables import Lease, Search
 from caviar.search.spec import parse_spec
 from caviar.service.searches import submit_search
 
@@ -67,7 +67,7 @@ def loaders(url, search_id) -> set[str]:
 
 def search(url, search_id) -> Search:
     with session_scope(url) as session:
-        return session.get(Search, search_id)
+        return session.get_one(Search, search_id)
 
 
 def stop(process):

@@ -13,8 +13,8 @@ import pytest
 from test_service import free_port, start
 
 from caviar.db.migrate import upgrade
-from caviar.db.models import Search
 from caviar.db.session import session_scope
+from caviar.db.tables import Search
 from caviar.search.spec import parse_spec
 from caviar.service.searches import submit_search
 
@@ -43,7 +43,7 @@ def queue(url: str) -> str:
 
 def status(url: str, search_id: str) -> str:
     with session_scope(url) as session:
-        return session.get(Search, search_id).status
+        return session.get_one(Search, search_id).status
 
 
 def scrape(port: int) -> dict[str, float]:

@@ -252,7 +252,7 @@ def _write(tmp_path: Path, name: str, content: str | dict[str, np.ndarray]) -> s
     if isinstance(content, str):
         path.write_text(content)
     else:
-        np.savez(path, **content)
+        np.savez(path, **content)  # type: ignore[arg-type]  # mypy fits **content to allow_pickle
     return str(path)
 
 

@@ -3,7 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
+import optax  # type: ignore[import-untyped]  # optax ships no py.typed marker
 import pytest
 
 from caviar.models.optim import OPTIMIZERS, Hyper, init_moments, lr_factor, update

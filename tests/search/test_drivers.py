@@ -1,6 +1,6 @@
 """One driver, two ways to drive it: every behaviour of a search is the same whether `caviar run`
 drives it in its own process (`search.runner.run_search`) or a pool worker does, under the
-search's row lock (`search.pool.Worker`). Each test runs both, on a real SQLite file."""
+search's row lock (`search.worker.Worker`). Each test runs both, on a real SQLite file."""
 
 from __future__ import annotations
 
@@ -9,12 +9,13 @@ import pytest
 from optuna.trial import TrialState
 
 from caviar.db.migrate import upgrade
-from caviar.db.models import Search
 from caviar.db.session import session_scope
-from caviar.search import final, worker
-from caviar.search.pool import Worker
+from caviar.db.tables import Search
+from caviar.search import final
+from caviar.search import trials as trial_training
 from caviar.search.runner import run_search, start_search
 from caviar.search.spec import SpecError, parse_spec
+from caviar.search.worker import Worker
 from caviar.service.searches import submit_search
 
 SPEC = """
@@ -50,7 +51,7 @@ def drive(driver: str, url: str, text: str, batch: int) -> Search:
             search_id = search.id
         Worker(url, batch=batch).run(until_idle=True)
     with session_scope(url) as session:
-        return session.get(Search, search_id)
+        return session.get_one(Search, search_id)
 
 
 def trials_of(url: str, search: Search) -> list[optuna.trial.FrozenTrial]:
@@ -66,7 +67,7 @@ def watch_programs(monkeypatch, fail_above: int | None = None) -> list[int]:
     """The trials each engine call starts with, as the drivers make them; with `fail_above`, a
     call starting with more runs out of memory."""
     sizes: list[int] = []
-    train = worker.train_batch
+    train = trial_training.train_batch
 
     def watched(shapes, hparams, *args, **kwargs):
         sizes.append(len(hparams))
@@ -75,7 +76,7 @@ def watch_programs(monkeypatch, fail_above: int | None = None) -> list[int]:
             raise MemoryError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate")
         return train(shapes, hparams, *args, **kwargs)
 
-    monkeypatch.setattr(worker, "train_batch", watched)
+    monkeypatch.setattr(trial_training, "train_batch", watched)
     return sizes
 
 

@@ -84,6 +84,7 @@ def test_never_leaves_the_original_bounds(name: str, edge_values: list[Any]) -> 
     top = [_trial(**{name: value}) for value in edge_values]
     new = _refine(top, margin=0.5)[name]
     original = ORIGINAL[name]
+    assert isinstance(new, FloatParam | IntParam) and isinstance(original, FloatParam | IntParam)
     assert original.low <= new.low < new.high <= original.high
     assert all(new.low <= value <= new.high for value in edge_values)
 
@@ -173,8 +174,11 @@ def test_second_stage_samples_inside_the_refined_space() -> None:
     refined = refine_space(
         space, top_fraction(scored, 0.25, "maximize"), margin=0.1, original=space
     )
-    assert refined["learning_rate"].high - refined["learning_rate"].low < 0.5
+    learning_rate = refined["learning_rate"]
+    assert isinstance(learning_rate, FloatParam)
+    assert learning_rate.high - learning_rate.low < 0.5
     for _ in range(40):  # same study: numeric ranges may change between stages
         values = sample_trial(study.ask(), refined, {})
         for name, param in refined.items():
+            assert isinstance(param, FloatParam | IntParam)
             assert param.low <= values[name] <= param.high

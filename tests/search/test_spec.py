@@ -81,7 +81,8 @@ def test_example_parses() -> None:
     assert spec.objective == Objective(metric="dev_accuracy", direction="maximize")
     assert (spec.budget.trials, spec.budget.epochs, spec.budget.timeout_s) == (64, 30, 600)
     assert spec.space["learning_rate"] == FloatParam(low=1e-4, high=1.0, scale="log")
-    assert spec.space["momentum"].scale == "one_minus_log"
+    momentum = spec.space["momentum"]
+    assert isinstance(momentum, FloatParam) and momentum.scale == "one_minus_log"
     assert spec.space["hidden_units"] == IntParam(low=32, high=512, scale="log", type="int")
     assert spec.space["optimizer"] == CategoricalParam(choices=["momentum", "adam"])
     assert spec.fixed == {"batch_size": 128, "activation": "relu"}
@@ -111,7 +112,7 @@ def test_defaults() -> None:
     assert (spec.seed, spec.task, spec.objective, spec.fixed) == (0, None, None, {})
     assert spec.final_fit == "train"
     assert spec.stage_plan() == [Stage(trials=10, keep_top=0.1, margin=0.05)]
-    assert spec.space["learning_rate"].type == "float"
+    assert isinstance(spec.space["learning_rate"], FloatParam)
 
 
 def test_objective_defaults_follow_the_task() -> None:

@@ -2,10 +2,11 @@
 
 import asyncio
 import time
+from collections.abc import AsyncGenerator
 
 import pytest
 
-from caviar.search.pool import Worker
+from caviar.search.worker import Worker
 from caviar.service.client import _server_sent_events
 from caviar.service.events import EventCursor, EventStreams, events
 
@@ -76,6 +77,7 @@ def test_a_quiet_stream_sends_keep_alive_comments_that_clients_skip(client, toke
         stream = events(
             EventStreams(1), settings.database_url, "alice", search_id, poll_s=0.05, keepalive_s=0.2
         )
+        assert isinstance(stream, AsyncGenerator)  # declared an AsyncIterator; closed below
         try:
             return await anext(stream)
         finally:

@@ -18,7 +18,7 @@ LIMITS = UploadLimits()
 
 def _npz(**arrays: np.ndarray) -> bytes:
     buffer = io.BytesIO()
-    np.savez_compressed(buffer, **arrays)
+    np.savez_compressed(buffer, **arrays)  # type: ignore[arg-type]  # mypy fits **arrays to allow_pickle
     return buffer.getvalue()
 
 

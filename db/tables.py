@@ -7,6 +7,7 @@ deeper changes need a new value assigned. Datetimes are timezone-aware UTC on ev
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any, ClassVar
 
 from sqlalchemy import (
@@ -28,8 +29,21 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.mutable import MutableDict, MutableList
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-SEARCH_STATUSES = ("queued", "running", "completed", "failed", "cancelled")
-TERMINAL_STATUSES = {"completed", "failed", "cancelled"}
+
+class SearchStatus(StrEnum):
+    """Where a search stands; the members compare equal to the strings stored in the table."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+SEARCH_STATUSES = tuple(status.value for status in SearchStatus)
+OPEN_STATUSES = frozenset({SearchStatus.QUEUED, SearchStatus.RUNNING})
+"""A worker may still work on such a search."""
+TERMINAL_STATUSES = frozenset(SearchStatus) - OPEN_STATUSES
 DATASET_FORMATS = ("npz", "csv")
 
 NAMING_CONVENTION = {
@@ -100,7 +114,7 @@ class Search(Base):
     owner: Mapped[str] = mapped_column(String(128), index=True)
     name: Mapped[str] = mapped_column(String(200))
     spec: Mapped[dict[str, Any]] = mapped_column(MutableDict.as_mutable(_json()))
-    status: Mapped[str] = mapped_column(String(16), index=True, default="queued")
+    status: Mapped[str] = mapped_column(String(16), index=True, default=SearchStatus.QUEUED.value)
     stage: Mapped[int] = mapped_column(default=0)
     studies: Mapped[list[str]] = mapped_column(MutableList.as_mutable(_json()), default=list)
     best: Mapped[dict[str, Any] | None] = mapped_column(MutableDict.as_mutable(_json()))
@@ -132,7 +146,7 @@ class Lease(Base):
     heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
-class Dataset(Base):
+class StoredDataset(Base):
     """An uploaded data set: an `.npz` archive, or a CSV file whose `target` column is the label."""
 
     __tablename__ = "caviar_datasets"
@@ -166,7 +180,7 @@ class ApiKey(Base):
     revoked_at: Mapped[datetime | None]
 
 
-class TrainedModel(Base):
+class StoredModel(Base):
     """The checkpoint of a search's best trial; deleted with its search."""
 
     __tablename__ = "caviar_models"

@@ -10,12 +10,12 @@ from optuna.trial import TrialState
 from sqlalchemy import select, text
 
 from caviar.db.migrate import upgrade
-from caviar.db.models import Lease, Search, TrainedModel
 from caviar.db.session import lock_search, session_scope
+from caviar.db.tables import Lease, Search, StoredModel
 from caviar.models.data import load_dataset
 from caviar.models.export import load_model
-from caviar.search.pool import Worker
 from caviar.search.spec import parse_spec
+from caviar.search.worker import Worker
 from caviar.service.searches import submit_search
 
 SPEC = """
@@ -60,7 +60,7 @@ def test_a_worker_runs_a_queued_search_to_its_end(url):
         assert search.stage == 2
         assert search.studies == [f"caviar/{search_id}/stage-{n}" for n in (1, 2)]
         best, studies = search.best, search.studies
-        model = session.get(TrainedModel, search_id)
+        model = session.get(StoredModel, search_id)
         content = model.content
     trials = trials_of(url, studies)
     assert len(trials) == 7  # exactly the budget, batches of 3 notwithstanding
@@ -100,7 +100,7 @@ def queue_unchecked(url, spec: dict, owner="alice") -> str:
 
 def errors_of(url, *search_ids) -> list[tuple[str, str | None]]:
     with session_scope(url) as session:
-        return [(s.status, s.error) for s in map(lambda i: session.get(Search, i), search_ids)]
+        return [(s.status, s.error) for s in map(lambda i: session.get_one(Search, i), search_ids)]
 
 
 def test_a_search_reads_files_only_inside_the_workers_data_directory(url, tmp_path):
@@ -149,7 +149,7 @@ def test_diverging_trials_fail_and_the_search_still_completes(url):
 def test_out_of_memory_errors_are_recognised():
     import jax
 
-    from caviar.search.worker import is_out_of_memory
+    from caviar.search.trials import is_out_of_memory
 
     assert is_out_of_memory(
         jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate")
@@ -170,12 +170,12 @@ def store_csv(url, dataset_id: str, owner: str, content: bytes) -> None:
     """An uploaded CSV dataset (target column `label`), as the API stores it."""
     import hashlib
 
-    from caviar.db.models import Dataset
+    from caviar.db.tables import StoredDataset
 
     lines = content.decode().strip().splitlines()
     with session_scope(url) as session:
         session.add(
-            Dataset(
+            StoredDataset(
                 id=dataset_id,
                 owner=owner,
                 name="d.csv",
@@ -249,8 +249,8 @@ def test_a_search_that_cannot_be_loaded_fails_alone(url):
 def test_a_search_whose_workers_keep_dying_fails_after_the_attempt_limit(url):
     from datetime import timedelta
 
-    from caviar.db.models import utcnow
     from caviar.db.storage import GRACE_PERIOD_S
+    from caviar.db.tables import utcnow
 
     search_id = queue(url)
     for attempt in range(2):  # two workers died while loading it: their leases went stale
@@ -288,12 +288,13 @@ def cancel_while(url: str, search_id: str, phase: str, work) -> None:
         with session_scope(url) as session:
             session.execute(text("SET LOCAL lock_timeout = '2s'"))
             search = lock_search(session, search_id)
+            assert search is not None
             search.cancel_requested, search.status = True, "cancelled"
         assert worker.is_alive(), f"the worker should still be in its {phase} phase"
     finally:
         worker.join(180)
     with session_scope(url) as session:
-        assert session.get(Search, search_id).status == "cancelled"
+        assert session.get_one(Search, search_id).status == "cancelled"
         assert session.scalars(leases).first() is None
 
 
@@ -312,4 +313,4 @@ def test_no_lock_is_held_during_the_final_fit_and_a_cancel_then_wins(postgres_ur
     worker = Worker(postgres_url, batch=2)
     cancel_while(postgres_url, search_id, "finish", lambda: worker.run(until_idle=True))
     with session_scope(postgres_url) as session:
-        assert session.get(TrainedModel, search_id) is None
+        assert session.get(StoredModel, search_id) is None

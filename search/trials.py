@@ -1,0 +1,432 @@
+"""The worker loop's core: ask Optuna for trials, train them bucket by bucket, tell Optuna.
+
+The planner (`models.planner.plan`) splits a claim of trials into buckets, each one compiled
+program for trials of different shapes; the engine (`models.train.train_batch`) knows nothing
+about Optuna; this module turns its per-epoch callback into `trial.report` /
+`trial.should_prune` calls, tells Optuna each trial as it leaves its slot, and, given a way to
+ask the driver for more (`AskMore`), hands a freed slot to a new trial of the stage at once. A
+diverged trial fails with reason `diverged`; the rest of its batch goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, NamedTuple
+
+import numpy as np
+import optuna
+from optuna.study import StudyDirection
+from optuna.trial import Trial, TrialState
+from sqlalchemy.exc import SQLAlchemyError
+
+from caviar.db.storage import report_epoch, retry_trial, set_user_attrs
+from caviar.models.data import Dataset
+from caviar.models.planner import plan, strategy_from_env
+from caviar.models.train import (
+    DEFAULT_GROUP_SIZE,
+    HPARAM_DEFAULTS,
+    Bucket,
+    EpochReport,
+    Shape,
+    TrainData,
+    TrialResult,
+    compiled_buckets,
+    planning_costs,
+    train_batch,
+)
+from caviar.search.space import sample_trial
+from caviar.search.spec import Direction, Objective, Param, SearchSpec
+
+#: Trials one worker asks for at once; the planner splits them into buckets.
+DEFAULT_BATCH = 32
+
+logger = logging.getLogger(__name__)
+
+#: Stop reasons after which a trial is enqueued again: the trial itself was not at fault.
+RETRIED_REASONS = frozenset({"preempted", "interrupted", "oom"})
+
+
+@dataclass
+class SearchContext:
+    """What every batch of a search needs: the spec, its data on the device and its objective."""
+
+    spec: SearchSpec
+    search_id: str
+    dataset: Dataset
+    objective: Objective
+    data: TrainData = field(init=False)
+
+    def __post_init__(self) -> None:
+        ds = self.dataset
+        self.data = TrainData.from_arrays(ds.x_train, ds.y_train, ds.x_dev, ds.y_dev, ds.target_std)
+
+
+@dataclass(frozen=True)
+class TrialOutcome:
+    """What happened to one trial, for progress displays."""
+
+    number: int
+    stage: int
+    state: TrialState
+    value: float | None
+    params: dict[str, Any]
+    reason: str | None = None  # why a failed trial failed
+    #: The objective's direction, "maximize" or "minimize": which values are better.
+    direction: Direction = "maximize"
+    #: A complete trial's best-epoch variables, read on demand (its batch's result stays on the
+    #: device meanwhile), so that its own process can test it without a refit.
+    variables: Callable[[], dict] | None = field(default=None, repr=False, compare=False)
+
+
+#: Called after every epoch; a returned reason ("cancelled", "timeout", "preempted") stops every
+#: trial in training, which then fails with that reason.
+StopCheck = Callable[[], "str | None"]
+
+
+def shape_of(params: dict[str, Any], dataset: Dataset) -> Shape:
+    """The real architecture of a trial's hyperparameters (a bucket may hold it padded)."""
+    return Shape(
+        input_dim=dataset.num_features,
+        num_outputs=dataset.num_outputs,
+        hidden=(int(params["hidden_units"]),) * int(params["hidden_layers"]),
+        activation=params["activation"],
+        batch_norm=bool(params["batch_norm"]),
+        optimizer=params["optimizer"],
+        batch_size=min(int(params["batch_size"]), len(dataset.y_train)),
+        task=dataset.task,
+        use_dropout=float(params["dropout"]) > 0,
+    )
+
+
+def continuous_hparams(params: dict[str, Any], seed: int) -> dict[str, Any]:
+    """The trial's continuous hyperparameters (everything of the engine's that is not the shape)."""
+    values = {name: params[name] for name in HPARAM_DEFAULTS if name in params}
+    values["seed"] = seed
+    return values
+
+
+def trial_seed(spec_seed: int, stage: int, number: int) -> int:
+    """A stable per-trial seed for initialisation and dropout."""
+    return zlib.crc32(f"{spec_seed}/{stage}/{number}".encode()) & 0x7FFFFFFF
+
+
+#: Asks the driver for up to n more trials of the stage: as many as its budget leaves, or none.
+AskMore = Callable[[int], list[Trial]]
+
+
+class _Asked(NamedTuple):
+    """An asked trial with its sampled hyperparameters and the shape they make."""
+
+    trial: Trial
+    params: dict[str, Any]
+    shape: Shape
+
+
+def train_trials(
+    study: optuna.Study,
+    ctx: SearchContext,
+    space: dict[str, Param],
+    stage: int,
+    trials: list[Trial],
+    *,
+    should_stop: StopCheck | None = None,
+    on_trial: Callable[[TrialOutcome], None] | None = None,
+    on_epoch: Callable[[list[Trial]], None] | None = None,
+    group_size: int = DEFAULT_GROUP_SIZE,
+    strategy: str | None = None,
+    ask_more: AskMore | None = None,
+) -> list[TrialOutcome]:
+    """Sample and train already-asked trials of `stage` bucket by bucket; tell Optuna each result
+    as it ends.
+
+    `strategy` (default `$CAVIAR_BUCKETS`, else `auto`) is the planner's; `group_size` trials of
+    a bucket share one compiled call (see `models.train.train_batch`). With `ask_more`, the slot
+    of a trial that ends (pruned, diverged, complete) goes at once to a new trial of the stage,
+    as many as `ask_more` grants; a new trial whose shape does not fit the bucket in training
+    trains in a later one.
+    """
+    outcomes: list[TrialOutcome] = []
+    pending = _prepare(study, ctx, space, stage, trials)
+    while pending:
+        spilled: list[_Asked] = []
+        for bucket, members in _plan(ctx, pending, group_size, strategy):
+            refill = None
+            if ask_more is not None:
+                refill = _refiller(
+                    study, ctx, space, stage, bucket, ask_more, spilled, len(pending)
+                )
+            outcomes += _train_group(
+                study,
+                ctx,
+                bucket,
+                members,
+                stage,
+                should_stop,
+                on_trial,
+                on_epoch,
+                group_size,
+                refill,
+            )
+        pending = spilled
+    return outcomes
+
+
+def _prepare(
+    study: optuna.Study, ctx: SearchContext, space: dict[str, Param], stage: int, trials: list
+) -> list[_Asked]:
+    set_user_attrs(study, [(trial, {"stage": stage}) for trial in trials])
+    asked = []
+    for trial in trials:
+        params = sample_trial(trial, space, ctx.spec.fixed)
+        asked.append(_Asked(trial, params, shape_of(params, ctx.dataset)))
+    return asked
+
+
+def _plan(
+    ctx: SearchContext, asked: list[_Asked], group_size: int, strategy: str | None
+) -> list[tuple[Bucket, list[_Asked]]]:
+    """The planner's buckets for these trials, each with its members."""
+    shapes = [a.shape for a in asked]
+    monitor = (ctx.objective.metric, ctx.objective.direction == "maximize")
+    costs = planning_costs(
+        ctx.data, epochs=ctx.spec.budget.epochs, group_size=group_size, trials=len(asked)
+    )
+    chosen = plan(
+        shapes,
+        costs,
+        strategy=strategy or strategy_from_env(),
+        compiled=compiled_buckets(ctx.data, monitor),
+    )
+    logger.info(
+        "%d trials of %d shapes in %d buckets: %s",
+        len(asked),
+        len(set(shapes)),
+        len(chosen.assignments),
+        chosen.describe(),
+        extra={"plan": chosen},
+    )
+    return [(a.bucket, [asked[i] for i in a.members]) for a in chosen.assignments]
+
+
+def _refiller(
+    study: optuna.Study,
+    ctx: SearchContext,
+    space: dict[str, Param],
+    stage: int,
+    bucket: Bucket,
+    ask_more: AskMore,
+    spilled: list[_Asked],
+    spill_limit: int,
+) -> Callable[[int], list[_Asked]]:
+    """Up to n new trials that fit `bucket`; the others asked meanwhile go to `spilled` (at most
+    `spill_limit` of them), to train in a later bucket."""
+
+    def refill(free: int) -> list[_Asked]:
+        fitting: list[_Asked] = []
+        while len(fitting) < free and len(spilled) < spill_limit:
+            new = ask_more(free - len(fitting))
+            if not new:
+                break
+            for asked in _prepare(study, ctx, space, stage, new):
+                (fitting if bucket.fits(asked.shape) else spilled).append(asked)
+        return fitting
+
+    return refill
+
+
+def _train_group(
+    study: optuna.Study,
+    ctx: SearchContext,
+    bucket: Bucket,
+    members: list[_Asked],
+    stage: int,
+    should_stop: StopCheck | None,
+    on_trial: Callable[[TrialOutcome], None] | None,
+    on_epoch: Callable[[list[Trial]], None] | None,
+    group_size: int,
+    refill: Callable[[int], list[_Asked]] | None = None,
+) -> list[TrialOutcome]:
+    """Train one bucket's trials (and those `refill` brings); each is told as it ends."""
+    metric = ctx.objective.metric
+    asked = list(members)
+    pruned = [False] * len(asked)
+    outcomes: dict[int, TrialOutcome] = {}
+    stop_reason: str | None = should_stop() if should_stop is not None else None
+    if stop_reason:  # stopped before this group started: give its trials back at once
+        return [
+            _fail(
+                study,
+                a.trial,
+                a.params,
+                stage,
+                stop_reason,
+                f"not started: {stop_reason}",
+                on_trial,
+            )
+            for a in asked
+        ]
+
+    def seeded(a: _Asked) -> dict[str, Any]:
+        return continuous_hparams(a.params, trial_seed(ctx.spec.seed, stage, a.trial.number))
+
+    def more(free: int) -> list[tuple[Shape, dict[str, Any]]]:
+        new = refill(free) if refill is not None and not stop_reason else []
+        asked.extend(new)
+        pruned.extend([False] * len(new))
+        return [(a.shape, seeded(a)) for a in new]
+
+    def callback(report: EpochReport) -> np.ndarray:
+        nonlocal stop_reason
+        reporting = np.flatnonzero(report.trained & ~report.diverged)
+        values = report.metrics[metric]
+        report_epoch(
+            study, [(asked[i].trial, float(values[i]), int(report.epochs[i])) for i in reporting]
+        )
+        for i in reporting:
+            if asked[i].trial.should_prune():
+                pruned[i] = True
+        if on_epoch is not None:
+            on_epoch([a.trial for i, a in enumerate(asked) if report.trained[i]])
+        if should_stop is not None and (reason := should_stop()):
+            stop_reason = reason
+            return np.ones(len(asked), bool)
+        return np.asarray(pruned)
+
+    kept: list[int] = []  # the complete trial whose weights the group holds: its best so far
+    better = max if ctx.objective.resolved_direction == "maximize" else min
+
+    def ended(index: int, result: TrialResult, variables: Callable[[], dict]) -> None:
+        fate = _fate(result, pruned[index], stop_reason)
+        outcome = _tell(
+            study, asked[index], stage, result, fate, stop_reason, metric, on_trial, variables
+        )
+        if outcome.value is not None and kept:
+            held = outcomes[kept[0]]
+            assert held.value is not None, "only complete trials are kept"
+            if better(held.value, outcome.value) == held.value:  # a tie keeps the earlier
+                outcome = replace(outcome, variables=None)
+            else:
+                outcomes[kept[0]] = replace(held, variables=None)
+        if outcome.variables is not None:
+            kept[:] = [index]
+        outcomes[index] = outcome
+
+    try:
+        train_batch(
+            [a.shape for a in asked],
+            [seeded(a) for a in asked],
+            ctx.data,
+            epochs=ctx.spec.budget.epochs,
+            callback=callback,
+            refill=more if refill is not None else None,
+            on_end=ended,
+            data_seed=ctx.spec.seed,
+            monitor=(metric, ctx.objective.direction == "maximize"),
+            group_size=group_size,
+            bucket=bucket,
+        )
+    except (optuna.exceptions.StorageInternalError, SQLAlchemyError):
+        raise  # the database, not the trials, failed: the worker retries, the reaper reruns them
+    except Exception as error:  # a bug or a resource error must not lose the other groups
+        reason = "oom" if is_out_of_memory(error) else "error"
+        message = "".join(traceback.format_exception_only(error)).strip()
+        for index, a in enumerate(asked):
+            if index not in outcomes:
+                outcomes[index] = _fail(study, a.trial, a.params, stage, reason, message, on_trial)
+    return [outcomes[index] for index in sorted(outcomes)]
+
+
+def _tell(
+    study: optuna.Study,
+    asked: _Asked,
+    stage: int,
+    result: TrialResult,
+    fate: str,
+    stop_reason: str | None,
+    metric: str,
+    on_trial: Callable[[TrialOutcome], None] | None,
+    variables: Callable[[], dict],
+) -> TrialOutcome:
+    """Record a trial that left its slot and tell Optuna how it ended."""
+    trial, values = asked.trial, asked.params
+    attrs: dict[str, Any] = {"epochs": result.epochs}
+    if fate == "diverged":
+        attrs["diverged_epoch"] = result.epochs
+    elif fate != "stopped":
+        attrs |= {**result.best, "best_epoch": result.best_epoch}
+    set_user_attrs(study, [(trial, attrs)])
+    if fate == "diverged":
+        return _fail(
+            study, trial, values, stage, "diverged", "loss became NaN or infinite", on_trial
+        )
+    if fate == "stopped":
+        message = f"stopped after {result.epochs} epochs: {stop_reason}"
+        return _fail(study, trial, values, stage, stop_reason or "stopped", message, on_trial)
+    if fate == "pruned":
+        study.tell(trial, state=TrialState.PRUNED)
+        return _outcome(trial, stage, TrialState.PRUNED, None, values, on_trial)
+    value = float(result.best[metric])
+    study.tell(trial, value)
+    return _outcome(trial, stage, TrialState.COMPLETE, value, values, on_trial, None, variables)
+
+
+def _fate(outcome: TrialResult, pruned: bool, stop_reason: str | None) -> str:
+    """How a trained trial ends: diverged, stopped (by a stop reason), pruned or complete."""
+    if outcome.status == "diverged":
+        return "diverged"
+    if stop_reason and outcome.status == "stopped" and not pruned:
+        return "stopped"
+    return "pruned" if pruned else "complete"
+
+
+#: How XLA, CUDA, cuBLAS and cuDNN word an allocation failure (compared in lower case).
+OUT_OF_MEMORY_MARKERS = (
+    "resource_exhausted",
+    "out of memory",
+    "cuda_error_out_of_memory",
+    "cublas_status_alloc_failed",
+    "cudnn_status_alloc_failed",
+    "failed to allocate",
+)
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether `error` is the accelerator (or host) running out of memory, in any wording."""
+    text = str(error).lower()
+    return isinstance(error, MemoryError) or any(m in text for m in OUT_OF_MEMORY_MARKERS)
+
+
+def give_back(study: optuna.Study, trials: Sequence[Trial], reason: str, message: str) -> None:
+    """Fail those of `trials` still running with `reason` (enqueued again when it is a retried
+    reason); trials that finish meanwhile, on another thread, are left as they are."""
+    for trial in trials:
+        if study._storage.get_trial(trial._trial_id).state != TrialState.RUNNING:
+            continue
+        try:
+            _fail(study, trial, {}, 0, reason, message, None)
+        except (RuntimeError, ValueError):  # told in between
+            continue
+
+
+def _fail(study, trial, values, stage, reason, message, on_trial) -> TrialOutcome:
+    trial.set_user_attr("reason", reason)
+    trial.set_user_attr("message", message[:1000])
+    study.tell(trial, state=TrialState.FAIL)
+    if reason in RETRIED_REASONS:
+        retry_trial(study, study._storage.get_trial(trial._trial_id))
+    return _outcome(trial, stage, TrialState.FAIL, None, values, on_trial, reason)
+
+
+def _outcome(
+    trial, stage, state, value, values, on_trial, reason=None, variables=None
+) -> TrialOutcome:
+    maximize = trial.study.direction == StudyDirection.MAXIMIZE
+    direction: Direction = "maximize" if maximize else "minimize"
+    outcome = TrialOutcome(trial.number, stage, state, value, values, reason, direction, variables)
+    if on_trial is not None:
+        on_trial(outcome)
+    return outcome

@@ -2,18 +2,11 @@
 
 from caviar.models.namespace import lazy_members
 
-_MEMBERS = {
-    "create_key": "keys",
-    "upgrade": "migrate",
-    "DatabaseError": "session",
-    "DatabaseUnavailable": "session",
-    "get_engine": "session",
-    "session_scope": "session",
-    "optuna_storage": "storage",
-    "Search": "tables",
-    "SearchStatus": "tables",
-    "StoredDataset": "tables",
-    "StoredModel": "tables",
-}
-__all__ = sorted(_MEMBERS)
-__getattr__ = lazy_members(__name__, _MEMBERS)
+__getattr__, __all__ = lazy_members(
+    __name__,
+    keys="create_key",
+    migrate="upgrade",
+    session="DatabaseError DatabaseUnavailable get_engine session_scope",
+    storage="optuna_storage",
+    tables="Search SearchStatus StoredDataset StoredModel",
+)

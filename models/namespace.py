@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import importlib
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 __all__ = ["lazy_members"]
 
 
-def lazy_members(package: str, members: Mapping[str, str]) -> Callable[[str], Any]:
-    """A module ``__getattr__`` for `package`: `members` maps each public name to the submodule
-    that defines it, imported when the name is first looked up (and then kept)."""
+def lazy_members(package: str, **modules: str) -> tuple[Callable[[str], Any], list[str]]:
+    """A module ``__getattr__`` for `package` and its ``__all__``: `modules` gives each submodule
+    the public names it defines (space-separated), imported when first looked up (then kept)."""
+    members = {name: module for module, names in modules.items() for name in names.split()}
 
     def __getattr__(name: str) -> Any:
         if name not in members:
@@ -27,4 +28,4 @@ def lazy_members(package: str, members: Mapping[str, str]) -> Callable[[str], An
         setattr(sys.modules[package], name, value)
         return value
 
-    return __getattr__
+    return __getattr__, sorted(members)

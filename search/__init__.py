@@ -2,17 +2,11 @@
 
 from caviar.models.namespace import lazy_members
 
-_MEMBERS = {
-    "render_report": "report",
-    "SearchResult": "runner",
-    "run_search": "runner",
-    "start_search": "runner",
-    "sample_trial": "space",
-    "SearchSpec": "spec",
-    "SpecError": "spec",
-    "load_spec": "spec",
-    "parse_spec": "spec",
-    "Worker": "worker",
-}
-__all__ = sorted(_MEMBERS)
-__getattr__ = lazy_members(__name__, _MEMBERS)
+__getattr__, __all__ = lazy_members(
+    __name__,
+    report="render_report",
+    runner="SearchResult run_search start_search",
+    space="sample_trial",
+    spec="SearchSpec SpecError load_spec parse_spec",
+    worker="Worker",
+)

@@ -2,12 +2,9 @@
 
 from caviar.models.namespace import lazy_members
 
-_MEMBERS = {
-    "create_app": "app",
-    "ApiError": "client",
-    "Client": "client",
-    "Settings": "settings",
-    "get_settings": "settings",
-}
-__all__ = sorted(_MEMBERS)
-__getattr__ = lazy_members(__name__, _MEMBERS)
+__getattr__, __all__ = lazy_members(
+    __name__,
+    app="create_app",
+    client="ApiError Client",
+    settings="Settings get_settings",
+)

@@ -24,7 +24,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import optuna
-import torch  # type: ignore[import-not-found]  # in the benchmark's own venv only
+import torch
 from torch import nn
 
 HIDDEN = (256, 256)

@@ -31,8 +31,8 @@ SAMPLES = 10_000
 
 def trainable(config: dict) -> None:
     """One trial: train, reporting after every epoch; stopped by ASHA or the time budget."""
-    # torch and ray are in the benchmark's own venv only; pruning_torch is the sibling script.
-    import torch  # type: ignore[import-not-found]
+    # ray is in the benchmark's own venv only; pruning_torch is the sibling script.
+    import torch
     from pruning_torch import epochs_of, hparams, load  # type: ignore[import-not-found]
     from ray.tune import report  # type: ignore[import-not-found]
 

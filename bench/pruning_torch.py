@@ -24,7 +24,7 @@ from typing import cast
 
 import numpy as np
 import optuna
-import torch  # type: ignore[import-not-found]  # in the benchmark's own venv only
+import torch
 from peers_torch import epochs_of  # type: ignore[import-not-found]  # sibling script
 
 

@@ -10,6 +10,7 @@ skipped, with the reason in the run's header, elsewhere.
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import pytest
 from sqlalchemy import create_engine, text
@@ -19,7 +20,10 @@ from caviar.db.migrate import upgrade
 from caviar.db.session import get_engine
 from caviar.db.storage import optuna_storage
 
-import external
+if TYPE_CHECKING:  # pytest puts this folder on sys.path; mypy knows the file by its path
+    from tests import external
+else:
+    import external
 
 # Exact float32 matmuls in the tests and in every process they start, as workers and `caviar run`
 # use by default (CAVIAR_MATMUL_PRECISION), so tolerances hold on GPU hosts too.

@@ -20,6 +20,7 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 from sqlalchemy import create_engine, text
@@ -40,7 +41,7 @@ def in_ci() -> bool:
     return os.environ.get("CI", "").lower() not in ("", "0", "false")
 
 
-def missing(reason: str) -> None:
+def missing(reason: str) -> NoReturn:
     """Fail (under CI) or skip the calling test because of `reason`."""
     if in_ci():
         pytest.fail(reason, pytrace=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from typing import TYPE_CHECKING
 
 import pytest
 from sqlalchemy import create_engine, text
@@ -10,7 +11,10 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.pool import NullPool
 
-import external
+if TYPE_CHECKING:  # pytest puts this folder on sys.path; mypy knows the file by its path
+    from tests import external
+else:
+    import external
 
 
 def _select_one(url: str) -> int:

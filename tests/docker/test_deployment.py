@@ -9,17 +9,29 @@ import signal
 import subprocess
 import sys
 from importlib import resources
+from typing import TYPE_CHECKING
 
 import jsonschema  # type: ignore[import-untyped]  # no types-jsonschema in the dev tools
 import pytest
-from deployment_files import (
-    COMPOSE_FILES,
-    DOCKER,
-    METRICS_PORT,
-    WORKER_GRACE,
-    assert_caviar_command,
-    compose,
-)
+
+if TYPE_CHECKING:  # pytest puts this folder on sys.path; mypy knows the file by its path
+    from tests.docker.deployment_files import (
+        COMPOSE_FILES,
+        DOCKER,
+        METRICS_PORT,
+        WORKER_GRACE,
+        assert_caviar_command,
+        compose,
+    )
+else:
+    from deployment_files import (
+        COMPOSE_FILES,
+        DOCKER,
+        METRICS_PORT,
+        WORKER_GRACE,
+        assert_caviar_command,
+        compose,
+    )
 
 
 @pytest.mark.parametrize("name", COMPOSE_FILES)

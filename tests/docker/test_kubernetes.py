@@ -8,21 +8,36 @@ import re
 import subprocess
 import sys
 import time
+from typing import TYPE_CHECKING
 
 import kubernetes_validate  # type: ignore[import-untyped]  # ships no py.typed marker
 import pytest
 import yaml
-from deployment_files import (
-    COMPOSE_FILES,
-    DOCKER,
-    KUBERNETES,
-    METRICS_PORT,
-    ROOT,
-    WORKER_GRACE,
-    assert_caviar_command,
-    compose,
-    seconds,
-)
+
+if TYPE_CHECKING:  # pytest puts this folder on sys.path; mypy knows the file by its path
+    from tests.docker.deployment_files import (
+        COMPOSE_FILES,
+        DOCKER,
+        KUBERNETES,
+        METRICS_PORT,
+        ROOT,
+        WORKER_GRACE,
+        assert_caviar_command,
+        compose,
+        seconds,
+    )
+else:
+    from deployment_files import (
+        COMPOSE_FILES,
+        DOCKER,
+        KUBERNETES,
+        METRICS_PORT,
+        ROOT,
+        WORKER_GRACE,
+        assert_caviar_command,
+        compose,
+        seconds,
+    )
 
 #: The oldest Kubernetes these manifests are written for; its schemas ship with
 #: kubernetes-validate, so validation needs no cluster and no network.

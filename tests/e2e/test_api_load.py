@@ -8,16 +8,21 @@ import signal
 import statistics
 import threading
 import time
+from typing import TYPE_CHECKING
 
 import httpx
 import numpy as np
 import psutil
 import pytest
-from test_service import SPEC, caviar, free_port, start, wait_for
 
 from caviar.db.keys import create_key
 from caviar.db.session import session_scope
 from caviar.db.tables import Search
+
+if TYPE_CHECKING:  # pytest puts this folder on sys.path; mypy knows the file by its path
+    from tests.e2e.test_service import SPEC, caviar, free_port, start, wait_for
+else:
+    from test_service import SPEC, caviar, free_port, start, wait_for
 
 OWNERS = 8
 STREAMS_PER_OWNER = 8  # the default CAVIAR_MAX_EVENT_STREAMS

@@ -2,8 +2,12 @@
 
 import json
 import signal
+from typing import TYPE_CHECKING
 
-from test_service import caviar, service, start  # noqa: F401  (service is a fixture)
+if TYPE_CHECKING:  # pytest puts this folder on sys.path; mypy knows the file by its path
+    from tests.e2e.test_service import caviar, service, start
+else:
+    from test_service import caviar, service, start  # noqa: F401  (service is a fixture)
 
 CSV = "a,b,label\n" + "".join(f"{i % 7},{(i * 3) % 5},{i % 2}\n" for i in range(200))
 SPEC = """
@@ -21,7 +25,7 @@ def read_json(*args, env):
     return json.loads(caviar(*args, "--json", env=env).stdout)
 
 
-def test_datasets_searches_trials_and_cancel_from_the_command_line(service):  # noqa: F811
+def test_datasets_searches_trials_and_cancel_from_the_command_line(service):
     env, tmp = service
     (tmp / "data.csv").write_text(CSV)
     dataset = caviar("datasets", "upload", str(tmp / "data.csv"), "--target", "label", env=env)

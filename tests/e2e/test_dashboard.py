@@ -5,10 +5,14 @@ import socket
 import subprocess
 import sys
 import time
+from typing import TYPE_CHECKING
 
 import httpx
 
-from external import CHROMIUM_HINT, find_chromium, missing
+if TYPE_CHECKING:  # pytest puts this folder on sys.path; mypy knows the file by its path
+    from tests.external import CHROMIUM_HINT, find_chromium, missing
+else:
+    from external import CHROMIUM_HINT, find_chromium, missing
 
 SPEC = """
 name: dash

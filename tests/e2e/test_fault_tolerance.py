@@ -8,19 +8,25 @@ import signal
 import subprocess
 import sys
 import time
+from typing import TYPE_CHECKING
 
 import optuna
 import pytest
 from optuna.trial import TrialState
 from sqlalchemy import create_engine, text
-from test_service import free_port
-from test_worker_metrics import scrape
 
 from caviar.db.session import session_scope
 from caviar.db.tables import Search
 from caviar.search.spec import parse_spec
 from caviar.search.studies import FINAL_FAILURES
 from caviar.service.searches import submit_search
+
+if TYPE_CHECKING:  # pytest puts this folder on sys.path; mypy knows the file by its path
+    from tests.e2e.test_service import free_port
+    from tests.e2e.test_worker_metrics import scrape
+else:
+    from test_service import free_port
+    from test_worker_metrics import scrape
 
 TRIALS = 6
 SPEC = f"""

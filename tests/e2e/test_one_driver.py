@@ -4,12 +4,18 @@ values; and the service sees the run like any search it was given. Real processe
 
 import os
 import signal
+from typing import TYPE_CHECKING
 
 import httpx
-from test_fault_tolerance import wait_until
-from test_service import caviar, free_port, start, wait_for
 
 from caviar.models.export import load_model
+
+if TYPE_CHECKING:  # pytest puts this folder on sys.path; mypy knows the file by its path
+    from tests.e2e.test_fault_tolerance import wait_until
+    from tests.e2e.test_service import caviar, free_port, start, wait_for
+else:
+    from test_fault_tolerance import wait_until
+    from test_service import caviar, free_port, start, wait_for
 
 SPEC = """
 name: one-driver

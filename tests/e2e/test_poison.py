@@ -95,8 +95,8 @@ def test_sigterm_stops_a_worker_within_10_seconds_while_it_generates_data(url, e
 
 
 def test_a_search_that_kills_its_workers_fails_and_another_owners_search_completes(
-    url, env, grace_s
-):
+    url: str, env: dict[str, str], grace_s: int
+) -> None:
     poison = queue(url, SLOW, "alice")
     dead: set[str] = set()
     for _ in range(2):  # each worker that takes the poison search up dies on it

@@ -4,13 +4,18 @@ import os
 import threading
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import httpx
 import pytest
-from test_service import SPEC, caviar, free_port, start, wait_for
 
 from caviar.db.migrate import upgrade
 from caviar.search.spec import parse_spec
+
+if TYPE_CHECKING:  # pytest puts this folder on sys.path; mypy knows the file by its path
+    from tests.e2e.test_service import SPEC, caviar, free_port, start, wait_for
+else:
+    from test_service import SPEC, caviar, free_port, start, wait_for
 
 LIMIT = 4
 

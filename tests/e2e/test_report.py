@@ -3,15 +3,20 @@
 import html
 import json
 import re
+from typing import TYPE_CHECKING
 
 import numpy as np
-from test_dashboard import chromium, render
 
 from caviar.db.migrate import upgrade
 from caviar.db.storage import optuna_storage
 from caviar.search.report import render_report
 from caviar.search.runner import SearchResult, run_search, start_search
 from caviar.search.spec import parse_spec
+
+if TYPE_CHECKING:  # pytest puts this folder on sys.path; mypy knows the file by its path
+    from tests.e2e.test_dashboard import chromium, render
+else:
+    from test_dashboard import chromium, render
 
 SPEC = """
 name: report-tiny

@@ -6,17 +6,22 @@ import re
 import signal
 import socket
 import time
+from typing import TYPE_CHECKING
 
 import httpx
 import jax
 import pytest
-from test_service import free_port, start
 
 from caviar.db.migrate import upgrade
 from caviar.db.session import session_scope
 from caviar.db.tables import Search
 from caviar.search.spec import parse_spec
 from caviar.service.searches import submit_search
+
+if TYPE_CHECKING:  # pytest puts this folder on sys.path; mypy knows the file by its path
+    from tests.e2e.test_service import free_port, start
+else:
+    from test_service import free_port, start
 
 TRIALS, EPOCHS, BATCH = 6, 3, 4
 # No pruner and a small learning rate: every trial trains every epoch. Two stages of 4 and 2

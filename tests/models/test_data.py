@@ -252,7 +252,8 @@ def _write(tmp_path: Path, name: str, content: str | dict[str, np.ndarray]) -> s
     if isinstance(content, str):
         path.write_text(content)
     else:
-        np.savez(path, **content)  # type: ignore[arg-type]  # mypy fits **content to allow_pickle
+        # mypy checks **content against the stub's `allow_pickle: bool` too
+        np.savez(path, **content)  # type: ignore[arg-type]
     return str(path)
 
 

@@ -1,6 +1,8 @@
 """Shared by the service tests: a tiny spec and the auth header."""
 
-SPEC = {
+from typing import Any
+
+SPEC: dict[str, Any] = {
     "name": "api-test",
     "dataset": {"name": "synthetic", "samples": 300, "features": 5, "classes": 2},
     "budget": {"trials": 4, "epochs": 2},

@@ -3,6 +3,7 @@
 import copy
 import io
 import json
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
@@ -10,7 +11,10 @@ import pytest
 from caviar.service.app import create_app
 from caviar.service.settings import Settings
 
-from support import SPEC, auth
+if TYPE_CHECKING:  # pytest puts this folder on sys.path; mypy knows the file by its path
+    from tests.service.support import SPEC, auth
+else:
+    from support import SPEC, auth
 
 
 def submit(client, token, spec=SPEC, **headers):

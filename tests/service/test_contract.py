@@ -2,6 +2,7 @@
 
 import copy
 import json
+from typing import TYPE_CHECKING
 
 import pytest
 from fastapi.testclient import TestClient
@@ -12,7 +13,10 @@ from caviar.db.session import session_scope
 from caviar.service.app import create_app
 from caviar.service.settings import Settings
 
-from support import SPEC, auth
+if TYPE_CHECKING:  # pytest puts this folder on sys.path; mypy knows the file by its path
+    from tests.service.support import SPEC, auth
+else:
+    from support import SPEC, auth
 
 
 def strict_json(response) -> object:

@@ -3,6 +3,7 @@
 import asyncio
 import time
 from collections.abc import AsyncGenerator
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -10,7 +11,10 @@ from caviar.search.worker import Worker
 from caviar.service.client import _server_sent_events
 from caviar.service.events import EventCursor, EventStreams, events
 
-from support import SPEC, auth
+if TYPE_CHECKING:  # pytest puts this folder on sys.path; mypy knows the file by its path
+    from tests.service.support import SPEC, auth
+else:
+    from support import SPEC, auth
 
 #: Two stages, so that the stream holds `stage` events between its trials.
 STAGED = {**SPEC, "stages": [{"trials": 2}, {"trials": 2}]}

@@ -18,7 +18,8 @@ LIMITS = UploadLimits()
 
 def _npz(**arrays: np.ndarray) -> bytes:
     buffer = io.BytesIO()
-    np.savez_compressed(buffer, **arrays)  # type: ignore[arg-type]  # mypy fits **arrays to allow_pickle
+    # mypy checks **arrays against the stub's `allow_pickle: bool` too
+    np.savez_compressed(buffer, **arrays)  # type: ignore[arg-type]
     return buffer.getvalue()
 
 

@@ -41,6 +41,10 @@ class SearchState:
     running: int = 0  #: trials of the open stage in training now
     timed_out: bool = False  #: the search's time is up: no trial starts any more
     cancel_requested: bool = False
+    #: With a trial-epoch budget: the epochs it has left, counting each running trial at
+    #: `epochs_per_trial` (a trial starts only while that many still fit); None: no such budget.
+    epochs_left: int | None = None
+    epochs_per_trial: int = 1
 
     def __post_init__(self) -> None:
         if not self.plan or min(self.plan) < 1:
@@ -49,6 +53,8 @@ class SearchState:
             raise ValueError(f"stage {self.stage} is not one of the plan's {len(self.plan)}")
         if self.stage == 0 and (self.used or self.running):
             raise ValueError("no trial can run before the first stage opens")
+        if self.epochs_per_trial < 1:
+            raise ValueError(f"a trial trains at least one epoch, got {self.epochs_per_trial}")
 
 
 @dataclass(frozen=True)
@@ -86,8 +92,9 @@ Decision = Ask | Open | Wait | Finish | Cancel
 def decide(state: SearchState, capacity: int) -> Decision:
     """The search's next step, for a driver that can train `capacity` trials at once.
 
-    A stage ends when its budget is spent and none of its trials trains any more; out of time,
-    no trial starts and no stage opens, and the search finishes once its running trials end.
+    A stage ends when its budget (trials, or trial-epochs) is spent and none of its trials trains
+    any more; out of time, no trial starts and no stage opens, and the search finishes once its
+    running trials end.
     """
     if capacity < 1:
         raise ValueError(f"capacity must be at least 1, got {capacity}")
@@ -96,6 +103,8 @@ def decide(state: SearchState, capacity: int) -> Decision:
     if state.stage == 0:
         return Open(1)
     free = state.plan[state.stage - 1] - state.used
+    if state.epochs_left is not None:
+        free = min(free, state.epochs_left // state.epochs_per_trial)
     if free > 0 and not state.timed_out:
         return Ask(min(capacity, free))
     if state.running:

@@ -285,8 +285,22 @@ class StageStudies:
             return SearchState(self.plan, timed_out=timed_out, cancel_requested=cancel)
         trials = self.stage(row.stage)[0].get_trials(deepcopy=False)
         running = sum(trial.state == TrialState.RUNNING for trial in trials)
-        used = running + sum(counts_toward_budget(trial) for trial in trials)
-        return SearchState(self.plan, row.stage, used, running, timed_out, cancel)
+        counted = [trial for trial in trials if counts_toward_budget(trial)]
+        budget = self.spec.budget
+        epochs_left = None
+        if budget.trial_epochs is not None:
+            spent = sum(int(trial.user_attrs.get("epochs", 0)) for trial in counted)
+            epochs_left = budget.trial_epochs - spent - running * budget.epochs
+        return SearchState(
+            self.plan,
+            row.stage,
+            running + len(counted),
+            running,
+            timed_out,
+            cancel,
+            epochs_left,
+            budget.epochs,
+        )
 
     def ask(self, number: int, count: int) -> list[Trial]:
         """`count` new trials of stage `number` (retries first, as `study.ask()` hands out).

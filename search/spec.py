@@ -326,9 +326,18 @@ class Budget(_Model):
     trials: int = Field(
         ge=1,
         description="Trials over all stages; may be omitted when `stages` give their trials "
-        "(it is then their sum).",
+        "(it is then their sum) or when `trial_epochs` is given (it is then at most one trial "
+        "per trial-epoch: the trial-epochs decide).",
     )
     epochs: int = Field(ge=1, description="Most epochs a trial trains for.")
+    trial_epochs: int | None = Field(
+        None,
+        ge=1,
+        description="Most epochs summed over all trials (one stage only). With pruning the "
+        "number of trials is then the outcome: a trial starts while `epochs` more still fit, "
+        "counting each running trial at `epochs`, so the search ends having trained between "
+        "trial_epochs - epochs + 1 and trial_epochs of them.",
+    )
     timeout_s: float | None = Field(None, gt=0, description="Wall-clock limit of the search.")
 
 
@@ -517,6 +526,16 @@ class SearchSpec(_Model):
             if total != self.budget.trials:
                 message = f"stage trials sum to {total} but budget.trials is {self.budget.trials}"
                 yield _issue(("stages",), message, total)
+        budget = self.budget
+        if budget.trial_epochs is not None:
+            if budget.trial_epochs < budget.epochs:
+                message = (
+                    f"{budget.trial_epochs} trial-epochs do not fit one trial of {budget.epochs}"
+                )
+                yield _issue(("budget", "trial_epochs"), message, budget.trial_epochs)
+            if self.stages is not None and len(self.stages) > 1:
+                message = "a trial-epoch budget takes one stage: give the stages' trials instead"
+                yield _issue(("budget", "trial_epochs"), message, budget.trial_epochs)
         if self.task and self.dataset.task and self.task != self.dataset.task:
             message = f"task {self.task} conflicts with dataset.task {self.dataset.task}; give one"
             yield _issue(("task",), message, self.task)
@@ -545,7 +564,8 @@ class SearchSpec(_Model):
 
 
 def _budget_from_stages(data: Any) -> Any:
-    """The spec document with ``budget.trials`` set to the stages' sum where only they give it.
+    """The spec document with ``budget.trials`` set to the stages' sum where only they give it,
+    or to ``budget.trial_epochs`` (every trial trains at least one epoch) where that is given.
 
     Left as it is when the stages' trial counts are not all whole numbers >= 1: their own errors
     (and a missing ``budget.trials``) are reported at their fields.
@@ -555,6 +575,9 @@ def _budget_from_stages(data: Any) -> Any:
     budget, stages = data.get("budget"), data.get("stages")
     if not isinstance(budget, Mapping) or budget.get("trials") is not None:
         return data
+    epochs = budget.get("trial_epochs")
+    if stages is None and isinstance(epochs, int) and not isinstance(epochs, bool) and epochs >= 1:
+        return {**data, "budget": {**budget, "trials": epochs}}
     if not isinstance(stages, list) or not stages:
         return data
     counts = [stage.get("trials") if isinstance(stage, Mapping) else None for stage in stages]

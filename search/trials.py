@@ -77,6 +77,7 @@ class TrialOutcome:
     reason: str | None = None  # why a failed trial failed
     #: The objective's direction, "maximize" or "minimize": which values are better.
     direction: Direction = "maximize"
+    epochs: int = 0  #: epochs it trained (0: it never trained, e.g. given back unstarted)
     #: A complete trial's best-epoch variables, read on demand (its batch's result stays on the
     #: device meanwhile), so that its own process can test it without a refit.
     variables: Callable[[], dict] | None = field(default=None, repr=False, compare=False)
@@ -426,7 +427,10 @@ def _outcome(
 ) -> TrialOutcome:
     maximize = trial.study.direction == StudyDirection.MAXIMIZE
     direction: Direction = "maximize" if maximize else "minimize"
-    outcome = TrialOutcome(trial.number, stage, state, value, values, reason, direction, variables)
+    epochs = int(trial.user_attrs.get("epochs", 0))  # cached with the trial when recorded
+    outcome = TrialOutcome(
+        trial.number, stage, state, value, values, reason, direction, epochs, variables
+    )
     if on_trial is not None:
         on_trial(outcome)
     return outcome

@@ -584,7 +584,10 @@ class _SearchProgress:
         self.done = 0
         self.stage = 1
         self.bar = _progress_bar(console)
-        self.task = self.bar.add_task(spec.name, total=spec.budget.trials, status="")
+        #: With a trial-epoch budget the bar counts trial-epochs: the trials are the outcome.
+        self.by_epochs = spec.budget.trial_epochs is not None
+        total = spec.budget.trial_epochs if self.by_epochs else spec.budget.trials
+        self.task = self.bar.add_task(spec.name, total=total, status="")
 
     def __enter__(self) -> _SearchProgress:
         self.bar.__enter__()
@@ -604,7 +607,7 @@ class _SearchProgress:
             self.best is None or (outcome.value > self.best) == maximize
         ):
             self.best = outcome.value
-        self.bar.update(self.task, advance=1)
+        self.bar.update(self.task, advance=outcome.epochs if self.by_epochs else 1)
         self._refresh()
 
     def tick(self, trials) -> None:

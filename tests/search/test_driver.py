@@ -141,3 +141,13 @@ def test_the_final_fit_reuses_the_best_trial_whose_weights_are_in_hand():
     assert best_trained(best, [Outcome(0.8)], "maximize") == Outcome(0.8)
     assert best_trained(best, [Outcome(0.6)], "minimize") == Outcome(0.6)
     assert best_trained(None, [Outcome(None)], "maximize") is None
+
+
+def test_a_trial_epoch_budget_starts_a_trial_only_while_a_whole_one_fits():
+    state = SearchState(plan=(40,), stage=1, used=3, running=1, epochs_left=25, epochs_per_trial=9)
+    assert decide(state, capacity=8) == Ask(2)  # 25 epochs left: two trials of 9 fit, not three
+    assert decide(replace(state, epochs_left=8), capacity=8) == Wait()  # the running one ends
+    spent = replace(state, epochs_left=8, running=0)
+    assert decide(spent, capacity=8) == Finish()
+    with pytest.raises(ValueError, match="at least one epoch"):
+        SearchState(plan=(4,), epochs_per_trial=0)

@@ -164,3 +164,21 @@ def test_asha_frees_slots_that_new_trials_take_and_the_budget_is_exact(driver, u
     assert calls[0] == 4 and len(calls) == 2, calls
     for trial in trials:  # each trial reported its own epochs, from 1
         assert sorted(trial.intermediate_values) == list(range(1, trial.user_attrs["epochs"] + 1))
+
+
+TRIAL_EPOCHS = SPEC.replace("trials: 4, epochs: 3", "trial_epochs: 40, epochs: 9") + (
+    "pruner: {name: asha, min_epochs: 1, reduction_factor: 3}\n"
+)
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_a_trial_epoch_budget_ends_within_one_trial_of_it(driver, url):
+    """With `budget.trial_epochs`, pruning buys trials: the search trains until no full trial
+    fits in what is left, and never trains more than its budget."""
+    done = drive(driver, url, TRIAL_EPOCHS, batch=4)
+    assert done.status == "completed", done.error
+    trials = trials_of(url, done)
+    spent = sum(t.user_attrs["epochs"] for t in trials)
+    assert 40 - 9 < spent <= 40, spent
+    assert any(t.state == TrialState.PRUNED for t in trials)
+    assert len(trials) > 40 // 9, "pruned trials' epochs went to more trials"

@@ -155,6 +155,12 @@ def test_budget_trials_may_be_left_to_the_stages() -> None:
     assert "trials" not in SearchSpec.model_json_schema()["$defs"]["Budget"]["required"]
 
 
+def test_a_trial_epoch_budget_leaves_the_trials_to_the_search() -> None:
+    spec = SearchSpec.model_validate(_spec(budget={"trial_epochs": 90, "epochs": 9}))
+    assert (spec.budget.trial_epochs, spec.budget.trials) == (90, 90)  # at most a trial an epoch
+    assert spec.stage_plan()[0].trials == 90
+
+
 def test_a_task_given_twice_the_same_way_is_accepted() -> None:
     spec = SearchSpec.model_validate(
         _spec(task="regression", dataset={"id": "ds_1", "task": "regression"})
@@ -272,6 +278,16 @@ BAD = [
     ),
     (_spec(stages=[{"trials": 4}, {"trials": 4}]), ("stages",), "sum to 8 but budget.trials is 10"),
     (_spec(budget={"epochs": 1}), ("budget", "trials"), "required"),
+    (
+        _spec(budget={"trial_epochs": 8, "epochs": 9}),
+        ("budget", "trial_epochs"),
+        "8 trial-epochs do not fit one trial of 9",
+    ),
+    (
+        _spec(budget={"trial_epochs": 90, "epochs": 9}, stages=[{"trials": 5}, {"trials": 5}]),
+        ("budget", "trial_epochs"),
+        "a trial-epoch budget takes one stage",
+    ),
     (
         _spec(budget={"epochs": 1}, stages=[{"trials": 0}]),
         ("stages", 0, "trials"),

@@ -1,4 +1,4 @@
-"""One mapping from Caviar's errors to HTTP: every error class a request can raise has its status."""
+"""One mapping from Caviar's errors to HTTP: each error class a request can raise has its status."""
 
 from __future__ import annotations
 

@@ -39,6 +39,9 @@ fixed: {{optimizer: adam, batch_size: 32, hidden_units: 64, hidden_layers: 2}}
 """
 #: Pruned trials hand their slots to new ones: the budget stays exact through a SIGKILL.
 ASHA = SPEC + "pruner: {name: asha, min_epochs: 2, reduction_factor: 2}\n"
+#: A budget of trial-epochs: the search ends within one trial (25 epochs) of 80, kill or not.
+TRIAL_EPOCHS = 80
+ASHA_EPOCHS = ASHA.replace(f"trials: {TRIALS},", f"trial_epochs: {TRIAL_EPOCHS},")
 
 
 def queue(url, spec: str = SPEC) -> str:
@@ -93,7 +96,7 @@ def status(url, search_id) -> str:
         return session.get_one(Search, search_id).status
 
 
-def assert_exact_budget(url, search_id):
+def assert_exact_budget(url, search_id, spec: str = SPEC):
     found = trials(url, search_id)
     counted = [
         t
@@ -101,7 +104,12 @@ def assert_exact_budget(url, search_id):
         if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
         or (t.state == TrialState.FAIL and t.user_attrs.get("reason") in FINAL_FAILURES)
     ]
-    assert len(counted) == TRIALS, [(t.number, t.state, t.user_attrs.get("reason")) for t in found]
+    states = [(t.number, t.state, t.user_attrs.get("reason")) for t in found]
+    if spec == ASHA_EPOCHS:
+        spent = sum(t.user_attrs["epochs"] for t in counted)
+        assert TRIAL_EPOCHS - 25 < spent <= TRIAL_EPOCHS, (spent, states)
+    else:
+        assert len(counted) == TRIALS, states
     assert not [t for t in found if t.state in (TrialState.RUNNING, TrialState.WAITING)]
     return found
 
@@ -122,7 +130,9 @@ def finish_with_a_new_worker(url, env, search_id) -> None:
     assert_exact_budget(url, search_id)
 
 
-@pytest.mark.parametrize("spec", [SPEC, ASHA], ids=["no pruner", "asha"])
+@pytest.mark.parametrize(
+    "spec", [SPEC, ASHA, ASHA_EPOCHS], ids=["no pruner", "asha", "asha, trial-epoch budget"]
+)
 def test_sigkilled_workers_trials_are_rerun_and_the_budget_is_exact(url, env, spec):
     search_id = queue(url, spec)
     first = start_worker(env)
@@ -138,7 +148,7 @@ def test_sigkilled_workers_trials_are_rerun_and_the_budget_is_exact(url, env, sp
         stop(first)
         if second is not None:
             stop(second)
-    found = assert_exact_budget(url, search_id)
+    found = assert_exact_budget(url, search_id, spec)
     stale = [t for t in found if t.user_attrs.get("reason") == "stale"]
     assert stale, "the killed worker's trials should have been reaped"
     assert reaped == len(stale)  # by the second worker, the only one left to reap them

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import os
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -44,7 +45,7 @@ from caviar.models.runtime import matmul_peak_gflops
 from caviar.models.slots import EMPTY, Group, build_groups, read_groups, read_slot, write_slot
 
 __all__ = [
-    "DEFAULT_GROUP_SIZE",
+    "GROUP_SIZES",
     "HPARAM_DEFAULTS",
     "RATES",
     "BatchResult",
@@ -59,6 +60,7 @@ __all__ = [
     "TrialResult",
     "compile_count",
     "compiled_buckets",
+    "default_group_size",
     "default_monitor",
     "evaluate",
     "initial_variables",
@@ -67,9 +69,29 @@ __all__ = [
     "train_batch",
 ]
 
-#: How many trials one compiled call trains at once. On a 2-core CPU, groups of 2-8 trials beat
-#: one group of 32 (the working set stays in cache); `bench/engine.py --group-sizes` measures it.
-DEFAULT_GROUP_SIZE = 4
+#: How many trials one compiled call trains at once, by JAX backend. On a 2-core CPU, groups of
+#: 2-8 trials beat one group of 32 (the working set stays in cache; `bench/engine.py
+#: --group-sizes` measures it). On an accelerator one small-MLP step is a few microseconds of
+#: work against tens of kernel launches, so a call trains a whole claim of trials; that figure
+#: is a choice, not a measurement (`bench/gpu_check.py` measures it where a GPU is lent).
+GROUP_SIZES: dict[str, int] = {"cpu": 4, "gpu": 256, "tpu": 256}
+#: Environment variable that overrides `GROUP_SIZES` (`caviar run`, workers, `train_batch`).
+GROUP_SIZE_ENV = "CAVIAR_GROUP_SIZE"
+
+
+def group_size_override() -> int | None:
+    """`$CAVIAR_GROUP_SIZE` (None when unset); ValueError when it is not a whole number >= 1."""
+    value = os.environ.get(GROUP_SIZE_ENV)
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{GROUP_SIZE_ENV}={value!r}: expected a whole number, at least 1")
+    return int(value)
+
+
+def default_group_size() -> int:
+    """Trials per compiled call: `$CAVIAR_GROUP_SIZE`, else `GROUP_SIZES` for JAX's backend."""
+    return group_size_override() or GROUP_SIZES.get(jax.default_backend(), GROUP_SIZES["gpu"])
 
 
 @dataclass(frozen=True)
@@ -239,7 +261,7 @@ def train_batch(
     on_end: TrialEnd | None = None,
     slots: int | None = None,
     data_seed: int = 0,
-    group_size: int = DEFAULT_GROUP_SIZE,
+    group_size: int | None = None,
     monitor: tuple[str, bool] | None = None,
     decay_every: int = 10,
     keep_best: bool = True,
@@ -250,15 +272,15 @@ def train_batch(
     `shape` is every trial's shape, or one per trial; `hparams` holds each trial's continuous
     hyperparameters (`HPARAM_DEFAULTS`). `bucket` defaults to the smallest one they fit and
     `slots` to one per given trial (rounded up to whole groups of `group_size`, one compiled
-    call each); given trials beyond the slots wait for one. After each round `callback`
-    receives an `EpochReport` and may return a mask of trials to stop. Trials whose loss becomes
-    non-finite stop as `diverged`; the others go on. A slot whose trial ended is taken by the
-    next waiting trial, else by one of `refill(free slots)`, at once and on the device: every
-    trial trains its own epochs (decay, dropout and data order), as it would alone; `on_end` is
-    told each trial's outcome and given its weights as it leaves (the result then keeps none).
-    `monitor`
-    (metric, maximize) chooses each trial's best dev epoch, whose metrics and variables are
-    returned; with `keep_best=False` the variables are those of the last epoch trained.
+    call each; default: `default_group_size()`); given trials beyond the slots wait for one.
+    After each round `callback` receives an `EpochReport` and may return a mask of trials to
+    stop. Trials whose loss becomes non-finite stop as `diverged`; the others go on. A slot whose
+    trial ended is taken by the next waiting trial, else by one of `refill(free slots)`, at once
+    and on the device: every trial trains its own epochs (decay, dropout and data order), as it
+    would alone; `on_end` is told each trial's outcome and given its weights as it leaves (the
+    result then keeps none). `monitor` (metric, maximize) chooses each trial's best dev epoch,
+    whose metrics and variables are returned; with `keep_best=False` the variables are those of
+    the last epoch trained.
     """
     shapes = [shape] * len(hparams) if isinstance(shape, Shape) else list(shape)
     if len(shapes) != len(hparams):
@@ -281,7 +303,8 @@ def train_batch(
         dev_rows=data.x_dev.shape[0],
         devices=placement.devices,
     )
-    group_size = _group_size(placement, min(group_size, slots), key_of)
+    wanted = min(group_size or default_group_size(), slots)
+    group_size = _group_size(placement, wanted, key_of)
     x_train, y_train, x_dev, y_dev = placement.replicate(
         (data.x_train, data.y_train, data.x_dev, data.y_dev)
     )

@@ -36,7 +36,7 @@ from caviar.db.storage import (
 from caviar.db.tables import TERMINAL_STATUSES, Search, StoredModel, utcnow
 from caviar.models.data import Dataset, load_dataset
 from caviar.models.export import TrainedModel, save_model
-from caviar.models.train import DEFAULT_GROUP_SIZE
+from caviar.models.train import default_group_size
 from caviar.search.driver import (
     Ask,
     Cancel,
@@ -65,12 +65,12 @@ from caviar.search.studies import (
     study_name,
 )
 from caviar.search.trials import (
-    DEFAULT_BATCH,
     RETRIED_REASONS,
     AskMore,
     SearchContext,
     StopCheck,
     TrialOutcome,
+    default_batch,
     give_back,
     train_trials,
     trial_seed,
@@ -182,7 +182,7 @@ def run_search(
     database_url: str,
     search_id: str,
     *,
-    batch: int = DEFAULT_BATCH,
+    batch: int | None = None,
     should_stop: StopCheck | None = None,
     on_trial: Callable[[TrialOutcome], None] | None = None,
     on_stage: Callable[[int, dict[str, Param]], None] | None = None,
@@ -210,7 +210,7 @@ def run_search(
             if _sole_worker(database_url):  # its running trials died with their process
                 _give_back_running(stages.stage(row.stage)[0])
     requested = _Requested(should_stop)
-    capacity, best, shown = batch, None, 0
+    capacity, best, shown = batch or default_batch(), None, 0
     while True:
         with session_scope(database_url) as session:
             row = lock_search(session, search_id)
@@ -246,7 +246,7 @@ def run_search(
             ),
             on_trial=on_trial,
             on_epoch=on_epoch,
-            group_size=min(DEFAULT_GROUP_SIZE, capacity),
+            group_size=min(default_group_size(), capacity),
             ask_more=more_trials(database_url, stages, search_id, number),
         )
         best = best_trained(best, outcomes, ctx.objective.resolved_direction)

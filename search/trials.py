@@ -27,7 +27,6 @@ from caviar.db.storage import report_epoch, retry_trial, set_user_attrs
 from caviar.models.data import Dataset
 from caviar.models.planner import plan, strategy_from_env
 from caviar.models.train import (
-    DEFAULT_GROUP_SIZE,
     HPARAM_DEFAULTS,
     Bucket,
     EpochReport,
@@ -35,6 +34,7 @@ from caviar.models.train import (
     TrainData,
     TrialResult,
     compiled_buckets,
+    default_group_size,
     planning_costs,
     train_batch,
 )
@@ -43,6 +43,13 @@ from caviar.search.spec import Direction, Objective, Param, SearchSpec
 
 #: Trials one worker asks for at once; the planner splits them into buckets.
 DEFAULT_BATCH = 32
+"""Trials a driver asks for and trains at once, at least: on an accelerator, one group's worth."""
+
+
+def default_batch() -> int:
+    """Trials to ask for at once: `DEFAULT_BATCH`, or a whole group where groups are larger."""
+    return max(DEFAULT_BATCH, default_group_size())
+
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +144,7 @@ def train_trials(
     should_stop: StopCheck | None = None,
     on_trial: Callable[[TrialOutcome], None] | None = None,
     on_epoch: Callable[[list[Trial]], None] | None = None,
-    group_size: int = DEFAULT_GROUP_SIZE,
+    group_size: int | None = None,
     strategy: str | None = None,
     ask_more: AskMore | None = None,
 ) -> list[TrialOutcome]:
@@ -145,11 +152,12 @@ def train_trials(
     as it ends.
 
     `strategy` (default `$CAVIAR_BUCKETS`, else `auto`) is the planner's; `group_size` trials of
-    a bucket share one compiled call (see `models.train.train_batch`). With `ask_more`, the slot
-    of a trial that ends (pruned, diverged, complete) goes at once to a new trial of the stage,
-    as many as `ask_more` grants; a new trial whose shape does not fit the bucket in training
-    trains in a later one.
+    a bucket share one compiled call (default: by backend, `models.train.default_group_size`).
+    With `ask_more`, the slot of a trial that ends (pruned, diverged, complete) goes at once to
+    a new trial of the stage, as many as `ask_more` grants; a new trial whose shape does not fit
+    the bucket in training trains in a later one.
     """
+    group_size = group_size or default_group_size()
     outcomes: list[TrialOutcome] = []
     pending = _prepare(study, ctx, space, stage, trials)
     while pending:

@@ -41,7 +41,7 @@ from caviar.db.storage import (
 )
 from caviar.db.tables import OPEN_STATUSES, Lease, Search, StoredDataset, utcnow
 from caviar.models.data import Dataset, DatasetError, from_arrays, read_csv, read_npz
-from caviar.models.train import DEFAULT_GROUP_SIZE
+from caviar.models.train import default_group_size
 from caviar.search.datadir import DataPathError, resolve_data_path
 from caviar.search.driver import Ask, Finish, best_trained, capacity_after
 from caviar.search.heartbeat import Heartbeat
@@ -56,9 +56,9 @@ from caviar.search.runner import (
 )
 from caviar.search.spec import Param, SearchSpec, SpecError
 from caviar.search.trials import (
-    DEFAULT_BATCH,
     SearchContext,
     TrialOutcome,
+    default_batch,
     give_back,
     is_out_of_memory,
     train_trials,
@@ -106,14 +106,14 @@ class Worker:
         self,
         database_url: str,
         *,
-        batch: int = DEFAULT_BATCH,
+        batch: int | None = None,
         idle_sleep: float = 1.0,
         only_search: str | None = None,
         data_dir: str | None = None,
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
     ) -> None:
         self.url = database_url
-        self.batch = batch
+        self.batch = batch or default_batch()
         self.idle_sleep = idle_sleep
         self.only_search = only_search
         self.data_dir = data_dir
@@ -469,7 +469,7 @@ class Worker:
                     claim.trials,
                     should_stop=self._stop_check(claim, ctx, heartbeat),
                     on_epoch=METRICS.epoch_trained,
-                    group_size=min(DEFAULT_GROUP_SIZE, self.batch),
+                    group_size=min(default_group_size(), self.batch),
                     ask_more=more_trials(
                         self.url,
                         self._stages[claim.search_id],

@@ -60,7 +60,14 @@ def run(
     report: Annotated[
         Path | None, typer.Option("--report", help="Write a self-contained HTML report here.")
     ] = None,
-    batch: Annotated[int, typer.Option(min=1, help="Trials asked and trained at once.")] = 32,
+    batch: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Trials asked and trained at once [default: 32 on a CPU, 256 "
+            "on a GPU or TPU: a group's worth, $CAVIAR_GROUP_SIZE].",
+        ),
+    ] = None,
     model: Annotated[
         Path | None, typer.Option("--model", help="Save the refit best model here (.npz).")
     ] = None,
@@ -208,7 +215,14 @@ def serve(
 
 @app.command()
 def worker(
-    batch: Annotated[int, typer.Option(min=1, help="Trials claimed and trained at once.")] = 32,
+    batch: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Trials claimed and trained at once [default: 32 on a CPU, "
+            "256 on a GPU or TPU: a group's worth, $CAVIAR_GROUP_SIZE].",
+        ),
+    ] = None,
     database_url: DatabaseOption = None,
     idle_sleep: Annotated[float, typer.Option(help="Seconds to wait when idle.")] = 1.0,
 ) -> None:
@@ -228,6 +242,7 @@ def worker(
         os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = fraction
     import jax
 
+    from caviar.models.train import default_group_size
     from caviar.search.worker import Worker
     from caviar.service.settings import get_settings
 
@@ -260,6 +275,7 @@ def worker(
     metrics = _serve_worker_metrics(settings)
     typer.echo(
         f"worker on {_safe(url)}; devices: {devices}; matmul precision: {settings.matmul_precision}"
+        f"; {pool_worker.batch} trials a claim, {default_group_size()} a compiled call"
         + (f"; metrics: {metrics}" if metrics else "")
     )
     clean = pool_worker.run_until_stopped()
@@ -287,10 +303,12 @@ def _prepare_jax(console: Console, settings: Settings) -> None:
     """Before JAX starts: one device per CPU core, the matmul precision, and the persistent
     compilation cache if set."""
     from caviar.models.runtime import enable_compilation_cache, set_matmul_precision, use_every_core
+    from caviar.models.train import group_size_override
 
     try:
         use_every_core()
-    except ValueError as error:  # a bad CAVIAR_CPU_DEVICES
+        group_size_override()
+    except ValueError as error:  # a bad CAVIAR_CPU_DEVICES or CAVIAR_GROUP_SIZE
         _fail(console, str(error))
     set_matmul_precision(settings.matmul_precision)
     if settings.compile_cache:

@@ -213,11 +213,12 @@ def test_missing_spec_file_is_a_clear_error(tmp_path):
     assert "nope.yaml" in done.stdout + done.stderr
 
 
-def test_a_bad_cpu_device_count_is_a_clear_error(tmp_path):
+@pytest.mark.parametrize("variable", ["CAVIAR_CPU_DEVICES", "CAVIAR_GROUP_SIZE"])
+def test_a_bad_device_or_group_count_is_a_clear_error(tmp_path, variable):
     (tmp_path / "spec.yaml").write_text(SPEC)
-    done = caviar("run", "spec.yaml", cwd=tmp_path, env={"CAVIAR_CPU_DEVICES": "two"})
+    done = caviar("run", "spec.yaml", cwd=tmp_path, env={variable: "two"})
     assert done.returncode == 2
-    assert "CAVIAR_CPU_DEVICES='two': expected a whole number" in done.stdout + done.stderr
+    assert f"{variable}='two': expected a whole number" in done.stdout + done.stderr
 
 
 def _alias_bomb() -> str:

@@ -56,8 +56,10 @@ format: $(INSTALLED)
 bench: $(INSTALLED)
 	$(PY) -m bench.engine
 
-# Re-resolve the lock files (base: the CPU image; dev: make and CI; cuda: the GPU image).
+# Re-resolve the lock files (base: the CPU image; dev: make and CI; cuda: the GPU image; tpu: TPU
+# hosts).
 lock: $(INSTALLED)
 	$(UV) pip compile pyproject.toml $(LOCK_ARGS) -o requirements/base.txt
 	$(UV) pip compile pyproject.toml $(LOCK_ARGS) --extra dev -o requirements/dev.txt
 	$(UV) pip compile pyproject.toml $(LOCK_ARGS) --extra cuda -o requirements/cuda.txt
+	$(UV) pip compile pyproject.toml $(LOCK_ARGS) --extra tpu -o requirements/tpu.txt

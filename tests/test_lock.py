@@ -13,7 +13,7 @@ from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[1]
 #: Each lock file and the optional dependency groups it holds besides the library's own.
-LOCKS = {"base": [], "dev": ["dev"], "cuda": ["cuda"]}
+LOCKS = {"base": [], "dev": ["dev"], "cuda": ["cuda"], "tpu": ["tpu"]}
 _ENTRY = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;\\]+)(?:\s*;\s*([^\\]+?))?\s*\\$")
 
 
@@ -50,5 +50,6 @@ def test_every_dependency_is_pinned_within_its_range(lock: str) -> None:
             f"requirements/{lock}.txt pins {name}=={versions[name]}, outside {requirement}: "
             "run `make lock`"
         )
-        for extra in requirement.extras:  # e.g. jax[cuda12] brings its plugin
-            assert any(other.startswith(f"{name}-{extra}") for other in versions), (lock, extra)
+        for extra in requirement.extras:  # jax[cuda12] brings its plugin, jax[tpu] libtpu
+            brought = "libtpu" if extra == "tpu" else f"{name}-{extra}"
+            assert any(other.startswith(brought) for other in versions), (lock, extra)

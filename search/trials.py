@@ -200,7 +200,7 @@ def _plan(
 ) -> list[tuple[Bucket, list[_Asked]]]:
     """The planner's buckets for these trials, each with its members."""
     shapes = [a.shape for a in asked]
-    monitor = (ctx.objective.metric, ctx.objective.direction == "maximize")
+    monitor = (ctx.objective.metric, ctx.objective.resolved_direction == "maximize")
     costs = planning_costs(
         ctx.data, epochs=ctx.spec.budget.epochs, group_size=group_size, trials=len(asked)
     )
@@ -260,81 +260,24 @@ def _train_group(
     refill: Callable[[int], list[_Asked]] | None = None,
 ) -> list[TrialOutcome]:
     """Train one bucket's trials (and those `refill` brings); each is told as it ends."""
-    metric = ctx.objective.metric
-    asked = list(members)
-    pruned = [False] * len(asked)
-    outcomes: dict[int, TrialOutcome] = {}
-    stop_reason: str | None = should_stop() if should_stop is not None else None
+    stop_reason = should_stop() if should_stop is not None else None
     if stop_reason:  # stopped before this group started: give its trials back at once
+        message = f"not started: {stop_reason}"
         return [
-            _fail(
-                study,
-                a.trial,
-                a.params,
-                stage,
-                stop_reason,
-                f"not started: {stop_reason}",
-                on_trial,
-            )
-            for a in asked
+            _fail(study, a.trial, a.params, stage, stop_reason, message, on_trial) for a in members
         ]
-
-    def seeded(a: _Asked) -> dict[str, Any]:
-        return continuous_hparams(a.params, trial_seed(ctx.spec.seed, stage, a.trial.number))
-
-    def more(free: int) -> list[tuple[Shape, dict[str, Any]]]:
-        new = refill(free) if refill is not None and not stop_reason else []
-        asked.extend(new)
-        pruned.extend([False] * len(new))
-        return [(a.shape, seeded(a)) for a in new]
-
-    def callback(report: EpochReport) -> np.ndarray:
-        nonlocal stop_reason
-        reporting = np.flatnonzero(report.trained & ~report.diverged)
-        values = report.metrics[metric]
-        report_epoch(
-            study, [(asked[i].trial, float(values[i]), int(report.epochs[i])) for i in reporting]
-        )
-        for i in reporting:
-            if asked[i].trial.should_prune():
-                pruned[i] = True
-        if on_epoch is not None:
-            on_epoch([a.trial for i, a in enumerate(asked) if report.trained[i]])
-        if should_stop is not None and (reason := should_stop()):
-            stop_reason = reason
-            return np.ones(len(asked), bool)
-        return np.asarray(pruned)
-
-    kept: list[int] = []  # the complete trial whose weights the group holds: its best so far
-    better = max if ctx.objective.resolved_direction == "maximize" else min
-
-    def ended(index: int, result: TrialResult, variables: Callable[[], dict]) -> None:
-        fate = _fate(result, pruned[index], stop_reason)
-        outcome = _tell(
-            study, asked[index], stage, result, fate, stop_reason, metric, on_trial, variables
-        )
-        if outcome.value is not None and kept:
-            held = outcomes[kept[0]]
-            assert held.value is not None, "only complete trials are kept"
-            if better(held.value, outcome.value) == held.value:  # a tie keeps the earlier
-                outcome = replace(outcome, variables=None)
-            else:
-                outcomes[kept[0]] = replace(held, variables=None)
-        if outcome.variables is not None:
-            kept[:] = [index]
-        outcomes[index] = outcome
-
+    group = _GroupTraining(study, ctx, members, stage, should_stop, on_trial, on_epoch, refill)
     try:
         train_batch(
-            [a.shape for a in asked],
-            [seeded(a) for a in asked],
+            [a.shape for a in group.asked],
+            [group.seeded(a) for a in group.asked],
             ctx.data,
             epochs=ctx.spec.budget.epochs,
-            callback=callback,
-            refill=more if refill is not None else None,
-            on_end=ended,
+            callback=group.epoch_done,
+            refill=group.more if refill is not None else None,
+            on_end=group.ended,
             data_seed=ctx.spec.seed,
-            monitor=(metric, ctx.objective.direction == "maximize"),
+            monitor=(ctx.objective.metric, group.maximize),
             group_size=group_size,
             bucket=bucket,
         )
@@ -343,10 +286,95 @@ def _train_group(
     except Exception as error:  # a bug or a resource error must not lose the other groups
         reason = "oom" if is_out_of_memory(error) else "error"
         message = "".join(traceback.format_exception_only(error)).strip()
-        for index, a in enumerate(asked):
-            if index not in outcomes:
-                outcomes[index] = _fail(study, a.trial, a.params, stage, reason, message, on_trial)
-    return [outcomes[index] for index in sorted(outcomes)]
+        for index, a in enumerate(group.asked):
+            if index not in group.outcomes:
+                group.outcomes[index] = _fail(
+                    study, a.trial, a.params, stage, reason, message, on_trial
+                )
+    return [group.outcomes[index] for index in sorted(group.outcomes)]
+
+
+class _GroupTraining:
+    """The engine's callbacks for one bucket's trials: report each epoch and ask the pruner,
+    take refills, tell each trial as it ends, and hold the weights of the best complete one."""
+
+    def __init__(
+        self,
+        study: optuna.Study,
+        ctx: SearchContext,
+        members: list[_Asked],
+        stage: int,
+        should_stop: StopCheck | None,
+        on_trial: Callable[[TrialOutcome], None] | None,
+        on_epoch: Callable[[list[Trial]], None] | None,
+        refill: Callable[[int], list[_Asked]] | None,
+    ) -> None:
+        self.study, self.ctx, self.stage = study, ctx, stage
+        self.should_stop, self.on_trial = should_stop, on_trial
+        self.on_epoch, self.refill = on_epoch, refill
+        self.asked = list(members)  # by engine index: the given trials, then the refills
+        self.pruned = [False] * len(self.asked)
+        self.outcomes: dict[int, TrialOutcome] = {}
+        self.stop_reason: str | None = None
+        self.maximize = ctx.objective.resolved_direction == "maximize"
+        self.kept: int | None = None  # the complete trial whose weights are held: the best yet
+
+    def seeded(self, a: _Asked) -> dict[str, Any]:
+        """The trial's continuous hyperparameters with its own seed."""
+        seed = trial_seed(self.ctx.spec.seed, self.stage, a.trial.number)
+        return continuous_hparams(a.params, seed)
+
+    def more(self, free: int) -> list[tuple[Shape, dict[str, Any]]]:
+        """Up to `free` new trials for freed slots (none once the group is stopping)."""
+        new = self.refill(free) if self.refill is not None and not self.stop_reason else []
+        self.asked.extend(new)
+        self.pruned.extend([False] * len(new))
+        return [(a.shape, self.seeded(a)) for a in new]
+
+    def epoch_done(self, report: EpochReport) -> np.ndarray:
+        """Report the round's values, ask the pruner; the mask of trials to stop."""
+        reporting = np.flatnonzero(report.trained & ~report.diverged)
+        values = report.metrics[self.ctx.objective.metric]
+        report_epoch(
+            self.study,
+            [(self.asked[i].trial, float(values[i]), int(report.epochs[i])) for i in reporting],
+        )
+        for i in reporting:
+            if self.asked[i].trial.should_prune():
+                self.pruned[i] = True
+        if self.on_epoch is not None:
+            self.on_epoch([a.trial for i, a in enumerate(self.asked) if report.trained[i]])
+        if self.should_stop is not None and (reason := self.should_stop()):
+            self.stop_reason = reason
+            return np.ones(len(self.asked), bool)
+        return np.asarray(self.pruned)
+
+    def ended(self, index: int, result: TrialResult, variables: Callable[[], dict]) -> None:
+        """Tell the trial that left slot `index`; keep its weights if it is the best so far."""
+        fate = _fate(result, self.pruned[index], self.stop_reason)
+        metric = self.ctx.objective.metric
+        outcome = _tell(
+            self.study,
+            self.asked[index],
+            self.stage,
+            result,
+            fate,
+            self.stop_reason,
+            metric,
+            self.on_trial,
+            variables,
+        )
+        if outcome.value is not None and self.kept is not None:
+            held = self.outcomes[self.kept]
+            assert held.value is not None, "only complete trials are kept"
+            better = max if self.maximize else min
+            if better(held.value, outcome.value) == held.value:  # a tie keeps the earlier
+                outcome = replace(outcome, variables=None)
+            else:
+                self.outcomes[self.kept] = replace(held, variables=None)
+        if outcome.variables is not None:
+            self.kept = index
+        self.outcomes[index] = outcome
 
 
 def _tell(

@@ -1,7 +1,7 @@
 """Engines, sessions and the one error vocabulary of Caviar's database code.
 
 Every unit of work goes through `session_scope`, which commits, rolls back and turns driver errors
-into `DatabaseError` (or `ConflictError` for a broken unique or foreign-key constraint):
+into `DatabaseError` (or `ConstraintViolation` for a broken unique or foreign-key constraint):
 
     with session_scope(url) as session:
         session.add(Search(id=..., owner=..., name=..., spec=...))
@@ -37,7 +37,7 @@ class DatabaseError(CaviarError, RuntimeError):
     """The database failed or is unreachable; the message says what (no driver traceback)."""
 
 
-class ConflictError(DatabaseError):
+class ConstraintViolation(DatabaseError):
     """A write broke a constraint: a duplicate (idempotency) key, a missing parent, a bad status."""
 
 
@@ -72,13 +72,13 @@ def _sessionmaker(url: str) -> sessionmaker[Session]:
 
 @contextmanager
 def database_errors(url: str) -> Iterator[None]:
-    """Turn SQLAlchemy errors raised inside into `ConflictError`, `DatabaseUnavailable` (the
+    """Turn SQLAlchemy errors raised inside into `ConstraintViolation`, `DatabaseUnavailable` (the
     connection failed or timed out) or `DatabaseError` (anything else, e.g. a value the column
     cannot hold)."""
     try:
         yield
     except IntegrityError as error:
-        raise ConflictError(_describe(error, url)) from error
+        raise ConstraintViolation(_describe(error, url)) from error
     except (OperationalError, InterfaceError, PoolTimeout) as error:
         raise DatabaseUnavailable(_describe(error, url)) from error
     except SQLAlchemyError as error:
@@ -107,7 +107,7 @@ def session_scope(url: str) -> Iterator[Session]:
     """A session on `url` that commits when the block ends and rolls back if it raises.
 
     Loaded objects stay usable after the block (no expiry on commit), except deferred columns
-    not yet loaded. Raises `ConflictError` or `DatabaseError` for database failures.
+    not yet loaded. Raises `ConstraintViolation` or `DatabaseError` for database failures.
     """
     with database_errors(url), _sessionmaker(normalise_url(url))() as session:
         try:

@@ -1,15 +1,38 @@
 """The training engine: pure JAX/Flax/optax, no Optuna, no database, no HTTP."""
 
+from typing import TYPE_CHECKING
+
 from caviar.models.namespace import lazy_members
 
-__getattr__, __all__ = lazy_members(
-    __name__,
-    bucket="Bucket SHAPE_DEFAULTS Shape",
-    data="Task Dataset DatasetError load_dataset",
-    errors="CaviarError",
-    export="ModelFileError TrainedModel load_model save_model",
-    optim="OPTIMIZERS",
-    program="HPARAM_DEFAULTS",
-    runtime="use_every_core",
-    train="TrainData evaluate predict train_batch",
-)
+if TYPE_CHECKING:  # what each name is, for type checkers; imported on first use otherwise
+    from caviar.models.bucket import SHAPE_DEFAULTS, Bucket, Shape
+    from caviar.models.data import Dataset, DatasetError, Task, load_dataset
+    from caviar.models.errors import CaviarError
+    from caviar.models.export import ModelFileError, TrainedModel, load_model, save_model
+    from caviar.models.optim import OPTIMIZERS
+    from caviar.models.program import HPARAM_DEFAULTS
+    from caviar.models.runtime import use_every_core
+    from caviar.models.train import TrainData, evaluate, predict, train_batch
+
+__all__ = [
+    "HPARAM_DEFAULTS",
+    "OPTIMIZERS",
+    "SHAPE_DEFAULTS",
+    "Bucket",
+    "CaviarError",
+    "Dataset",
+    "DatasetError",
+    "ModelFileError",
+    "Shape",
+    "Task",
+    "TrainData",
+    "TrainedModel",
+    "evaluate",
+    "load_dataset",
+    "load_model",
+    "predict",
+    "save_model",
+    "train_batch",
+    "use_every_core",
+]
+__getattr__ = lazy_members(__name__, __file__)

@@ -33,7 +33,7 @@ from caviar.db.storage import (
     normalise_url,
     optuna_storage,
 )
-from caviar.db.tables import TERMINAL_STATUSES, Search, StoredModel, utcnow
+from caviar.db.tables import TERMINAL_STATUSES, Search, SearchStatus, StoredModel, utcnow
 from caviar.models.data import Dataset, load_dataset
 from caviar.models.export import TrainedModel, save_model
 from caviar.models.train import default_group_size
@@ -107,7 +107,7 @@ class SearchResult:
     counts: dict[str, int]
     best: dict[str, Any] | None
     final: FinalFit | None = field(default=None, repr=False)
-    status: str = "completed"
+    status: str = SearchStatus.COMPLETED
     model: bytes | None = field(default=None, repr=False)
     #: What trials were ranked by; None where the dataset (so the task) was not loaded.
     objective: Objective | None = None
@@ -150,7 +150,7 @@ def new_search_row(spec: SearchSpec, owner: str, search_id: str | None = None) -
         owner=owner,
         name=spec.name,
         spec=spec.model_dump(mode="json", exclude_none=True),
-        status="queued",
+        status=SearchStatus.QUEUED,
     )
 
 
@@ -221,7 +221,7 @@ def run_search(
                 return search_standing(storage, spec, search_id, row)
             decision = advance(row, stages, capacity, time_up=reason is not None)
             if isinstance(decision, Cancel):
-                row.status, row.finished_at = "cancelled", utcnow()
+                row.status, row.finished_at = SearchStatus.CANCELLED, utcnow()
                 return search_standing(storage, spec, search_id, row)
             number, started_at = row.stage, row.started_at
             trials = stages.ask(number, decision.count) if isinstance(decision, Ask) else []
@@ -289,7 +289,8 @@ class StageStudies:
         budget = self.spec.budget
         epochs_left = None
         if budget.trial_epochs is not None:
-            spent = sum(int(trial.user_attrs.get("epochs", 0)) for trial in counted)
+            # A trial that failed mid-training (an error) recorded no epochs: count its most.
+            spent = sum(int(t.user_attrs.get("epochs", budget.epochs)) for t in counted)
             epochs_left = budget.trial_epochs - spent - running * budget.epochs
         return SearchState(
             self.plan,
@@ -357,7 +358,7 @@ def advance(row: Search, stages: StageStudies, capacity: int, *, time_up: bool =
     while isinstance(decision := decide(stages.state(row, utcnow(), time_up), capacity), Open):
         stages.stage(decision.stage)
         if row.stage == 0:
-            row.status, row.started_at = "running", utcnow()
+            row.status, row.started_at = SearchStatus.RUNNING, utcnow()
         row.stage = decision.stage
         row.studies = [*row.studies, study_name(row.id, decision.stage)]
     return decision
@@ -378,7 +379,7 @@ def finish(
         row = lock_search(session, ctx.search_id)
         if row is not None and row.status not in TERMINAL_STATUSES:
             close_search(session, row, result, content)
-        status = row.status if row is not None else "failed"
+        status = row.status if row is not None else SearchStatus.FAILED
     return replace(result, status=status, model=content)
 
 
@@ -388,12 +389,12 @@ def close_search(
     """Store a finished search's best trial and model (None: no trial completed), and close it."""
     row.finished_at = utcnow()
     if result.best is None or content is None:
-        row.status, row.error = "failed", "no trial completed"
+        row.status, row.error = SearchStatus.FAILED, "no trial completed"
         return
     row.best = {**result.best, "trials": result.counts}
     digest = hashlib.sha256(content).hexdigest()
     session.merge(StoredModel(search_id=row.id, content=content, size=len(content), sha256=digest))
-    row.status = "completed"
+    row.status = SearchStatus.COMPLETED
 
 
 def search_standing(
@@ -402,7 +403,9 @@ def search_standing(
     """A search that this run leaves as it is: its studies and trial counts, its status."""
     studies = list(row.studies) if row is not None else []
     counts = count_states(t.trial for t in search_trials(storage, spec, studies))
-    return SearchResult(search_id, studies, counts, None, status=row.status if row else "failed")
+    return SearchResult(
+        search_id, studies, counts, None, status=row.status if row else SearchStatus.FAILED
+    )
 
 
 def search_stop_check(

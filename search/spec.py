@@ -335,8 +335,9 @@ class Budget(_Model):
         ge=1,
         description="Most epochs summed over all trials (one stage only). With pruning the "
         "number of trials is then the outcome: a trial starts while `epochs` more still fit, "
-        "counting each running trial at `epochs`, so the search ends having trained between "
-        "trial_epochs - epochs + 1 and trial_epochs of them.",
+        "counting each running trial at `epochs`, so the search ends having recorded between "
+        "trial_epochs - epochs + 1 and trial_epochs of them (trials run again after a "
+        "preemption are not counted twice).",
     )
     timeout_s: float | None = Field(None, gt=0, description="Wall-clock limit of the search.")
 

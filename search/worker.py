@@ -39,7 +39,7 @@ from caviar.db.storage import (
     fail_stale_trials,
     optuna_storage,
 )
-from caviar.db.tables import OPEN_STATUSES, Lease, Search, StoredDataset, utcnow
+from caviar.db.tables import OPEN_STATUSES, Lease, Search, SearchStatus, StoredDataset, utcnow
 from caviar.models.data import Dataset, DatasetError, from_arrays, read_csv, read_npz
 from caviar.models.train import default_group_size
 from caviar.search.datadir import DataPathError, resolve_data_path
@@ -248,7 +248,7 @@ class Worker:
         if row is None or row.status not in OPEN_STATUSES:
             return None
         if row.cancel_requested:
-            row.status = "cancelled"
+            row.status = SearchStatus.CANCELLED
             row.finished_at = utcnow()
             return None
         cutoff = utcnow() - timedelta(seconds=GRACE_PERIOD_S)
@@ -564,7 +564,7 @@ def reap_stale_trials(database_url: str) -> int:
 
 
 def _fail_search(row: Search, message: str) -> None:
-    row.status, row.error, row.finished_at = "failed", message, utcnow()
+    row.status, row.error, row.finished_at = SearchStatus.FAILED, message, utcnow()
 
 
 def _problem(error: BaseException) -> str:

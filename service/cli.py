@@ -64,8 +64,8 @@ def run(
         int | None,
         typer.Option(
             min=1,
-            help="Trials asked and trained at once [default: 32 on a CPU, 256 "
-            "on a GPU or TPU: a group's worth, $CAVIAR_GROUP_SIZE].",
+            help="Trials asked and trained at once [default: 32, or one compiled call's worth "
+            "where that is more ($CAVIAR_GROUP_SIZE; larger on a GPU or TPU)].",
         ),
     ] = None,
     model: Annotated[
@@ -131,7 +131,7 @@ def run(
     _print_best_trials(console, spec, storage, result)
     if model is not None and result.model is not None:
         model.write_bytes(result.model)
-        console.print(f"model written to {model} (load it with models.export.load_model)")
+        console.print(f"model written to {model} (load it with caviar.models.load_model)")
     if report is not None:
         from caviar.search.report import write_report
 
@@ -219,8 +219,8 @@ def worker(
         int | None,
         typer.Option(
             min=1,
-            help="Trials claimed and trained at once [default: 32 on a CPU, "
-            "256 on a GPU or TPU: a group's worth, $CAVIAR_GROUP_SIZE].",
+            help="Trials claimed and trained at once [default: 32, or one compiled call's worth "
+            "where that is more ($CAVIAR_GROUP_SIZE; larger on a GPU or TPU)].",
         ),
     ] = None,
     database_url: DatabaseOption = None,
@@ -400,7 +400,7 @@ def report(
 
 @app.command()
 def export(search_id: str, path: Annotated[Path, typer.Argument(metavar="PATH")]) -> None:
-    """Save the best model of a completed search (load it with models.export.load_model)."""
+    """Save the best model of a completed search (load it with caviar.models.load_model)."""
     path.write_bytes(_call(_console(), "GET", f"/v1/searches/{search_id}/model").content)
     typer.echo(f"model written to {path}")
 
@@ -619,13 +619,21 @@ class _SearchProgress:
         self._refresh()
 
     def trial_done(self, outcome) -> None:
+        from optuna.trial import TrialState
+
+        from caviar.search.studies import FINAL_FAILURES
+
         self.done += 1
         maximize = outcome.direction == "maximize"
         if outcome.value is not None and (
             self.best is None or (outcome.value > self.best) == maximize
         ):
             self.best = outcome.value
-        self.bar.update(self.task, advance=outcome.epochs if self.by_epochs else 1)
+        if self.by_epochs:  # the epochs the budget counts: not those of trials run again
+            counted = outcome.state != TrialState.FAIL or outcome.reason in FINAL_FAILURES
+            self.bar.update(self.task, advance=outcome.epochs if counted else 0)
+        else:
+            self.bar.update(self.task, advance=1)
         self._refresh()
 
     def tick(self, trials) -> None:

@@ -25,7 +25,7 @@ from caviar.search.datadir import DataPathError
 from caviar.search.spec import SpecError, printable
 from caviar.service.uploads import UploadError
 
-__all__ = ["Conflict", "NotFound", "TooMany", "http_status", "install_error_handlers"]
+__all__ = ["BadEventId", "Conflict", "NotFound", "TooMany", "http_status", "install_error_handlers"]
 
 log = logging.getLogger("caviar.api")
 
@@ -42,10 +42,18 @@ class TooMany(CaviarError, RuntimeError):
     """The owner is over a concurrency limit."""
 
 
+class BadEventId(CaviarError, ValueError):
+    """A `Last-Event-ID` that no event of this API carried."""
+
+    def __str__(self) -> str:
+        return f"Last-Event-ID: {self.args[0]}"
+
+
 HTTP_STATUS: dict[type[CaviarError], int] = {
     NotFound: status.HTTP_404_NOT_FOUND,
     Conflict: status.HTTP_409_CONFLICT,
     TooMany: status.HTTP_429_TOO_MANY_REQUESTS,
+    BadEventId: status.HTTP_422_UNPROCESSABLE_CONTENT,
     SpecError: status.HTTP_422_UNPROCESSABLE_CONTENT,
     DatasetError: status.HTTP_422_UNPROCESSABLE_CONTENT,
     DataPathError: status.HTTP_422_UNPROCESSABLE_CONTENT,
@@ -78,6 +86,8 @@ def install_error_handlers(app: FastAPI) -> None:
     async def caviar_error(request: Request, error: CaviarError) -> JSONResponse:
         """The error's status; below 500 its message, else a generic one (the fault is logged)."""
         code = http_status(error)
+        if isinstance(error, SpecError):  # one entry per field, as request validation has them
+            return JSONResponse({"detail": _encodable(error.errors)}, status_code=code)
         if code < status.HTTP_500_INTERNAL_SERVER_ERROR:
             return JSONResponse({"detail": str(error)}, status_code=code)
         log.error("%s %s: %s", request.method, request.url.path, error, exc_info=error)

@@ -22,7 +22,7 @@ from caviar.db.session import session_scope
 from caviar.db.storage import trial_states
 from caviar.db.tables import TERMINAL_STATUSES
 from caviar.search.runner import SearchTrial
-from caviar.service.errors import TooMany
+from caviar.service.errors import BadEventId, TooMany
 from caviar.service.searches import owned_search, public_trial, search_trials
 
 #: Trial states that end a trial: each finished trial is one `trial` event.
@@ -87,13 +87,13 @@ class EventCursor:
 
     @classmethod
     def decode(cls, text: str) -> EventCursor:
-        """The cursor an event id encodes; ValueError when `text` is not an id of this API."""
+        """The cursor an event id encodes; BadEventId when `text` is not an id of this API."""
         head, *stages = text.split(";")
         cursor = cls(stage=_natural(head))
         for part in stages:
             stage, colon, numbers = part.partition(":")
             if not colon:
-                raise ValueError(f"not an event id: {text!r}")
+                raise BadEventId(f"not an event id: {text!r}")
             prefix, *extras = numbers.split("+")
             sent = cursor.trials.setdefault(_natural(stage), _Sent())
             sent.prefix = max(sent.prefix, _natural(prefix))
@@ -104,7 +104,7 @@ class EventCursor:
 
 def _natural(text: str) -> int:
     if not (text.isascii() and text.isdigit() and len(text) <= 12):
-        raise ValueError(f"not an event-id count: {text!r}")
+        raise BadEventId(f"not an event-id count: {text!r}")
     return int(text)
 
 

@@ -15,10 +15,17 @@ from sqlalchemy.orm import Session
 
 from caviar.db.session import lock_owner
 from caviar.db.storage import optuna_storage, trial_states
-from caviar.db.tables import OPEN_STATUSES, TERMINAL_STATUSES, Search, StoredDataset, utcnow
+from caviar.db.tables import (
+    OPEN_STATUSES,
+    TERMINAL_STATUSES,
+    Search,
+    SearchStatus,
+    StoredDataset,
+    utcnow,
+)
 from caviar.search import runner
 from caviar.search.runner import SearchResult, SearchTrial, new_search_row, tally_states
-from caviar.search.spec import SearchSpec, text_problem
+from caviar.search.spec import SearchSpec, SpecIssue, text_problem
 from caviar.service.errors import Conflict, NotFound, TooMany
 from caviar.service.schemas import Progress, SearchPublic, TrialPublic
 
@@ -92,11 +99,11 @@ def cancel_search(session: Session, search: Search) -> None:
     if search.status in TERMINAL_STATUSES:
         raise Conflict(f"search is already {search.status}")
     search.cancel_requested = True
-    search.status = "cancelled"
+    search.status = SearchStatus.CANCELLED
     search.finished_at = utcnow()
 
 
-def dataset_errors(session: Session, owner: str, spec: SearchSpec) -> list[dict[str, Any]]:
+def dataset_errors(session: Session, owner: str, spec: SearchSpec) -> list[SpecIssue]:
     """A pydantic-style error at `dataset.id` when it names no dataset of the owner's (another
     owner's dataset is not found either), so that the search is refused, not failed later."""
     dataset_id = spec.dataset.id

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Header, HTTPException, Query, Request, Response, status
+from fastapi import APIRouter, Body, Header, Query, Request, Response, status
 from fastapi.responses import HTMLResponse, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
@@ -13,10 +13,10 @@ from caviar.db.session import session_scope
 from caviar.db.storage import optuna_storage
 from caviar.db.tables import StoredModel
 from caviar.search.report import render_report
-from caviar.search.spec import SearchSpec
+from caviar.search.spec import SearchSpec, SpecError
 from caviar.service import searches
 from caviar.service.deps import Owner, SessionDep, SettingsDep
-from caviar.service.errors import Conflict
+from caviar.service.errors import Conflict, NotFound
 from caviar.service.events import EventCursor, EventStreams, events
 from caviar.service.limits import spec_limit_errors
 from caviar.service.schemas import (
@@ -105,7 +105,7 @@ def submit_search(
     """
     errors = spec_limit_errors(spec, settings) + searches.dataset_errors(session, owner, spec)
     if errors:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=errors)
+        raise SpecError(errors)
     search, _ = searches.submit_search(
         session,
         owner,
@@ -205,12 +205,7 @@ async def get_events(
     Each event carries an `id`; a client that reconnects with `Last-Event-ID` gets every later
     event once. An owner may hold CAVIAR_MAX_EVENT_STREAMS streams at once (429 beyond).
     """
-    try:
-        after = EventCursor.decode(last_event_id) if last_event_id else None
-    except ValueError as error:
-        raise HTTPException(
-            status.HTTP_422_UNPROCESSABLE_CONTENT, detail=f"Last-Event-ID: {error}"
-        ) from None
+    after = EventCursor.decode(last_event_id) if last_event_id else None
     streams: EventStreams = request.app.state.event_streams
     url = settings.database_url
     await streams.run(_check_owned, url, owner, search_id)
@@ -250,9 +245,7 @@ def get_model(search_id: str, owner: Owner, session: SessionDep) -> Response:
     searches.owned_search(session, owner, search_id)
     model = session.get(StoredModel, search_id)
     if model is None:
-        raise HTTPException(
-            status.HTTP_404_NOT_FOUND, detail="no model yet: the search has not completed"
-        )
+        raise NotFound("no model yet: the search has not completed")
     return Response(
         model.content,
         media_type="application/octet-stream",

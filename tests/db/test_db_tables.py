@@ -15,7 +15,13 @@ from sqlalchemy import inspect, select, text
 from sqlalchemy.exc import OperationalError
 
 from caviar.db.migrate import is_current
-from caviar.db.session import ConflictError, DatabaseError, get_engine, lock_search, session_scope
+from caviar.db.session import (
+    ConstraintViolation,
+    DatabaseError,
+    get_engine,
+    lock_search,
+    session_scope,
+)
 from caviar.db.storage import optuna_storage
 from caviar.db.tables import ApiKey, Search, StoredDataset, StoredModel, utcnow
 
@@ -31,7 +37,7 @@ def add_search(url: str, search_id: str = "s1", **fields) -> None:
 def test_search_round_trip(migrated_url):
     add_search(migrated_url, idempotency_key="k1", request_sha256="0" * 64)
     with session_scope(migrated_url) as session:
-        search = session.get(Search, "s1")
+        search = session.get_one(Search, "s1")
         assert (search.status, search.stage, search.studies, search.best) == ("queued", 0, [], None)
         assert search.spec == {"budget": {"trials": 8}}
         assert not search.cancel_requested
@@ -43,17 +49,18 @@ def test_search_round_trip(migrated_url):
         search.studies.append("caviar/alice/s1/1")  # in-place changes are tracked
         search.best = {"trial": 3, "dev_accuracy": 0.5}
     with session_scope(migrated_url) as session:
-        search = session.get(Search, "s1")
+        search = session.get_one(Search, "s1")
+        assert search.best is not None
         search.best["dev_accuracy"] = 0.75
     with session_scope(migrated_url) as session:
-        search = session.get(Search, "s1")
+        search = session.get_one(Search, "s1")
         assert (search.status, search.stage, search.studies) == (
             "running",
             1,
             ["caviar/alice/s1/1"],
         )
         assert search.best == {"trial": 3, "dev_accuracy": 0.75}
-        assert search.started_at.tzinfo is UTC
+        assert search.started_at is not None and search.started_at.tzinfo is UTC
         assert search.updated_at > first_update
         assert session.scalars(select(Search.id).where(Search.owner == "alice")).all() == ["s1"]
         session.delete(search)
@@ -97,12 +104,13 @@ def test_api_key_round_trip(migrated_url):
     with session_scope(migrated_url) as session:
         session.add(ApiKey(id="k" * 24, owner="alice", name="laptop", salt="s", hash="h" * 64))
     with session_scope(migrated_url) as session:
-        key = session.get(ApiKey, "k" * 24)
+        key = session.get_one(ApiKey, "k" * 24)
         assert (key.owner, key.name, key.salt) == ("alice", "laptop", "s")
         assert key.last_used_at is key.revoked_at is None
         key.revoked_at = utcnow()
     with session_scope(migrated_url) as session:
-        assert session.get(ApiKey, "k" * 24).revoked_at.tzinfo is UTC
+        revoked_at = session.get_one(ApiKey, "k" * 24).revoked_at
+        assert revoked_at is not None and revoked_at.tzinfo is UTC
 
 
 def test_trained_model_round_trip_and_cascade_delete(migrated_url):
@@ -110,17 +118,17 @@ def test_trained_model_round_trip_and_cascade_delete(migrated_url):
     with session_scope(migrated_url) as session:
         session.add(StoredModel(search_id="s1", content=BLOB, size=len(BLOB), sha256="a" * 64))
     with session_scope(migrated_url) as session:
-        model = session.get(StoredModel, "s1")
+        model = session.get_one(StoredModel, "s1")
         assert "content" in inspect(model).unloaded
         assert (model.content, model.size) == (BLOB, len(BLOB))
     with session_scope(migrated_url) as session:
-        session.delete(session.get(Search, "s1"))
+        session.delete(session.get_one(Search, "s1"))
     with session_scope(migrated_url) as session:
         assert session.scalars(select(StoredModel)).all() == []
 
 
 def test_model_of_a_missing_search_is_a_conflict(migrated_url):
-    with pytest.raises(ConflictError), session_scope(migrated_url) as session:
+    with pytest.raises(ConstraintViolation), session_scope(migrated_url) as session:
         session.add(StoredModel(search_id="nope", content=b"", size=0, sha256="a" * 64))
 
 
@@ -129,7 +137,7 @@ def test_idempotency_key_is_unique_per_owner(migrated_url):
     add_search(migrated_url, "s2", owner="bob", idempotency_key="k")
     add_search(migrated_url, "s3")  # keys left out never clash
     add_search(migrated_url, "s4")
-    with pytest.raises(ConflictError, match="idempotency_key"):
+    with pytest.raises(ConstraintViolation, match="idempotency_key"):
         add_search(migrated_url, "s5", idempotency_key="k")
     with session_scope(migrated_url) as session:
         assert session.scalars(select(Search.id).order_by(Search.id)).all() == [
@@ -141,9 +149,9 @@ def test_idempotency_key_is_unique_per_owner(migrated_url):
 
 
 def test_unknown_status_and_format_are_refused(migrated_url):
-    with pytest.raises(ConflictError):
+    with pytest.raises(ConstraintViolation):
         add_search(migrated_url, status="paused")
-    with pytest.raises(ConflictError), session_scope(migrated_url) as session:
+    with pytest.raises(ConstraintViolation), session_scope(migrated_url) as session:
         session.add(
             StoredDataset(
                 id="d",
@@ -167,13 +175,13 @@ def test_naive_datetimes_are_refused(migrated_url):
 def test_session_scope_rolls_back_when_the_block_raises(migrated_url):
     add_search(migrated_url)
     with pytest.raises(ValueError, match="boom"), session_scope(migrated_url) as session:
-        session.get(Search, "s1").status = "failed"
+        session.get_one(Search, "s1").status = "failed"
         session.add(Search(id="s2", owner="alice", name="other", spec={}))
         session.flush()
         raise ValueError("boom")
     with session_scope(migrated_url) as session:
         assert session.scalars(select(Search.id)).all() == ["s1"]
-        assert session.get(Search, "s1").status == "queued"
+        assert session.get_one(Search, "s1").status == "queued"
 
 
 @pytest.mark.parametrize(
@@ -231,7 +239,9 @@ def test_optuna_can_write_while_a_search_is_locked(migrated_url):
     """Workers ask Optuna for trials, on Optuna's own connection, while they hold the search."""
     add_search(migrated_url)
     with session_scope(migrated_url) as session:
-        lock_search(session, "s1").stage = 1
+        search = lock_search(session, "s1")
+        assert search is not None
+        search.stage = 1
         study = optuna.create_study(
             study_name="caviar/alice/s1/1", storage=optuna_storage(migrated_url)
         )
@@ -261,4 +271,4 @@ def test_lock_search_serialises_read_modify_write(migrated_url):
         for future in [pool.submit(bump) for _ in range(workers)]:
             future.result()
     with session_scope(migrated_url) as session:
-        assert session.get(Search, "s1").stage == workers * rounds
+        assert session.get_one(Search, "s1").stage == workers * rounds

@@ -8,27 +8,28 @@ import pkgutil
 import pytest
 
 from caviar.db.migrate import NotUpgraded
-from caviar.db.session import ConflictError, DatabaseError, DatabaseUnavailable
+from caviar.db.session import ConstraintViolation, DatabaseError, DatabaseUnavailable
 from caviar.models.data import DatasetError
 from caviar.models.errors import CaviarError
 from caviar.models.export import ModelFileError
 from caviar.search.datadir import DataPathError
 from caviar.search.spec import SpecError
 from caviar.service.client import ApiError
-from caviar.service.errors import Conflict, NotFound, TooMany, http_status
+from caviar.service.errors import BadEventId, Conflict, NotFound, TooMany, http_status
 from caviar.service.uploads import UploadError
 
 EXPECTED = {
     NotFound: 404,
     Conflict: 409,
     TooMany: 429,
+    BadEventId: 422,
     SpecError: 422,
     DatasetError: 422,
     DataPathError: 422,
     ModelFileError: 422,
     DatabaseUnavailable: 503,
     DatabaseError: 500,
-    ConflictError: 500,  # a constraint the service should have checked first: our fault
+    ConstraintViolation: 500,  # a constraint the service should have checked first: our fault
     NotUpgraded: 500,
 }
 #: Errors the API never answers: the HTTP client's own, and uploads (which carry their status).

@@ -20,6 +20,7 @@ import itertools
 import json
 import tempfile
 import time
+from typing import cast
 
 import numpy as np
 
@@ -135,7 +136,9 @@ def train_flax_trial(hp: dict, ds, epochs: int) -> tuple[int, float, float]:
 
     @jax.jit
     def accuracy(params, x, y):
-        return jnp.mean(jnp.argmax(model.apply({"params": params}, x, train=False), -1) == y)
+        # Without `mutable`, `apply` returns only the output (flax types it as maybe a tuple).
+        logits = cast(jax.Array, model.apply({"params": params}, x, train=False))
+        return jnp.mean(jnp.argmax(logits, -1) == y)
 
     rng = np.random.default_rng(0)
     best_dev, best_test, done = -1.0, float("nan"), 0

@@ -42,12 +42,17 @@ def test_authenticate_returns_the_key_and_records_its_use(migrated_url, key):
     key_id, token = key
     with session_scope(migrated_url) as session:
         api_key = authenticate(session, token)
+        assert api_key is not None
         assert (api_key.id, api_key.owner) == (key_id, "alice")
     with session_scope(migrated_url) as session:
-        first_use = authenticate(session, token).last_used_at
-    assert first_use.tzinfo is UTC
+        api_key = authenticate(session, token)
+        assert api_key is not None
+        first_use = api_key.last_used_at
+    assert first_use is not None and first_use.tzinfo is UTC
     with session_scope(migrated_url) as session:
-        assert authenticate(session, token).last_used_at > first_use
+        api_key = authenticate(session, token)
+        assert api_key is not None and api_key.last_used_at is not None
+        assert api_key.last_used_at > first_use
 
 
 def test_bad_tokens_authenticate_nobody(migrated_url, key):

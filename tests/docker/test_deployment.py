@@ -152,6 +152,7 @@ def test_entry_commands_run_as_plain_processes(postgres_url, tmp_path):
         stderr=subprocess.STDOUT,
         text=True,
     )
+    assert worker.stdout is not None
     try:
         first_line = worker.stdout.readline()
         assert "devices:" in first_line and "cpu" in first_line.lower()

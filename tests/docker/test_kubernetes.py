@@ -260,7 +260,7 @@ def test_pods_run_as_the_images_non_root_user_without_privileges():
 
 
 def test_images_are_the_compose_images_of_the_same_command():
-    images = {}  # caviar subcommand -> image, from the compose files
+    images: dict[str, set[str]] = {}  # caviar subcommand -> image, from the compose files
     for name in COMPOSE_FILES:
         for service in compose(name)["services"].values():
             if "command" in service:
@@ -317,6 +317,7 @@ def test_wait_for_migrations_blocks_until_the_database_is_upgraded(tmp_path):
         stderr=subprocess.STDOUT,
         text=True,
     )
+    assert waiter.stdout is not None
     try:
         assert "caviar db upgrade" in waiter.stdout.readline()
         time.sleep(1)

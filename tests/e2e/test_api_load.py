@@ -233,7 +233,7 @@ def test_watch_carries_on_when_the_api_restarts(api, tmp_path):
         worker.send_signal(signal.SIGSTOP)
         assert server.stop() < 15, "the API took too long to stop with a stream open"
         with session_scope(server.env["CAVIAR_DATABASE_URL"]) as session:
-            status = session.get(Search, search_id).status
+            status = session.get_one(Search, search_id).status
         assert status == "running", "the search ended before the API went down"
         time.sleep(2)  # the API is down for a while
         server.start()

@@ -112,6 +112,7 @@ def test_a_stopped_run_resumes_with_its_finished_trials_and_ends_with_its_budget
         stderr=subprocess.STDOUT,
         text=True,
     )
+    assert run.stdout is not None
     search_id = run.stdout.readline().strip()
 
     def in_flight_after_a_complete_one() -> bool:

@@ -73,7 +73,7 @@ def start_worker(env, batch=2):
 
 def trials(url, search_id):
     with session_scope(url) as session:
-        studies = list(session.get(Search, search_id).studies)
+        studies = list(session.get_one(Search, search_id).studies)
     storage = optuna.storages.RDBStorage(url)
     return [
         t for name in studies for t in optuna.load_study(study_name=name, storage=storage).trials
@@ -200,7 +200,7 @@ def test_workers_survive_their_connections_being_terminated(url, env):
                         "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
                         "WHERE datname = current_database() AND pid <> pg_backend_pid()"
                     )
-                ).scalar()
+                ).scalar_one()
             return killed >= 1
 
         for _ in range(3):  # each time the worker has connected again (its heartbeat is every 1 s)

@@ -136,7 +136,7 @@ def test_a_slow_load_holds_up_no_other_search_and_a_cancel_ends_it(url, env):
         wait_until(lambda: search(url, quick).status == "completed", 180, "bob's search")
         assert len(loaders(url, slow)) == 1
         with session_scope(url) as session:
-            session.get(Search, slow).cancel_requested = True
+            session.get_one(Search, slow).cancel_requested = True
         # The loader gives the cancelled search up within seconds, not after the generation.
         wait_until(lambda: not loaders(url, slow), 15, "the load of carol's search to stop")
         assert all(worker.poll() is None for worker in workers)

@@ -107,6 +107,7 @@ def test_report_draws_every_panel_in_chromium_with_log_axes(tmp_path):
     assert all(panel["svg"] and panel["traces"] for panel in panels.values()), panels
     assert {"stage 1", "stage 2"} <= set(panels["history"]["traces"])
     assert any(name.endswith(", pruned") for name in panels["learning-curves"]["traces"])
+    assert done.best is not None
     assert done.best["diagnosis"] in panels["bias-variance"]["title"]
 
     logged = [

@@ -8,7 +8,7 @@ import sys
 from caviar.db.migrate import upgrade
 
 
-def start_worker(url: str, **env: str) -> subprocess.Popen:
+def start_worker(url: str, **env: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "caviar.service.cli", "worker", "--database-url", url],
         env={**os.environ, "JAX_PLATFORMS": "cpu", **env},
@@ -32,6 +32,7 @@ def test_a_worker_prints_its_devices_matmul_precision_and_group_size(tmp_path):
     url = f"sqlite:///{tmp_path / 'caviar.db'}"
     upgrade(url)
     worker = start_worker(url, CAVIAR_MATMUL_PRECISION="high")
+    assert worker.stdout is not None
     line = worker.stdout.readline()
     worker.send_signal(signal.SIGTERM)
     worker.communicate(timeout=60)
@@ -44,6 +45,7 @@ def test_a_group_size_setting_sets_the_claim_and_the_compiled_call(tmp_path):
     url = f"sqlite:///{tmp_path / 'caviar.db'}"
     upgrade(url)
     worker = start_worker(url, CAVIAR_GROUP_SIZE="64")
+    assert worker.stdout is not None
     line = worker.stdout.readline()
     worker.send_signal(signal.SIGTERM)
     worker.communicate(timeout=60)

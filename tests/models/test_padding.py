@@ -7,6 +7,8 @@ same trial trained alone in its own exact shape.
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,7 +33,7 @@ SHAPES = [
     _shape((20, 4), "sigmoid", "adam"),
     _shape((9, 30, 3), "gelu", "adamw", dropout=True),
 ]
-HPARAMS = [
+HPARAMS: list[dict[str, Any]] = [
     {"learning_rate": 0.1, "l2": 1e-2, "seed": 0},
     {"learning_rate": 0.2, "momentum": 0.8, "l2": 1e-3, "dropout": 0.3, "seed": 1},
     {"learning_rate": 3e-3, "beta2": 0.99, "epsilon": 1e-6, "dropout": 0.1, "seed": 2},

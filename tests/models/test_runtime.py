@@ -91,14 +91,15 @@ def test_a_bad_device_count_is_a_clear_error():
     assert "CAVIAR_CPU_DEVICES='many': expected a whole number, at least 1" in done.stderr
 
 
-def test_matmul_precision_is_set_for_every_program_compiled_after():
+def test_matmul_precision_is_set_for_every_program_compiled_after() -> None:
     import jax
     import jax.numpy as jnp
 
     from caviar.models.runtime import set_matmul_precision
 
     a = jnp.ones((4, 4), jnp.float32)
-    before = jax.config.jax_default_matmul_precision
+    # jax.config's flags are dynamic attributes that jax's type hints do not declare.
+    before = jax.config.jax_default_matmul_precision  # type: ignore[attr-defined]
     try:
         set_matmul_precision("highest")
         assert "HIGHEST" in jax.jit(jnp.matmul).lower(a, a).as_text()

@@ -3,6 +3,8 @@ slots' trials are untouched, whatever the program's round when it came in."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -16,12 +18,12 @@ def _shape(hidden, optimizer="adam", dropout=False) -> Shape:
     return Shape(8, 3, hidden, "relu", False, optimizer, 32, use_dropout=dropout)
 
 
-FIRST = [
+FIRST: list[tuple[Shape, dict[str, Any]]] = [
     (_shape((16, 12)), {"learning_rate": 1e-2, "seed": 0}),
     (_shape((24,), "momentum", dropout=True), {"learning_rate": 0.1, "dropout": 0.2, "seed": 1}),
     (_shape((9, 20)), {"learning_rate": 3e-3, "lr_decay": "exponential", "seed": 2}),
 ]
-LATER = [
+LATER: list[tuple[Shape, dict[str, Any]]] = [
     (_shape((20, 6), dropout=True), {"learning_rate": 2e-2, "dropout": 0.1, "seed": 3}),
     (
         _shape((12,), "momentum"),

@@ -1,9 +1,12 @@
 """The batched training engine, on the CPU with tiny data."""
 
+from typing import cast
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.flatten_util import ravel_pytree
 
 from caviar.models.data import load_dataset
 from caviar.models.mlp import MLP, sum_squared_weights
@@ -68,7 +71,7 @@ def test_gradient_check_float64_of_the_engines_padded_cost_with_l2():
         x = jnp.asarray(rng.normal(size=(6, 4)))
         y = jnp.asarray(rng.integers(0, 3, size=6))
         key = jax.random.PRNGKey(0)
-        flat, unravel = jax.flatten_util.ravel_pytree(params)
+        flat, unravel = ravel_pytree(params)
         assert flat.dtype == jnp.float64
 
         @jax.jit
@@ -83,7 +86,7 @@ def test_gradient_check_float64_of_the_engines_padded_cost_with_l2():
             np.linalg.norm(numeric) + np.linalg.norm(analytic)
         )
         assert difference < 1e-7
-        padded = np.asarray(jax.flatten_util.ravel_pytree(masks)[0]) == 0
+        padded = np.asarray(ravel_pytree(masks)[0]) == 0
         assert padded.any() and not np.any(np.asarray(analytic)[padded])
 
 
@@ -166,6 +169,7 @@ def test_best_epoch_is_kept(blobs, data):
     for trial in result.trials:
         best = max(h["dev_accuracy"] for h in trial.history)
         assert trial.best["dev_accuracy"] == pytest.approx(best)
+        assert trial.best_epoch is not None
         assert trial.history[trial.best_epoch - 1]["dev_accuracy"] == pytest.approx(best)
 
 
@@ -183,12 +187,16 @@ def test_dropout_only_in_training_mode():
     model = MLP(hidden=(64,), num_outputs=2, use_dropout=True)
     x = jnp.ones((4, 3))
     variables = model.init(jax.random.PRNGKey(0), x, train=False)
-    run = lambda seed: model.apply(  # noqa: E731
-        variables, x, train=True, dropout_rate=0.5, rngs={"dropout": jax.random.PRNGKey(seed)}
+    # Without `mutable`, `apply` returns only the output (flax types it as maybe a tuple).
+    run = lambda seed: cast(  # noqa: E731
+        jax.Array,
+        model.apply(
+            variables, x, train=True, dropout_rate=0.5, rngs={"dropout": jax.random.PRNGKey(seed)}
+        ),
     )
     assert not np.allclose(run(1), run(2))
-    evaluated = model.apply(variables, x, train=False, dropout_rate=0.5)
-    without = MLP(hidden=(64,), num_outputs=2).apply(variables, x, train=False)
+    evaluated = cast(jax.Array, model.apply(variables, x, train=False, dropout_rate=0.5))
+    without = cast(jax.Array, MLP(hidden=(64,), num_outputs=2).apply(variables, x, train=False))
     np.testing.assert_allclose(evaluated, without)
 
 
@@ -207,7 +215,7 @@ def test_batch_norm_uses_batch_statistics_in_training_and_running_averages_in_ev
     x = jax.random.normal(jax.random.PRNGKey(0), (16, 3)) * 3.0 + 5.0
     variables = model.init(jax.random.PRNGKey(1), x, train=False)
     train_out, updated = model.apply(variables, x, train=True, mutable=["batch_stats"])
-    eval_out = model.apply(variables, x, train=False)
+    eval_out = cast(jax.Array, model.apply(variables, x, train=False))
     assert not np.allclose(train_out, eval_out)
     mean = updated["batch_stats"]["BatchNorm_0"]["mean"]
     # Running mean moves 10% of the way from 0 towards this batch's mean (momentum 0.9).

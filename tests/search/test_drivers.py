@@ -97,12 +97,18 @@ def test_the_timeout_stops_trials_in_the_middle_of_training(driver, url):
 
 @pytest.mark.parametrize("driver", DRIVERS)
 def test_the_final_fit_tests_the_weights_the_process_trained(driver, url, monkeypatch):
-    refits = []
+    refits: list[int] = []
     train = final.train_batch
-    monkeypatch.setattr(final, "train_batch", lambda *a, **k: refits.append(1) or train(*a, **k))
+
+    def counted_train(*a, **k):
+        refits.append(1)
+        return train(*a, **k)
+
+    monkeypatch.setattr(final, "train_batch", counted_train)
     done = drive(driver, url, SPEC, batch=4)
     assert done.status == "completed", done.error
     assert refits == [], "the best trial was trained again for the final fit"
+    assert done.best is not None
     best = next(t for t in trials_of(url, done) if t.number == done.best["trial"])
     assert best.user_attrs["final_figures"]["dev_accuracy"] == done.best["dev_accuracy"]
 
@@ -138,7 +144,7 @@ def test_a_task_that_conflicts_with_the_dataset_is_the_same_error_for_both(url):
         session.add(Search(id="conflict", owner="alice", name="conflict", spec=spec))
     Worker(url).run(until_idle=True)
     with session_scope(url) as session:
-        search = session.get(Search, "conflict")
+        search = session.get_one(Search, "conflict")
         assert (search.status, search.error) == ("failed", f"could not load the dataset: {message}")
 
 

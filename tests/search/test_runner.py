@@ -143,11 +143,13 @@ def test_median_pruner_prunes_inside_a_batch(url, storage):
 def test_the_best_trial_is_tested_with_its_own_weights_and_a_refit_reproduces_it(url, storage):
     spec = parse_spec(TINY)
     result = run(url, spec, batch=8)
+    assert result.final is not None
     assert result.final.figures["dev_accuracy"] == result.best["dev_accuracy"]
 
     dataset = load_search_dataset(spec)  # a pool worker that did not train the best trial
     refit = finish_search(spec, storage, result.search_id, dataset, stage_count=1)
     dev_examples = len(dataset.y_dev)
+    assert refit.final is not None
     assert refit.final.figures["dev_accuracy"] == pytest.approx(
         result.best["dev_accuracy"], abs=1.5 / dev_examples
     )
@@ -157,7 +159,7 @@ def test_a_stop_after_the_last_epoch_keeps_the_finished_batch(url, storage):
     one_shape = TINY.replace("  hidden_units: {low: 8, high: 16, type: int}\n", "").replace(
         "hidden_layers: 1", "hidden_layers: 1, hidden_units: 8"
     )
-    epochs_trained = []
+    epochs_trained: list[list[optuna.trial.Trial]] = []
 
     def timeout_after_first_batch():
         return "timeout" if len(epochs_trained) >= 4 else None

@@ -55,16 +55,16 @@ def test_a_worker_runs_a_queued_search_to_its_end(url):
     search_id = queue(url)
     Worker(url, batch=3).run(until_idle=True)
     with session_scope(url) as session:
-        search = session.get(Search, search_id)
+        search = session.get_one(Search, search_id)
         assert search.status == "completed", search.error
         assert search.stage == 2
         assert search.studies == [f"caviar/{search_id}/stage-{n}" for n in (1, 2)]
         best, studies = search.best, search.studies
-        model = session.get(StoredModel, search_id)
-        content = model.content
+        content = session.get_one(StoredModel, search_id).content
     trials = trials_of(url, studies)
     assert len(trials) == 7  # exactly the budget, batches of 3 notwithstanding
     assert [t.user_attrs["stage"] for t in trials].count(2) == 3
+    assert best is not None
     assert 0 <= best["test_accuracy"] <= 1 and "dev_accuracy" in best
     # The stored model predicts like the search measured, on the same (re-made) test split.
     ds = load_dataset({"name": "synthetic", "samples": 400, "features": 6, "classes": 3})
@@ -77,11 +77,11 @@ def test_a_worker_runs_a_queued_search_to_its_end(url):
 def test_cancelled_search_is_not_worked_on(url):
     search_id = queue(url)
     with session_scope(url) as session:
-        search = session.get(Search, search_id)
+        search = session.get_one(Search, search_id)
         search.cancel_requested, search.status = True, "cancelled"
     Worker(url).run(until_idle=True)
     with session_scope(url) as session:
-        assert session.get(Search, search_id).studies == []
+        assert session.get_one(Search, search_id).studies == []
 
 
 def with_dataset(dataset: str) -> str:
@@ -113,10 +113,14 @@ def test_a_search_reads_files_only_inside_the_workers_data_directory(url, tmp_pa
     missing = queue(url, with_dataset("{path: ../missing.csv, target: label}"))
     Worker(url, data_dir=str(data)).run(until_idle=True)
     (bad_status, bad_error), *refused = errors_of(url, bad, outside, missing)
+    assert bad_error is not None
     assert bad_status == "failed" and "dataset.path 'bad.csv'" in bad_error
     assert refused[0] == refused[1]  # a file outside exists or not: the same answer
-    assert refused[0][0] == "failed" and "inside the data directory" in refused[0][1]
+    refused_error = refused[0][1]
+    assert refused_error is not None
+    assert refused[0][0] == "failed" and "inside the data directory" in refused_error
     for _, error in (bad_status, bad_error), *refused:
+        assert error is not None
         assert "password" not in error and "hunter2" not in error
 
 
@@ -125,6 +129,7 @@ def test_without_a_data_directory_a_worker_reads_no_file(url, tmp_path):
     search_id = queue(url, with_dataset(f"{{path: {tmp_path / 'secret.csv'}, target: label}}"))
     Worker(url).run(until_idle=True)
     ((status, error),) = errors_of(url, search_id)
+    assert error is not None
     assert status == "failed" and "dataset.path" in error and "hunter2" not in error
 
 
@@ -137,7 +142,7 @@ def test_diverging_trials_fail_and_the_search_still_completes(url):
     )
     Worker(url).run(until_idle=True)
     with session_scope(url) as session:
-        search = session.get(Search, search_id)
+        search = session.get_one(Search, search_id)
         studies, status = search.studies, search.status
     trials = trials_of(url, studies)
     assert len(trials) == 7
@@ -208,8 +213,9 @@ fixed: {optimizer: adam, batch_size: 32, hidden_units: 16, hidden_layers: 1}
     search_id = queue(url, spec)
     Worker(url).run(until_idle=True)
     with session_scope(url) as session:
-        search = session.get(Search, search_id)
+        search = session.get_one(Search, search_id)
         assert search.status == "completed", search.error
+        assert search.best is not None
         assert search.best["test_accuracy"] > 0.8  # a linearly separable task
 
 
@@ -219,7 +225,8 @@ def test_another_owners_dataset_is_not_found(url):
     search_id = queue(url, spec, owner="alice")
     Worker(url).run(until_idle=True)
     with session_scope(url) as session:
-        search = session.get(Search, search_id)
+        search = session.get_one(Search, search_id)
+        assert search.error is not None
         assert search.status == "failed" and "ds-2" in search.error
 
 
@@ -229,7 +236,7 @@ def test_the_largest_seed_runs_on_a_worker(url):
     search_id = queue(url, SPEC + "seed: 4294967295\n")
     Worker(url, batch=4).run(until_idle=True)
     with session_scope(url) as session:
-        search = session.get(Search, search_id)
+        search = session.get_one(Search, search_id)
         assert search.status == "completed", search.error
 
 
@@ -241,6 +248,7 @@ def test_a_search_that_cannot_be_loaded_fails_alone(url):
     (poison_status, poison_error), (healthy_status, healthy_error) = errors_of(
         url, poisoned, healthy
     )
+    assert poison_error is not None
     assert poison_status == "failed" and poison_error.startswith("could not load the dataset")
     assert "seed" in poison_error
     assert healthy_status == "completed", healthy_error
@@ -258,12 +266,12 @@ def test_a_search_whose_workers_keep_dying_fails_after_the_attempt_limit(url):
             stale = utcnow() - timedelta(seconds=GRACE_PERIOD_S + 1)
             session.add(Lease(search_id=search_id, worker=f"dead-{attempt}", phase="load"))
             session.flush()
-            session.get(Lease, (search_id, f"dead-{attempt}")).heartbeat_at = stale
+            session.get_one(Lease, (search_id, f"dead-{attempt}")).heartbeat_at = stale
         worker = Worker(url, max_attempts=2)
         if attempt == 0:  # one death is under the limit: the search goes on
             worker.step()
             with session_scope(url) as session:
-                assert session.get(Search, search_id).attempts == 1
+                assert session.get_one(Search, search_id).attempts == 1
                 assert session.get(Search, search_id).status in ("queued", "running")
     worker.run(until_idle=True)
     ((status, error),) = errors_of(url, search_id)

@@ -2,7 +2,7 @@
 
 import copy
 import json
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -19,7 +19,7 @@ else:
     from support import SPEC, auth
 
 
-def strict_json(response) -> object:
+def strict_json(response) -> Any:
     """The body parsed as strict JSON (no NaN or Infinity, valid UTF-8)."""
 
     def refuse(constant: str) -> None:

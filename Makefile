@@ -47,7 +47,7 @@ typecheck: $(INSTALLED)
 	mkdir -p $(TYPECHECK_TREE)
 	for package in models search db service; do ln -sfn ../../../$$package $(TYPECHECK_TREE)/$$package; done
 	$(VENV)/bin/mypy -p caviar.models -p caviar.search -p caviar.db -p caviar.service
-	$(VENV)/bin/mypy --explicit-package-bases bench tests
+	$(VENV)/bin/mypy --explicit-package-bases bench tests deploy/kubernetes/wait_for_migrations.py
 
 format: $(INSTALLED)
 	$(VENV)/bin/ruff format .

@@ -22,7 +22,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -603,7 +603,7 @@ def _evaluation(shape: Shape) -> Callable:
     """`evaluate`'s jitted maths for one shape (eagerly, each operation would compile alone)."""
 
     def metrics(variables, x, y, target_std):
-        out = shape.model.apply(variables, x, train=False)
+        out = cast(jax.Array, shape.model.apply(variables, x, train=False))  # no mutable state
         return output_metrics(shape.task, out, y, target_std)
 
     return jax.jit(metrics)

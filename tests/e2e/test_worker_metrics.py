@@ -14,7 +14,7 @@ import pytest
 
 from caviar.db.migrate import upgrade
 from caviar.db.session import session_scope
-from caviar.db.tables import Search
+from caviar.db.tables import OPEN_STATUSES, Search
 from caviar.search.spec import parse_spec
 from caviar.service.searches import submit_search
 
@@ -103,7 +103,7 @@ def train_one_search(url: str, env: dict[str, str]) -> dict[str, float]:
         assert listening_ports(worker.pid) == {port}
         assert scrape(port)["caviar_worker_trial_epochs_total"] == 0
         deadline = time.monotonic() + 300
-        while status(url, search_id) in ("queued", "running"):
+        while status(url, search_id) in OPEN_STATUSES:
             assert time.monotonic() < deadline, "the search did not end"
             assert worker.poll() is None, worker.stdout.read()
             time.sleep(0.2)

@@ -2,10 +2,10 @@
 
 The planner (`models.planner.plan`) splits a claim of trials into buckets, each one compiled
 program for trials of different shapes; the engine (`models.train.train_batch`) knows nothing
-about Optuna; this module turns its per-epoch callback into `trial.report` /
-`trial.should_prune` calls, tells Optuna each trial as it leaves its slot, and, given a way to
-ask the driver for more (`AskMore`), hands a freed slot to a new trial of the stage at once. A
-diverged trial fails with reason `diverged`; the rest of its batch goes on.
+about Optuna; this module turns its per-epoch callback into reports and Optuna's pruning
+decisions (`search.pruning.RoundPruner`), tells Optuna each trial as it leaves its slot, and,
+given a way to ask the driver for more (`AskMore`), hands a freed slot to a new trial of the
+stage at once. A diverged trial fails with reason `diverged`; the rest of its batch goes on.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from caviar.models.train import (
     planning_costs,
     train_batch,
 )
+from caviar.search.pruning import RoundPruner
 from caviar.search.space import sample_trial
 from caviar.search.spec import Direction, Objective, Param, SearchSpec
 
@@ -313,6 +314,7 @@ class _GroupTraining:
         self.should_stop, self.on_trial = should_stop, on_trial
         self.on_epoch, self.refill = on_epoch, refill
         self.asked = list(members)  # by engine index: the given trials, then the refills
+        self.pruner = RoundPruner(study)
         self.pruned = [False] * len(self.asked)
         self.outcomes: dict[int, TrialOutcome] = {}
         self.stop_reason: str | None = None
@@ -339,9 +341,9 @@ class _GroupTraining:
             self.study,
             [(self.asked[i].trial, float(values[i]), int(report.epochs[i])) for i in reporting],
         )
-        for i in reporting:
-            if self.asked[i].trial.should_prune():
-                self.pruned[i] = True
+        decisions = self.pruner.decide([self.asked[i].trial for i in reporting])
+        for i, prune in zip(reporting, decisions, strict=True):
+            self.pruned[i] = self.pruned[i] or prune
         if self.on_epoch is not None:
             self.on_epoch([a.trial for i, a in enumerate(self.asked) if report.trained[i]])
         if self.should_stop is not None and (reason := self.should_stop()):

@@ -173,16 +173,22 @@ def throughput(workers: int, trials: int, epochs: int, grace: int) -> dict:
 
 
 def recovery(trials: int, epochs: int, grace: int) -> dict:
-    """Seconds from SIGKILL of a worker mid-trial to its trials running again on another."""
+    """Seconds from a worker's death mid-trial to its trials running again on another.
+
+    The victim is frozen (SIGSTOP: no more heartbeats, as if it died) the moment it trains, so
+    that however fast the machine it dies with trials in hand; it is SIGKILLed once the survivor
+    is connected, and the time counts from the freeze.
+    """
     search_id = submit(trials, epochs)
     victim = start_worker("caviar-worker-victim", grace)
     survivor = None
     try:
         wait(lambda: any(t.state.name == "RUNNING" for t in search_trials(search_id)), 120)
-        survivor = start_worker("caviar-worker-survivor", grace)
-        time.sleep(2)
-        victim.send_signal(signal.SIGKILL)
+        victim.send_signal(signal.SIGSTOP)
         killed_at = time.time()
+        survivor = start_worker("caviar-worker-survivor", grace)
+        wait(lambda: "caviar-worker-survivor" in connections(), 120)
+        victim.send_signal(signal.SIGKILL)
         victim.wait(timeout=10)
 
         def rerun() -> bool:

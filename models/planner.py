@@ -42,7 +42,7 @@ class Costs:
 
     compile_s: float  # one new program
     flops_per_s: float  # padded training FLOPs per second
-    epochs: int
+    epochs: float  # a trial's epochs on average (fewer than the most where it is pruned)
     train_examples: int
     dev_examples: int
     group_size: int  # trials per compiled call; a short group costs a full one

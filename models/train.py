@@ -195,7 +195,7 @@ RATES = Rates()
 COMPILE_PRIOR_S = 1.0
 
 
-def planning_costs(data: TrainData, *, epochs: int, group_size: int, trials: int) -> Costs:
+def planning_costs(data: TrainData, *, epochs: float, group_size: int, trials: int) -> Costs:
     """The planner's costs for a batch of `trials` on `data`: this process's measured rates;
     before any, `COMPILE_PRIOR_S` and a short matmul probe of the FLOP rate."""
     return Costs(

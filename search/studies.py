@@ -95,6 +95,21 @@ def make_pruner(spec: SearchSpec) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
+def expected_epochs(spec: SearchSpec) -> float:
+    """Epochs a trial trains on average: `budget.epochs`, or under asynchronous successive
+    halving what its rungs leave (all trials train to the first, 1/reduction_factor of them on
+    to each next one, up to `budget.epochs`); the planner weighs padding against compiles by it."""
+    epochs, pruner = spec.budget.epochs, spec.pruner
+    if pruner.name != "asha":
+        return float(epochs)
+    expected, start, share, rung = 0.0, 0, 1.0, pruner.min_epochs
+    while start < epochs:
+        end = min(rung, epochs)
+        expected += share * (end - start)
+        start, share, rung = end, share / pruner.reduction_factor, rung * pruner.reduction_factor
+    return expected
+
+
 def create_stage_study(
     storage: optuna.storages.BaseStorage,
     spec: SearchSpec,

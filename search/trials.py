@@ -41,6 +41,7 @@ from caviar.models.train import (
 from caviar.search.pruning import RoundPruner
 from caviar.search.space import sample_trial
 from caviar.search.spec import Direction, Objective, Param, SearchSpec
+from caviar.search.studies import expected_epochs
 
 #: Trials one worker asks for at once; the planner splits them into buckets.
 DEFAULT_BATCH = 32
@@ -203,7 +204,7 @@ def _plan(
     shapes = [a.shape for a in asked]
     monitor = (ctx.objective.metric, ctx.objective.resolved_direction == "maximize")
     costs = planning_costs(
-        ctx.data, epochs=ctx.spec.budget.epochs, group_size=group_size, trials=len(asked)
+        ctx.data, epochs=expected_epochs(ctx.spec), group_size=group_size, trials=len(asked)
     )
     chosen = plan(
         shapes,

@@ -1,7 +1,9 @@
-"""Pruning by rounds decides exactly what Optuna's `should_prune` decides trial by trial."""
+"""Pruning by rounds decides exactly what Optuna's `should_prune` decides trial by trial; the
+planner expects the epochs the pruner leaves a trial."""
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -10,6 +12,8 @@ import pytest
 from optuna.trial import TrialState
 
 from caviar.search.pruning import RoundPruner
+from caviar.search.spec import parse_spec
+from caviar.search.studies import expected_epochs
 
 PRUNERS = {
     "asha": lambda: optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3),
@@ -58,3 +62,22 @@ def test_a_round_pruned_at_once_ends_every_trial_as_trial_by_trial(tmp_path, pru
     by_round = play(tmp_path / "b.db", pruner, by_round=True, seed=seed)
     assert by_round == one_by_one
     assert any(state == "PRUNED" for _, _, state in by_round), "the pruner never pruned"
+
+
+@pytest.mark.parametrize(
+    ("pruner", "expected"),
+    [
+        # every trial to 1 epoch, a third on to 3, a ninth to 9, a 27th to 20
+        ({"name": "asha", "min_epochs": 1, "reduction_factor": 3}, 1 + 2 / 3 + 6 / 9 + 11 / 27),
+        ({"name": "asha", "min_epochs": 5, "reduction_factor": 2}, 5 + 5 / 2 + 10 / 4),
+        ({"name": "median"}, 20),
+        ({"name": "none"}, 20),
+    ],
+)
+def test_the_planner_expects_the_epochs_the_pruner_leaves(pruner, expected):
+    spec = parse_spec(
+        "name: e\ndataset: {name: digits}\nbudget: {trials: 8, epochs: 20}\n"
+        "space: {learning_rate: {low: 1.0e-3, high: 0.1, scale: log}}\n"
+        f"pruner: {json.dumps(pruner)}\n"
+    )
+    assert expected_epochs(spec) == pytest.approx(expected)

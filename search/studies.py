@@ -169,9 +169,14 @@ def complete_value(trial: FrozenTrial) -> float:
 
 def counts_toward_budget(trial: FrozenTrial) -> bool:
     """Finished trials that used up a slot of the budget (retried failures do not)."""
-    if trial.state in (TrialState.COMPLETE, TrialState.PRUNED):
+    return ends_in_budget(trial.state, trial.user_attrs.get("reason"))
+
+
+def ends_in_budget(state: TrialState, reason: str | None) -> bool:
+    """Whether a trial that ended in `state` (failed for `reason`) counts toward the budget."""
+    if state in (TrialState.COMPLETE, TrialState.PRUNED):
         return True
-    return trial.state == TrialState.FAIL and trial.user_attrs.get("reason") in FINAL_FAILURES
+    return state == TrialState.FAIL and reason in FINAL_FAILURES
 
 
 def ask(study: optuna.Study) -> optuna.trial.Trial:

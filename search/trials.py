@@ -41,7 +41,7 @@ from caviar.models.train import (
 from caviar.search.pruning import RoundPruner
 from caviar.search.space import sample_trial
 from caviar.search.spec import Direction, Objective, Param, SearchSpec
-from caviar.search.studies import expected_epochs
+from caviar.search.studies import ends_in_budget, expected_epochs
 
 #: Trials one worker asks for at once; the planner splits them into buckets.
 DEFAULT_BATCH = 32
@@ -90,6 +90,11 @@ class TrialOutcome:
     #: A complete trial's best-epoch variables, read on demand (its batch's result stays on the
     #: device meanwhile), so that its own process can test it without a refit.
     variables: Callable[[], dict] | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def counted(self) -> bool:
+        """Whether it counts toward the budget (a trial run again does not)."""
+        return ends_in_budget(self.state, self.reason)
 
 
 #: Called after every epoch; a returned reason ("cancelled", "timeout", "preempted") stops every

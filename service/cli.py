@@ -619,10 +619,6 @@ class _SearchProgress:
         self._refresh()
 
     def trial_done(self, outcome) -> None:
-        from optuna.trial import TrialState
-
-        from caviar.search.studies import FINAL_FAILURES
-
         self.done += 1
         maximize = outcome.direction == "maximize"
         if outcome.value is not None and (
@@ -630,8 +626,7 @@ class _SearchProgress:
         ):
             self.best = outcome.value
         if self.by_epochs:  # the epochs the budget counts: not those of trials run again
-            counted = outcome.state != TrialState.FAIL or outcome.reason in FINAL_FAILURES
-            self.bar.update(self.task, advance=outcome.epochs if counted else 0)
+            self.bar.update(self.task, advance=outcome.epochs if outcome.counted else 0)
         else:
             self.bar.update(self.task, advance=1)
         self._refresh()

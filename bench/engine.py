@@ -1,7 +1,7 @@
 """Caviar's `train_batch` against the usual per-trial loop, on one workload, side by side.
 
     python -m bench.engine [--trials 32] [--epochs 20] [--rounds 1] [--group-sizes 2,4,8,32]
-                           [--cpu-devices 1,2]
+                           [--cpu-devices 1,2] [--dispatch lockstep,ahead] [--callback-ms 10]
 
 Workload: MNIST-1D (4000 train / 1000 dev / 1250 test), MLP 40→256→256→10 ReLU, SGD with
 momentum (v = β·v + (1-β)·dW), minibatch 128, learning rate log-uniform in [1e-4, 1], 1-β
@@ -10,7 +10,10 @@ hyperparameters and the same update rule. Every contender runs in a fresh proces
 its own compilation; "warm cache" is a second Caviar process reusing the persistent
 compilation cache of the first. On a CPU, Caviar splits the cores into one JAX device each, as
 `caviar run` and workers do; `--cpu-devices 1,2` compares device counts (`CAVIAR_CPU_DEVICES`).
-Prints a table and a final JSON line.
+`--callback-ms` makes every contender wait that long after each epoch's report, as a worker's
+database round trip does (Caviar once per round of its program, the loop once per trial-epoch);
+`--dispatch lockstep,ahead` compares Caviar with rounds dispatched ahead of the report or not
+(`CAVIAR_DISPATCH_AHEAD`). Prints a table and a final JSON line.
 """
 
 from __future__ import annotations
@@ -24,11 +27,13 @@ from typing import cast
 
 import numpy as np
 
-from bench.common import machine, median, print_table, run_contender
+from bench.common import chosen_contenders, machine, median, print_table, run_contender
 
 HIDDEN = (256, 256)
 BATCH = 128
 DATASET = {"name": "mnist1d", "samples": 6250}  # 4000 train / 1000 dev / 1250 test
+#: `--dispatch` modes, as `CAVIAR_DISPATCH_AHEAD` values.
+DISPATCH = {"lockstep": "0", "ahead": "1"}
 
 
 def sample_hparams(trials: int, seed: int) -> list[dict]:
@@ -59,8 +64,9 @@ def epoch_gflop(width: int, train: int, dev: int) -> float:
     return (3 * shape.forward_flops(train // BATCH * BATCH) + shape.forward_flops(dev)) / 1e9
 
 
-def run_caviar(trials: int, epochs: int, group_size: int) -> dict:
-    """Contender: one `train_batch` call for all trials (groups of `group_size` per program)."""
+def run_caviar(trials: int, epochs: int, group_size: int, callback_s: float = 0.0) -> dict:
+    """Contender: one `train_batch` call for all trials (groups of `group_size` per program),
+    waiting `callback_s` after each round's report."""
     from caviar.models.data import load_dataset
     from caviar.models.train import Shape, TrainData, evaluate, train_batch
 
@@ -69,7 +75,14 @@ def run_caviar(trials: int, epochs: int, group_size: int) -> dict:
     start = time.perf_counter()
     data = TrainData.from_arrays(ds.x_train, ds.y_train, ds.x_dev, ds.y_dev)
     shape = Shape(ds.num_features, ds.num_outputs, HIDDEN, optimizer="momentum", batch_size=BATCH)
-    result = train_batch(shape, hparams, data, epochs=epochs, group_size=group_size)
+    result = train_batch(
+        shape,
+        hparams,
+        data,
+        epochs=epochs,
+        group_size=group_size,
+        callback=(lambda _: time.sleep(callback_s)) if callback_s else None,
+    )
     wall = time.perf_counter() - start
     tests = [
         evaluate(shape, result.trial_variables(i), ds.x_test, ds.y_test)["accuracy"]
@@ -86,21 +99,25 @@ def run_caviar(trials: int, epochs: int, group_size: int) -> dict:
     )
 
 
-def run_per_trial(trials: int, epochs: int) -> dict:
-    """Contender: the usual loop, a Flax model and a jitted train step per trial."""
+def run_per_trial(trials: int, epochs: int, callback_s: float = 0.0) -> dict:
+    """Contender: the usual loop, a Flax model and a jitted train step per trial, waiting
+    `callback_s` after each epoch."""
     from caviar.models.data import load_dataset
 
     ds = load_dataset(DATASET)
     hparams = sample_hparams(trials, seed=0)
     start = time.perf_counter()
-    results = [train_flax_trial(hp, ds, epochs) for hp in hparams]
+    results = [train_flax_trial(hp, ds, epochs, callback_s) for hp in hparams]
     wall = time.perf_counter() - start
     epochs_done, devs, tests = (list(column) for column in zip(*results, strict=True))
     return summarise(wall, epochs_done, devs, tests, len(ds.y_train), len(ds.y_dev))
 
 
-def train_flax_trial(hp: dict, ds, epochs: int) -> tuple[int, float, float]:
-    """One trial the usual way: a Flax MLP, a jitted train step, dev accuracy per epoch.
+def train_flax_trial(
+    hp: dict, ds, epochs: int, callback_s: float = 0.0
+) -> tuple[int, float, float]:
+    """One trial the usual way: a Flax MLP, a jitted train step, dev accuracy per epoch (then a
+    wait of `callback_s`, as a report to a database would take).
 
     `hp` holds learning_rate, momentum (β, or Adam's β1), l2 and seed, and optionally `hidden`
     (default HIDDEN) and `optimizer` (momentum, the default, or adam). Returns (epochs trained,
@@ -155,6 +172,8 @@ def train_flax_trial(hp: dict, ds, epochs: int) -> tuple[int, float, float]:
         dev = float(accuracy(params, ds.x_dev, ds.y_dev))
         if dev > best_dev:
             best_dev, best_test = dev, float(accuracy(params, ds.x_test, ds.y_test))
+        if callback_s:
+            time.sleep(callback_s)
     return done, best_dev, best_test
 
 
@@ -200,6 +219,12 @@ def main() -> None:
     parser.add_argument(
         "--cpu-devices", default="", help="Caviar CPU device counts to compare (default: per core)"
     )
+    parser.add_argument(
+        "--dispatch", default="", help="Caviar dispatch modes to compare: lockstep, ahead"
+    )
+    parser.add_argument(
+        "--callback-ms", type=float, default=0.0, help="wait after each epoch's report"
+    )
     parser.add_argument("--contender", help=argparse.SUPPRESS)
     parser.add_argument("--group-size", type=int, default=4, help=argparse.SUPPRESS)
     parser.add_argument("--cache", help=argparse.SUPPRESS)
@@ -214,9 +239,9 @@ def main() -> None:
             from caviar.models.runtime import use_every_core
 
             use_every_core()  # as `caviar run` and workers do
-            out = run_caviar(args.trials, args.epochs, args.group_size)
+            out = run_caviar(args.trials, args.epochs, args.group_size, args.callback_ms / 1e3)
         else:
-            out = run_per_trial(args.trials, args.epochs)
+            out = run_per_trial(args.trials, args.epochs, args.callback_ms / 1e3)
         print(json.dumps(out))
         return
 
@@ -227,16 +252,22 @@ def main() -> None:
     print(f"machine: {info}")
     print(
         f"workload: {args.trials} trials, MNIST-1D 4000 train, MLP 40→256→256→10 relu, "
-        f"momentum SGD, batch {BATCH}, {args.epochs} epochs; float32 matmul peak {peak:.0f} GFLOP/s"
+        f"momentum SGD, batch {BATCH}, {args.epochs} epochs, a {args.callback_ms:g} ms wait per "
+        f"report; float32 matmul peak {peak:.0f} GFLOP/s"
     )
     common = ["--trials", str(args.trials), "--epochs", str(args.epochs)]
+    common += ["--callback-ms", str(args.callback_ms)]
     group_sizes = [int(g) for g in args.group_sizes.split(",")]
     device_counts = args.cpu_devices.split(",") if args.cpu_devices else [""]
+    dispatches = chosen_contenders(parser, args.dispatch, list(DISPATCH)) if args.dispatch else [""]
     runs: dict[str, list[dict]] = {}
     for _ in range(args.rounds):
-        for group, devices in itertools.product(group_sizes, device_counts):
+        for group, devices, dispatch in itertools.product(group_sizes, device_counts, dispatches):
             env = {"CAVIAR_CPU_DEVICES": devices} if devices else {}
+            if dispatch:
+                env["CAVIAR_DISPATCH_AHEAD"] = DISPATCH[dispatch]
             name = f"caviar g={group}" + (f" d={devices}" if devices else "")
+            name += f" {dispatch}" if dispatch else ""
             with tempfile.TemporaryDirectory() as cache:
                 caviar = [*common, "--contender", "caviar", "--group-size", str(group)]
                 cold = run_contender("bench.engine", [*caviar, "--cache", cache], env)

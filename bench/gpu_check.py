@@ -17,7 +17,8 @@ Needs only the repository and JAX (no database, Optuna study or server). Data: M
    int, 1-3 hidden layers, momentum or Adam, log learning rate, 1-β and L2) for several trial
    counts, planned into buckets as workers do, against bench.engine's per-trial Flax loop on the
    same device (in its own process), with and without a callback sleeping 10 ms per epoch (a
-   database round trip); device utilisation from `nvidia-smi` every 0.5 s;
+   database round trip), and with that callback and rounds dispatched ahead of it; device
+   utilisation from `nvidia-smi` every 0.5 s;
 4. out of memory: on a GPU, a subprocess capped by `XLA_PYTHON_CLIENT_MEM_FRACTION` trains a
    bucket too large for the cap; the error must be caught, `is_out_of_memory` must say so, and the
    process must then train a small bucket. Skipped on the CPU (no cap to hit there).
@@ -376,8 +377,10 @@ def run_fused(
     group_size: int,
     log: CompileLog,
 ) -> list[dict]:
-    """The trials planned into buckets and trained bucket by bucket, without and then with the
-    10 ms callback (the second run reuses the first's programs)."""
+    """The trials planned into buckets and trained bucket by bucket: without the 10 ms callback
+    and with it, in lockstep, then the same with rounds dispatched ahead (each second run
+    reuses the first's programs; those dispatched ahead are programs of their own, which keep
+    their inputs)."""
     from caviar.models.planner import plan
     from caviar.models.train import compiled_buckets, default_monitor, planning_costs, train_batch
 
@@ -386,7 +389,10 @@ def run_fused(
     costs = planning_costs(data, epochs=epochs, group_size=group_size, trials=len(shapes))
     chosen = plan(shapes, costs, compiled=compiled_buckets(data, default_monitor("classification")))
     runs = []
-    for callback in (None, database_round_trip):
+    variants = [
+        (callback, ahead) for ahead in (False, True) for callback in (None, database_round_trip)
+    ]
+    for callback, ahead in variants:
         mark = len(log.events)
         with Utilisation() as util:
             start = time.perf_counter()
@@ -400,6 +406,7 @@ def run_fused(
                     bucket=a.bucket,
                     group_size=group_size,
                     callback=callback,
+                    ahead=ahead,
                 )
                 trial_epochs += sum(t.epochs for t in result.trials)
             wall = time.perf_counter() - start
@@ -445,9 +452,12 @@ def check_throughput(
     loop_cb_rate = loop["trial_epochs"] / (loop["wall_s"] + CALLBACK_SLEEP_S * loop["trial_epochs"])
     rows = []
     for size in work.sizes:
-        plain, called = run_fused(ds, data, mixed_configs(size), work.epochs, group_size, log)
+        plain, called, _, ahead = run_fused(
+            ds, data, mixed_configs(size), work.epochs, group_size, log
+        )
         rate = plain["trial_epochs"] / plain["wall_s"]
         rate_cb = called["trial_epochs"] / called["wall_s"]
+        rate_cb_ahead = ahead["trial_epochs"] / ahead["wall_s"]
         rows.append(
             {
                 "trials": size,
@@ -459,6 +469,8 @@ def check_throughput(
                 "fused_steady_tep_s": plain["trial_epochs"]
                 / (plain["wall_s"] - plain["compile_s"]),
                 "fused_cb_tep_s": rate_cb,
+                "fused_cb_ahead_tep_s": rate_cb_ahead,
+                "ahead_gain": rate_cb_ahead / rate_cb,
                 "loop_tep_s": loop_rate,
                 "loop_cb_tep_s": loop_cb_rate,
                 "speedup": rate / loop_rate,
@@ -598,8 +610,8 @@ def run_checks(args: argparse.Namespace) -> dict:
         throughput = timed(check_throughput, ds, data, path, work, log, args.group_size)
         print_part(
             "3. throughput (tep_s: trial-epochs per second; steady: XLA compile seconds "
-            "excluded; cb: 10 ms callback per epoch, warm programs; loop_cb: computed, the loop "
-            "waits for each round trip)",
+            "excluded; cb: 10 ms callback per epoch, warm programs; cb_ahead: the same with rounds "
+            "dispatched ahead; loop_cb: computed, the loop waits for each round trip)",
             throughput,
             throughput["rows"],
             {

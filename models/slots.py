@@ -31,11 +31,21 @@ class Group:
     state: TrialState  # on the device, with a leading slot axis
     hparams: dict[str, jax.Array]  # the occupants' rows of `trial_arrays`, on the device
     occupants: np.ndarray  # int [group_size]: the trial in each slot, or EMPTY
-    epochs: np.ndarray  # int [group_size]: epochs its occupant has trained
+    epochs: np.ndarray  # int [group_size]: epochs dispatched for its occupant
+    round: int = 0  # the last round dispatched
+    previous: TrialState | None = None  # the state before that round, when it was not donated
 
     @property
     def live(self) -> np.ndarray:
         return self.occupants != EMPTY
+
+    def state_after(self, round_: int) -> TrialState:
+        """The slots' state as round `round_` left it: the one before the last round dispatched
+        when that one came later (dispatched ahead), else the latest."""
+        if self.round > round_:
+            assert self.previous is not None  # rounds are dispatched ahead only undonated
+            return self.previous
+        return self.state
 
 
 def build_groups(
@@ -80,9 +90,9 @@ def write_slot(
     group.occupants[slot], group.epochs[slot] = trial, 0
 
 
-def read_slot(group: Group, slot: int | np.integer) -> TrialState:
-    """The state of `slot`'s trial, on the host (one slot's arrays only)."""
-    return jax.device_get(_read_row(group.state, slot))
+def read_slot(group: Group, slot: int | np.integer, round_: int) -> TrialState:
+    """The state of `slot`'s trial as round `round_` left it, on the host (one slot's arrays)."""
+    return jax.device_get(_read_row(group.state_after(round_), slot))
 
 
 def read_groups(groups: Sequence[Group]) -> dict[int, TrialState]:

@@ -16,7 +16,6 @@ stream never wait for a whole group to end. The engine measures what its program
 from __future__ import annotations
 
 import functools
-import itertools
 import os
 import time
 from collections import deque
@@ -45,6 +44,7 @@ from caviar.models.runtime import matmul_peak_gflops
 from caviar.models.slots import EMPTY, Group, build_groups, read_groups, read_slot, write_slot
 
 __all__ = [
+    "DISPATCH_AHEAD",
     "GROUP_SIZES",
     "HPARAM_DEFAULTS",
     "RATES",
@@ -60,6 +60,7 @@ __all__ = [
     "TrialResult",
     "compile_count",
     "compiled_buckets",
+    "default_dispatch_ahead",
     "default_group_size",
     "default_monitor",
     "evaluate",
@@ -77,6 +78,14 @@ __all__ = [
 GROUP_SIZES: dict[str, int] = {"cpu": 4, "gpu": 256, "tpu": 256}
 #: Environment variable that overrides `GROUP_SIZES` (`caviar run`, workers, `train_batch`).
 GROUP_SIZE_ENV = "CAVIAR_GROUP_SIZE"
+#: Whether the next round is dispatched before the host handles the last one's reports, by JAX
+#: backend. On an accelerator a round is about a millisecond of device work against the
+#: callback's database round trip, so the device would mostly wait. On a CPU the device is the
+#: host's own cores, and a stopped trial's extra round is compute the search pays for
+#: (`bench/gpu_check.py` measures both).
+DISPATCH_AHEAD: dict[str, bool] = {"cpu": False, "gpu": True, "tpu": True}
+#: Environment variable that overrides `DISPATCH_AHEAD`: 1 (ahead) or 0 (in lockstep).
+DISPATCH_AHEAD_ENV = "CAVIAR_DISPATCH_AHEAD"
 
 
 def group_size_override() -> int | None:
@@ -92,6 +101,22 @@ def group_size_override() -> int | None:
 def default_group_size() -> int:
     """Trials per compiled call: `$CAVIAR_GROUP_SIZE`, else `GROUP_SIZES` for JAX's backend."""
     return group_size_override() or GROUP_SIZES.get(jax.default_backend(), GROUP_SIZES["gpu"])
+
+
+def dispatch_ahead_override() -> bool | None:
+    """`$CAVIAR_DISPATCH_AHEAD` (None when unset); ValueError when it is not 0 or 1."""
+    value = os.environ.get(DISPATCH_AHEAD_ENV)
+    if not value:
+        return None
+    if value not in ("0", "1"):
+        raise ValueError(f"{DISPATCH_AHEAD_ENV}={value!r}: expected 0 or 1")
+    return value == "1"
+
+
+def default_dispatch_ahead() -> bool:
+    """`$CAVIAR_DISPATCH_AHEAD`, else `DISPATCH_AHEAD` for JAX's backend."""
+    override = dispatch_ahead_override()
+    return DISPATCH_AHEAD.get(jax.default_backend(), True) if override is None else override
 
 
 @dataclass(frozen=True)
@@ -223,6 +248,8 @@ class _ProgramKey(NamedTuple):
     train_rows: int
     dev_rows: int
     devices: int
+    donated: bool  # the state is donated to the call (not when rounds are dispatched ahead,
+    # which read a stopped trial's state from the round before)
 
 
 _EXECUTABLES: dict[_ProgramKey, Any] = {}
@@ -266,6 +293,7 @@ def train_batch(
     decay_every: int = 10,
     keep_best: bool = True,
     bucket: Bucket | None = None,
+    ahead: bool | None = None,
 ) -> BatchResult:
     """Train trials for up to `epochs` epochs each in one bucket's program of `slots` slots.
 
@@ -281,6 +309,11 @@ def train_batch(
     result then keeps none). `monitor` (metric, maximize) chooses each trial's best dev epoch,
     whose metrics and variables are returned; with `keep_best=False` the variables are those of
     the last epoch trained.
+
+    With `ahead` (default: `default_dispatch_ahead()`), each round is dispatched before the
+    host handles the last one's report, so the device trains while the callback runs. Results
+    are the same; a trial the callback stops (or that diverged) trains one more round, which is
+    discarded, and its slot takes a new trial one round later.
     """
     shapes = [shape] * len(hparams) if isinstance(shape, Shape) else list(shape)
     if len(shapes) != len(hparams):
@@ -292,6 +325,7 @@ def train_batch(
             f"batch_size {bucket.batch_size} exceeds the {train_rows} training examples"
         )
     monitor = monitor or default_monitor(bucket.task)
+    ahead = default_dispatch_ahead() if ahead is None else ahead
     slots = max(1, slots or len(shapes))
     placement = Placement.local(slots)
     key_of = functools.partial(
@@ -302,6 +336,7 @@ def train_batch(
         train_rows=train_rows,
         dev_rows=data.x_dev.shape[0],
         devices=placement.devices,
+        donated=not ahead,
     )
     wanted = min(group_size or default_group_size(), slots)
     group_size = _group_size(placement, wanted, key_of)
@@ -314,25 +349,31 @@ def train_batch(
         placement,
         key_of(group_size),
         groups=-(-slots // group_size),
+        epochs=epochs,
         data_seed=data_seed,
         on_end=on_end,
     )
     run.add(shapes, hparams)
+    run.seat()
     refilling = refill is not None
-    for number in itertools.count(1):
-        run.seat()
-        if not run.live:
-            break
-        report = run.train_round(number)
-        stop = callback(report) if callback is not None else None
-        run.end_trials(report, stop, epochs, keep_best)
+    pending = run.dispatch(1)
+    while pending is not None:
+        following = None
+        if ahead and not run.compacts(expecting=refilling):
+            following = run.dispatch(pending.number + 1, ahead=True)
+        report = run.report(pending)
+        stop = callback(report) if callback is not None and report.trained.any() else None
+        run.end_trials(report, stop, keep_best)
         free = run.capacity - run.live - len(run.waiting)
         if refilling and free > 0:
             new = list(refill(free)) if refill is not None else []
             refilling = bool(new)
             if new:
                 run.add([s for s, _ in new], [h for _, h in new])
-        run.compact(expecting=refilling)
+        if following is None:
+            run.compact(expecting=refilling)
+        run.seat()
+        pending = following or run.dispatch(pending.number + 1)
     return BatchResult(bucket, run.shapes, run.results(), run.kept, run.occupancy)
 
 
@@ -342,6 +383,16 @@ def _group_size(placement: Placement, wanted: int, key_of: Callable[[int], _Prog
     size = placement.round_up(max(1, wanted))
     compiled = [k.group_size for k in _EXECUTABLES if k == key_of(k.group_size)]
     return min((g for g in compiled if g >= size), default=size)
+
+
+@dataclass
+class _Round:
+    """One dispatched call of the bucket's program per group: what the report will read."""
+
+    number: int
+    started: float  # when it was dispatched (perf_counter)
+    calls: list[tuple[Group, np.ndarray, dict[str, jax.Array]]]  # group, its trained
+    # occupants (EMPTY where a slot ran as padding), the metrics (on the device)
 
 
 class _SlotRun:
@@ -355,14 +406,18 @@ class _SlotRun:
         program_key: _ProgramKey,
         *,
         groups: int,
+        epochs: int,
         data_seed: int,
         on_end: TrialEnd | None = None,
     ) -> None:
         self.bucket, self.data, self.placement = bucket, data, placement
         self.on_end = on_end
         self.key, self.max_groups, self.data_seed = program_key, groups, data_seed
+        self.epochs = epochs
         self.capacity = groups * program_key.group_size
-        self.programs = _programs(bucket, program_key.monitor, program_key.decay_every)
+        self.programs = _programs(
+            bucket, program_key.monitor, program_key.decay_every, program_key.donated
+        )
         self.steps = data.x_train.shape[0] // bucket.batch_size
         self.flops_per_slot = epoch_flops(bucket, data.x_train.shape[0], data.x_dev.shape[0])
         self.shapes: list[Shape] = []
@@ -372,9 +427,11 @@ class _SlotRun:
         self.history: list[list[dict[str, float]]] = []
         self.kept: list[tuple[dict, dict]] = []
         self.best_epoch: list[int] = []
+        self.ended: list[bool] = []
         self.waiting: deque[int] = deque()
         self.groups: list[Group] = []
         self.slot_rounds = self.live_rounds = 0
+        self.reported_at = 0.0  # when the last report's metrics arrived (perf_counter)
 
     @property
     def live(self) -> int:
@@ -396,6 +453,7 @@ class _SlotRun:
             self.history.append([])
             self.kept.append(({}, {}))
             self.best_epoch.append(0)
+            self.ended.append(False)
 
     def fresh(self, trial: int) -> TrialState:
         return init_trial(self.bucket, self.shapes[trial], self.hparams[trial])
@@ -415,13 +473,23 @@ class _SlotRun:
                 self.placement, size, members, self.fresh, self.rows.__getitem__
             )
 
-    def train_round(self, number: int) -> EpochReport:
-        """One epoch of every live trial (each its own), and what it measured."""
+    def dispatch(self, number: int, *, ahead: bool = False) -> _Round | None:
+        """Round `number`: one epoch of every live trial (each its own), queued on the device;
+        None when no trial is left to train.
+
+        `ahead`: the last round is not reported yet, and its trials that finish their epochs
+        there are left out (their slots run as padding).
+        """
         data, size = self.data, self.key.group_size
-        active = [g for g in self.groups if g.live.any()]
         started = time.perf_counter()
-        pending = []
-        for group in active:
+        calls = []
+        for group in self.groups:
+            occupants = group.occupants.copy()
+            if ahead:
+                occupants[group.epochs >= self.epochs] = EMPTY
+            training = occupants != EMPTY
+            if not training.any():
+                continue
             order, epochs = self.placement.shard(
                 (
                     np.stack([self._order(int(e)) for e in group.epochs]),
@@ -437,20 +505,45 @@ class _SlotRun:
                 ).compile()
                 RATES.record_compile(time.perf_counter() - compile_start)
                 started = time.perf_counter()
+            group.previous = None if self.key.donated else group.state
             group.state, metrics = _EXECUTABLES[self.key](
                 group.state, group.hparams, *args, target_std
             )
-            pending.append((group, metrics))
-        report = self._report(number, pending)
-        RATES.record_epoch(len(active) * size * self.flops_per_slot, time.perf_counter() - started)
-        self.slot_rounds += len(active) * size
-        self.live_rounds += sum(int(g.live.sum()) for g in active)
-        return report
+            group.round = number
+            group.epochs[training] += 1
+            calls.append((group, occupants, metrics))
+        self.slot_rounds += len(calls) * size
+        return _Round(number, started, calls) if calls else None
 
-    def end_trials(
-        self, report: EpochReport, stop: np.ndarray | None, epochs: int, keep_best: bool
-    ) -> None:
-        """Trials that diverged, were stopped or trained their `epochs` leave their slots."""
+    def report(self, round_: _Round) -> EpochReport:
+        """Round `round_`'s metrics, fetched, for the trials it trained that are still live."""
+        fetched = jax.device_get([metrics for _, _, metrics in round_.calls])
+        count = len(self.shapes)
+        names = fetched[0].keys()
+        metrics = {name: np.full(count, np.nan) for name in names}
+        trained = np.zeros(count, bool)
+        epochs = np.zeros(count, int)
+        for (_, occupants, _), values in zip(round_.calls, fetched, strict=True):
+            slots = np.flatnonzero(occupants != EMPTY)
+            slots = slots[~np.asarray(self.ended)[occupants[slots]]]
+            members = occupants[slots]
+            trained[members] = True
+            epochs[members] = [len(self.history[t]) + 1 for t in members]
+            for name in names:
+                metrics[name][members] = values[name][slots]
+        for trial in np.flatnonzero(trained):
+            self.history[trial].append({name: float(v[trial]) for name, v in metrics.items()})
+        now = time.perf_counter()
+        flops = len(round_.calls) * self.key.group_size * self.flops_per_slot
+        RATES.record_epoch(flops, now - max(round_.started, self.reported_at))
+        self.reported_at = now
+        self.live_rounds += int(trained.sum())
+        finite = np.isfinite(metrics["train_loss"]) & np.isfinite(metrics["dev_loss"])
+        return EpochReport(round_.number, epochs, metrics, trained, trained & ~finite)
+
+    def end_trials(self, report: EpochReport, stop: np.ndarray | None, keep_best: bool) -> None:
+        """Trials that diverged, were stopped or trained their epochs in `report`'s round leave
+        their slots, with their state as that round left it."""
         stopped = np.zeros(len(self.shapes), bool)
         if stop is not None:
             stop = np.asarray(stop, bool)
@@ -458,16 +551,29 @@ class _SlotRun:
         for group in self.groups:
             for slot in np.flatnonzero(group.live):
                 trial = int(group.occupants[slot])
+                if not report.trained[trial]:
+                    continue
                 if report.diverged[trial]:
                     self.status[trial] = "diverged"
-                elif group.epochs[slot] >= epochs:
+                elif report.epochs[trial] >= self.epochs:
                     self.status[trial] = "completed"
                 elif stopped[trial]:
                     self.status[trial] = "stopped"
                 else:
                     continue
-                self._keep(trial, read_slot(group, slot), keep_best)
+                self._keep(trial, read_slot(group, slot, report.round), keep_best)
                 group.occupants[slot] = EMPTY
+                self.ended[trial] = True
+
+    def compacts(self, *, expecting: bool) -> bool:
+        """Whether the trials that go on after the round to be reported (those with epochs left)
+        would move into fewer groups: then no round is dispatched ahead, so that `compact` can."""
+        if expecting or self.waiting:
+            return False
+        going_on = sum(
+            int(((g.occupants != EMPTY) & (g.epochs < self.epochs)).sum()) for g in self.groups
+        )
+        return -(-going_on // self.key.group_size) < len([g for g in self.groups if g.live.any()])
 
     def compact(self, *, expecting: bool) -> None:
         """With no trial waiting or expected, move the live trials into fewer groups when they
@@ -524,25 +630,6 @@ class _SlotRun:
             self.data.x_train.shape[0],
         ).reshape(self.steps, self.bucket.batch_size)
 
-    def _report(self, number: int, pending: list[tuple[Group, dict]]) -> EpochReport:
-        fetched = jax.device_get([metrics for _, metrics in pending])
-        count = len(self.shapes)
-        names = fetched[0].keys()
-        metrics = {name: np.full(count, np.nan) for name in names}
-        trained = np.zeros(count, bool)
-        epochs = np.zeros(count, int)
-        for (group, _), values in zip(pending, fetched, strict=True):
-            slots = np.flatnonzero(group.live)
-            members = group.occupants[slots]
-            group.epochs[slots] += 1
-            trained[members], epochs[members] = True, group.epochs[slots]
-            for name in names:
-                metrics[name][members] = values[name][slots]
-        for trial in np.flatnonzero(trained):
-            self.history[trial].append({name: float(v[trial]) for name, v in metrics.items()})
-        finite = np.isfinite(metrics["train_loss"]) & np.isfinite(metrics["dev_loss"])
-        return EpochReport(number, epochs, metrics, trained, trained & ~finite)
-
 
 @functools.lru_cache(maxsize=1024)
 def _epoch_order(data_seed: int, epoch: int, size: int, examples: int) -> np.ndarray:
@@ -559,13 +646,15 @@ class _Programs(NamedTuple):
 
 
 @functools.lru_cache(maxsize=256)
-def _programs(bucket: Bucket, monitor: tuple[str, bool], decay_every: int) -> _Programs:
+def _programs(
+    bucket: Bucket, monitor: tuple[str, bool], decay_every: int, donated: bool
+) -> _Programs:
     """The jitted functions of one bucket: built once, so their compile caches persist."""
     epoch = functools.partial(train_epoch, bucket, monitor, decay_every)
     return _Programs(
         epoch=jax.jit(
             jax.vmap(epoch, in_axes=(0, 0, None, None, 0, None, None, 0, None)),
-            donate_argnums=0,
+            donate_argnums=0 if donated else (),
             compiler_options=_cpu_options(),
         ),
     )

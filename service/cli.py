@@ -242,7 +242,7 @@ def worker(
         os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = fraction
     import jax
 
-    from caviar.models.train import default_group_size
+    from caviar.models.train import default_dispatch_ahead, default_group_size
     from caviar.search.worker import Worker
     from caviar.service.settings import get_settings
 
@@ -276,6 +276,7 @@ def worker(
     typer.echo(
         f"worker on {_safe(url)}; devices: {devices}; matmul precision: {settings.matmul_precision}"
         f"; {pool_worker.batch} trials a claim, {default_group_size()} a compiled call"
+        f"; rounds {'dispatched ahead' if default_dispatch_ahead() else 'in lockstep'}"
         + (f"; metrics: {metrics}" if metrics else "")
     )
     clean = pool_worker.run_until_stopped()
@@ -303,12 +304,13 @@ def _prepare_jax(console: Console, settings: Settings) -> None:
     """Before JAX starts: one device per CPU core, the matmul precision, and the persistent
     compilation cache if set."""
     from caviar.models.runtime import enable_compilation_cache, set_matmul_precision, use_every_core
-    from caviar.models.train import group_size_override
+    from caviar.models.train import dispatch_ahead_override, group_size_override
 
     try:
         use_every_core()
         group_size_override()
-    except ValueError as error:  # a bad CAVIAR_CPU_DEVICES or CAVIAR_GROUP_SIZE
+        dispatch_ahead_override()
+    except ValueError as error:  # a bad CAVIAR_CPU_DEVICES, _GROUP_SIZE or _DISPATCH_AHEAD
         _fail(console, str(error))
     set_matmul_precision(settings.matmul_precision)
     if settings.compile_cache:

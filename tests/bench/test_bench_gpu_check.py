@@ -46,7 +46,13 @@ def test_gpu_check_on_the_cpu_passes_parity_compiles_throughput_and_skips_oom(
     rows = throughput["rows"]
     assert [row["trials"] for row in rows] == result["workload"]["sizes"]
     for row in rows:
-        for rate in ("fused_tep_s", "fused_cb_tep_s", "loop_tep_s", "loop_cb_tep_s"):
+        for rate in (
+            "fused_tep_s",
+            "fused_cb_tep_s",
+            "fused_cb_ahead_tep_s",
+            "loop_tep_s",
+            "loop_cb_tep_s",
+        ):
             assert row[rate] > 0, (rate, row)
         assert row["gpu_util_pct"] is None
     assert rows[-1]["fused_tep_s"] > rows[-1]["loop_tep_s"]

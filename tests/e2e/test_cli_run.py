@@ -214,12 +214,20 @@ def test_missing_spec_file_is_a_clear_error(tmp_path):
     assert "nope.yaml" in done.stdout + done.stderr
 
 
-@pytest.mark.parametrize("variable", ["CAVIAR_CPU_DEVICES", "CAVIAR_GROUP_SIZE"])
-def test_a_bad_device_or_group_count_is_a_clear_error(tmp_path, variable):
+@pytest.mark.parametrize(
+    ("variable", "expected"),
+    [
+        ("CAVIAR_CPU_DEVICES", "a whole number"),
+        ("CAVIAR_GROUP_SIZE", "a whole number"),
+        ("CAVIAR_DISPATCH_AHEAD", "0 or 1"),
+    ],
+)
+def test_a_bad_engine_setting_is_a_clear_error(tmp_path, variable, expected):
     (tmp_path / "spec.yaml").write_text(SPEC)
     done = caviar("run", "spec.yaml", cwd=tmp_path, env={variable: "two"})
     assert done.returncode == 2
-    assert f"{variable}='two': expected a whole number" in done.stdout + done.stderr
+    assert f"{variable}='two': expected {expected}" in done.stdout + done.stderr
+    assert "Traceback" not in done.stderr
 
 
 def _alias_bomb() -> str:

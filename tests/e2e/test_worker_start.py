@@ -45,8 +45,10 @@ def test_a_worker_prints_its_devices_matmul_precision_and_group_size(tmp_path):
     assert "devices: TFRT_CPU_0" in line or "devices: cpu" in line.lower(), line
     assert "matmul precision: high" in line
     assert "32 trials a claim, 4 a compiled call" in line  # the CPU's measured group size
+    assert "rounds in lockstep" in line  # the CPU's default
 
 
 def test_a_group_size_setting_sets_the_claim_and_the_compiled_call(tmp_path):
-    line = start_line(tmp_path, CAVIAR_GROUP_SIZE="64")
+    line = start_line(tmp_path, CAVIAR_GROUP_SIZE="64", CAVIAR_DISPATCH_AHEAD="1")
     assert "64 trials a claim, 64 a compiled call" in line, line
+    assert "rounds dispatched ahead" in line, line

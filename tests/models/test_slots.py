@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import numpy as np
 import pytest
 
@@ -40,10 +41,15 @@ def data():
     return TrainData.from_arrays(ds.x_train, ds.y_train, ds.x_dev, ds.y_dev)
 
 
-@pytest.fixture(scope="module")
-def streamed(data):
+@pytest.fixture(scope="module", params=[False, True], ids=["lockstep", "ahead"])
+def streamed(data, request):
     """Three slots; trial 0 is stopped after 2 epochs, trial 2 after 3; each freed slot is refilled
-    from LATER at once, so the newcomers start at rounds 3 and 4 of the program."""
+    from LATER at once, so the newcomers start at rounds 3 and 4 of the program (a round later
+    when rounds are dispatched ahead)."""
+    return stream(data, ahead=request.param)
+
+
+def stream(data, *, ahead: bool, keep_best: bool = True):
     later = list(LATER)
     asked = []
 
@@ -69,6 +75,8 @@ def streamed(data):
         group_size=4,
         data_seed=7,
         bucket=BUCKET,
+        ahead=ahead,
+        keep_best=keep_best,
     )
     return result, asked
 
@@ -103,6 +111,33 @@ def test_refill_is_asked_for_the_free_slots_and_ends_when_it_has_none(streamed):
     assert asked[:2] == [1, 1] and asked[2] >= 1
     assert len(result.trials) == len(FIRST) + len(LATER)
     assert 0.5 < result.occupancy <= 1.0
+
+
+def test_rounds_dispatched_ahead_train_every_trial_as_in_lockstep(data):
+    """A stopped trial trains one more (discarded) round when rounds are dispatched ahead; its
+    record and its weights are those of the round it was stopped after."""
+    (lockstep, asked), (ahead, asked_ahead) = (
+        stream(data, ahead=flag, keep_best=False) for flag in (False, True)
+    )
+    assert asked_ahead == asked
+    assert [t.status for t in ahead.trials] == [t.status for t in lockstep.trials]
+    for index, (mine, reference) in enumerate(zip(ahead.trials, lockstep.trials, strict=True)):
+        assert mine.epochs == reference.epochs
+        assert mine.best_epoch == reference.best_epoch
+        np.testing.assert_allclose(
+            [h["dev_loss"] for h in mine.history],
+            [h["dev_loss"] for h in reference.history],
+            rtol=2e-5,
+            atol=1e-6,
+        )
+        for got, want in zip(
+            jax.tree_util.tree_leaves(ahead.trial_variables(index)),
+            jax.tree_util.tree_leaves(lockstep.trial_variables(index)),
+            strict=True,
+        ):  # the last epoch's weights: a stopped trial's extra round left no trace
+            np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6)
+    # The two stopped trials' extra rounds ran as padding, and their slots came free later.
+    assert ahead.occupancy < lockstep.occupancy
 
 
 def test_trials_beyond_the_slots_wait_for_one_and_train_as_alone(data):

@@ -155,8 +155,12 @@ ASHA = (
 )
 
 
+@pytest.mark.parametrize("ahead", ["0", "1"], ids=["lockstep", "dispatched ahead"])
 @pytest.mark.parametrize("driver", DRIVERS)
-def test_asha_frees_slots_that_new_trials_take_and_the_budget_is_exact(driver, url, monkeypatch):
+def test_asha_frees_slots_that_new_trials_take_and_the_budget_is_exact(
+    driver, url, monkeypatch, ahead
+):
+    monkeypatch.setenv("CAVIAR_DISPATCH_AHEAD", ahead)
     calls = watch_programs(monkeypatch)
     done = drive(driver, url, ASHA, batch=4)
     assert done.status == "completed", done.error

@@ -94,9 +94,13 @@ def run_caviar(trials: int, epochs: int, group_size: int, callback_s: float = 0.
         t.best.get("dev_accuracy", float("nan")) if t.status != "diverged" else float("nan")
         for t in result.trials
     ]
-    return summarise(
-        wall, [t.epochs for t in result.trials], devs, tests, len(ds.y_train), len(ds.y_dev)
-    )
+    trial_epochs = [t.epochs for t in result.trials]
+    traffic = result.traffic
+    return {
+        **summarise(wall, trial_epochs, devs, tests, len(ds.y_train), len(ds.y_dev)),
+        "launches_per_trial_epoch": (traffic.epoch_calls + traffic.slot_writes) / sum(trial_epochs),
+        "host_reads_per_round": traffic.host_reads / traffic.rounds,
+    }
 
 
 def run_per_trial(trials: int, epochs: int, callback_s: float = 0.0) -> dict:
@@ -294,6 +298,8 @@ def main() -> None:
                 "gflop_per_s": gflops,
                 "share_of_peak": gflops / peak,
                 "diverged": results[-1]["diverged"],
+                "launches_per_trial_epoch": results[-1].get("launches_per_trial_epoch"),
+                "host_reads_per_round": results[-1].get("host_reads_per_round"),
             }
         )
     print_table(rows, list(rows[0]))

@@ -56,6 +56,7 @@ __all__ = [
     "Refill",
     "Shape",
     "Task",
+    "Traffic",
     "TrainData",
     "TrialResult",
     "compile_count",
@@ -182,6 +183,17 @@ class TrialResult:
 
 
 @dataclass
+class Traffic:
+    """What a `train_batch` call asked of the device: rounds, programs launched, host reads."""
+
+    rounds: int = 0  # rounds reported
+    epoch_calls: int = 0  # launches of the bucket's epoch program (one per group per round)
+    slot_writes: int = 0  # new trials written into slots (one small program each)
+    host_reads: int = 0  # transfers the host waited for: a round's metrics, a leaving trial's
+    # state, the states of groups packed together
+
+
+@dataclass
 class BatchResult:
     """Outcome of `train_batch`: per-trial results and each trial's kept (padded) variables."""
 
@@ -191,6 +203,7 @@ class BatchResult:
     kept: list[tuple[dict, dict]]  # per trial: padded (params, stats) on the host; empty for
     # trials told to `on_end`, which received them
     occupancy: float = 1.0  # the share of slot-epochs run that trained a live trial
+    traffic: Traffic = field(default_factory=Traffic)
 
     def trial_variables(self, index: int) -> dict:
         """One trial's kept variables as its own real-shape Flax MLP's (no trial axis)."""
@@ -374,7 +387,7 @@ def train_batch(
             run.compact(expecting=refilling)
         run.seat()
         pending = following or run.dispatch(pending.number + 1)
-    return BatchResult(bucket, run.shapes, run.results(), run.kept, run.occupancy)
+    return BatchResult(bucket, run.shapes, run.results(), run.kept, run.occupancy, run.traffic)
 
 
 def _group_size(placement: Placement, wanted: int, key_of: Callable[[int], _ProgramKey]) -> int:
@@ -431,6 +444,7 @@ class _SlotRun:
         self.waiting: deque[int] = deque()
         self.groups: list[Group] = []
         self.slot_rounds = self.live_rounds = 0
+        self.traffic = Traffic()
         self.reported_at = 0.0  # when the last report's metrics arrived (perf_counter)
 
     @property
@@ -467,6 +481,7 @@ class _SlotRun:
                     return
                 trial = self.waiting.popleft()
                 write_slot(self.placement, group, slot, trial, self.fresh(trial), self.rows[trial])
+                self.traffic.slot_writes += 1
         while self.waiting and len(self.groups) < self.max_groups:
             members = [self.waiting.popleft() for _ in range(min(size, len(self.waiting)))]
             self.groups += build_groups(
@@ -513,11 +528,14 @@ class _SlotRun:
             group.epochs[training] += 1
             calls.append((group, occupants, metrics))
         self.slot_rounds += len(calls) * size
+        self.traffic.epoch_calls += len(calls)
         return _Round(number, started, calls) if calls else None
 
     def report(self, round_: _Round) -> EpochReport:
         """Round `round_`'s metrics, fetched, for the trials it trained that are still live."""
         fetched = jax.device_get([metrics for _, _, metrics in round_.calls])
+        self.traffic.rounds += 1
+        self.traffic.host_reads += 1
         count = len(self.shapes)
         names = fetched[0].keys()
         metrics = {name: np.full(count, np.nan) for name in names}
@@ -562,6 +580,7 @@ class _SlotRun:
                 else:
                     continue
                 self._keep(trial, read_slot(group, slot, report.round), keep_best)
+                self.traffic.host_reads += 1
                 group.occupants[slot] = EMPTY
                 self.ended[trial] = True
 
@@ -589,6 +608,7 @@ class _SlotRun:
             if trial != EMPTY
         }
         states = read_groups(self.groups)
+        self.traffic.host_reads += 1
         self.groups = build_groups(
             self.placement,
             size,

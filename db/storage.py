@@ -11,7 +11,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import optuna
 from alembic.runtime.migration import MigrationContext
@@ -19,6 +19,7 @@ from alembic.script import ScriptDirectory
 from optuna.trial import FrozenTrial, Trial, TrialState
 from sqlalchemy import Connection, create_engine, event, func, insert
 from sqlalchemy.engine import make_url
+from sqlalchemy.orm import aliased
 from sqlalchemy.pool import NullPool
 
 DEFAULT_DATABASE_URL = "sqlite:///caviar.db"
@@ -204,6 +205,48 @@ def trial_states(url: str, studies: Sequence[str]) -> Counter[TrialState]:
             .all()
         )
     return Counter({state: count for state, count in rows})
+
+
+class TrialTally(NamedTuple):
+    """What a stage's budget reads of one trial: its state and two of its user attributes."""
+
+    state: TrialState
+    reason: str | None  # why it failed, where it did
+    epochs: int | None  # epochs it trained, once it ended
+
+
+def trial_tallies(study: optuna.Study) -> list[TrialTally]:
+    """Every trial of `study` as a `TrialTally`, in one query.
+
+    Loading the trials through Optuna builds each running trial anew on every call (its
+    parameters, reports and attributes); asking for trials under a search's lock needs only this.
+    """
+    from optuna.storages._rdb.models import TrialModel, TrialUserAttributeModel
+
+    reason, epochs = aliased(TrialUserAttributeModel), aliased(TrialUserAttributeModel)
+    with _rdb_of(study).scoped_session() as session:
+        rows = (
+            session.query(TrialModel.state, reason.value_json, epochs.value_json)
+            .outerjoin(reason, (reason.trial_id == TrialModel.trial_id) & (reason.key == "reason"))
+            .outerjoin(epochs, (epochs.trial_id == TrialModel.trial_id) & (epochs.key == "epochs"))
+            .filter(TrialModel.study_id == study._study_id)
+            .all()
+        )
+    return [
+        TrialTally(
+            state,
+            None if why is None else json.loads(why),
+            None if trained is None else int(json.loads(trained)),
+        )
+        for state, why, trained in rows
+    ]
+
+
+def create_trial(study: optuna.Study) -> Trial:
+    """`study.ask()` for a study known to hold no waiting trial: the same new trial, without
+    Optuna's read of every unfinished trial in search of one to run first."""
+    study._thread_local.cached_all_trials = None  # as `ask` does: the next read syncs
+    return Trial(study, study._storage.create_new_trial(study._study_id))
 
 
 def report_epoch(study: optuna.Study, reports: Sequence[tuple[Trial, float, int]]) -> None:

@@ -29,9 +29,11 @@ from sqlalchemy.orm import Session
 from caviar.db.session import DatabaseError, claim_sole_sqlite_worker, lock_search, session_scope
 from caviar.db.storage import (
     annotate_finished_trial,
+    create_trial,
     fail_stale_trials,
     normalise_url,
     optuna_storage,
+    trial_tallies,
 )
 from caviar.db.tables import TERMINAL_STATUSES, Search, SearchStatus, StoredModel, utcnow
 from caviar.models.data import Dataset, load_dataset
@@ -57,8 +59,8 @@ from caviar.search.spec import Objective, Param, SearchSpec, SpecError, is_activ
 from caviar.search.studies import (
     ask,
     complete_value,
-    counts_toward_budget,
     create_stage_study,
+    ends_in_budget,
     load_stage_study,
     make_sampler,
     stage_space,
@@ -283,14 +285,14 @@ class StageStudies:
         cancel = row.cancel_requested
         if row.stage == 0:
             return SearchState(self.plan, timed_out=timed_out, cancel_requested=cancel)
-        trials = self.stage(row.stage)[0].get_trials(deepcopy=False)
-        running = sum(trial.state == TrialState.RUNNING for trial in trials)
-        counted = [trial for trial in trials if counts_toward_budget(trial)]
+        tallies = trial_tallies(self.stage(row.stage)[0])
+        running = sum(trial.state == TrialState.RUNNING for trial in tallies)
+        counted = [trial for trial in tallies if ends_in_budget(trial.state, trial.reason)]
         budget = self.spec.budget
         epochs_left = None
         if budget.trial_epochs is not None:
             # A trial that failed mid-training (an error) recorded no epochs: count its most.
-            spent = sum(int(t.user_attrs.get("epochs", budget.epochs)) for t in counted)
+            spent = sum(budget.epochs if t.epochs is None else t.epochs for t in counted)
             epochs_left = budget.trial_epochs - spent - running * budget.epochs
         return SearchState(
             self.plan,
@@ -311,9 +313,10 @@ class StageStudies:
         any worker of a pool), and two claims never draw from the same sequence.
         """
         study, _ = self.stage(number)
-        held = len(study.get_trials(deepcopy=False))
-        study.sampler = make_sampler(self.spec, number, held)
-        return [ask(study) for _ in range(count)]
+        tallies = trial_tallies(study)
+        study.sampler = make_sampler(self.spec, number, len(tallies))
+        waiting = sum(trial.state == TrialState.WAITING for trial in tallies)
+        return [ask(study) if i < waiting else create_trial(study) for i in range(count)]
 
 
 def more_trials(

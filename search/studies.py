@@ -167,11 +167,6 @@ def complete_value(trial: FrozenTrial) -> float:
     return trial.value
 
 
-def counts_toward_budget(trial: FrozenTrial) -> bool:
-    """Finished trials that used up a slot of the budget (retried failures do not)."""
-    return ends_in_budget(trial.state, trial.user_attrs.get("reason"))
-
-
 def ends_in_budget(state: TrialState, reason: str | None) -> bool:
     """Whether a trial that ended in `state` (failed for `reason`) counts toward the budget."""
     if state in (TrialState.COMPLETE, TrialState.PRUNED):

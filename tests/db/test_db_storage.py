@@ -6,7 +6,15 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from caviar.db.storage import optuna_storage, report_epoch, set_user_attrs, trial_states
+from caviar.db.storage import (
+    TrialTally,
+    create_trial,
+    optuna_storage,
+    report_epoch,
+    set_user_attrs,
+    trial_states,
+    trial_tallies,
+)
 
 
 def test_report_epoch_writes_every_trials_value_where_optuna_and_pruners_read_it(database_url):
@@ -75,3 +83,32 @@ def test_trial_states_counts_only_the_named_studies(database_url):
         TrialState.WAITING: 1,
     }
     assert trial_states(database_url, []) == {}
+
+
+def test_trial_tallies_read_each_trials_state_reason_and_epochs_of_one_study(database_url):
+    storage = optuna_storage(database_url)
+    study, other = (optuna.create_study(storage=storage) for _ in range(2))
+    other.tell(other.ask(), 1.0)
+    done, failed, running = study.ask(), study.ask(), study.ask()
+    done.set_user_attr("epochs", 7)
+    study.tell(done, 0.5)
+    failed.set_user_attr("reason", "diverged")
+    study.tell(failed, state=TrialState.FAIL)
+    study.enqueue_trial({"x": 1.0})
+    assert sorted(trial_tallies(study), key=lambda t: t.state.value) == [
+        TrialTally(TrialState.RUNNING, None, None),
+        TrialTally(TrialState.COMPLETE, None, 7),
+        TrialTally(TrialState.FAIL, "diverged", None),
+        TrialTally(TrialState.WAITING, None, None),
+    ]
+    assert running.number == 2
+
+
+def test_create_trial_is_the_next_trial_ask_would_give(database_url):
+    study = optuna.create_study(storage=optuna_storage(database_url))
+    first = study.ask()
+    created = create_trial(study)
+    assert created.number == first.number + 1
+    assert created.suggest_float("x", 0.0, 1.0) == study.get_trials()[1].params["x"]
+    study.tell(created, 0.25)
+    assert [t.state for t in study.get_trials()] == [TrialState.RUNNING, TrialState.COMPLETE]

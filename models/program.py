@@ -37,6 +37,10 @@ from caviar.models.optim import (
     update,
 )
 
+#: Dev examples evaluated at once: a larger dev set is evaluated chunk by chunk, so what an
+#: epoch program holds for it is `slots × DEV_CHUNK × width`, not the whole set's activations.
+DEV_CHUNK = 4096
+
 #: Batch norm as the Flax MLP has it: running averages with momentum 0.9, ε 1e-5.
 BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
@@ -275,9 +279,23 @@ def evaluate(
     x: jax.Array,
     y: jax.Array,
     target_std: jax.Array | float = 1.0,
+    chunk: int = DEV_CHUNK,
 ) -> dict[str, jax.Array]:
-    """Dev metrics in eval mode: `dev_loss` and `dev_accuracy`, or `dev_mse` and `dev_r2`."""
-    out, _ = forward(bucket, params, stats, hp, x, train=False)
+    """Dev metrics in eval mode: `dev_loss` and `dev_accuracy`, or `dev_mse` and `dev_r2`.
+
+    The outputs are computed `chunk` examples at a time (each example's output does not depend
+    on the others' in eval mode), then the metrics over all of them.
+    """
+    rows = x.shape[0]
+    if rows <= chunk:
+        out, _ = forward(bucket, params, stats, hp, x, train=False)
+    else:
+        chunks = -(-rows // chunk)
+        padded = jnp.pad(x, ((0, chunks * chunk - rows), (0, 0))).reshape(chunks, chunk, -1)
+        outs = jax.lax.map(
+            lambda part: forward(bucket, params, stats, hp, part, train=False)[0], padded
+        )
+        out = outs.reshape(chunks * chunk, -1)[:rows]
     return {
         f"dev_{name}": value
         for name, value in output_metrics(bucket.task, out, y, target_std).items()

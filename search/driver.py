@@ -128,9 +128,32 @@ def out_of_time(started_at: datetime | None, timeout_s: float | None, now: datet
     return (now - started_at).total_seconds() > timeout_s
 
 
-def capacity_after(capacity: int, reasons: Iterable[str | None]) -> int:
-    """Trials to train at once next: halved (down to 1) after trials ran out of memory."""
-    return max(1, capacity // 2) if "oom" in set(reasons) else capacity
+#: Batches in a row without running out of memory before a halved batch doubles again.
+REGROW_AFTER = 4
+
+
+@dataclass
+class Capacity:
+    """How many trials a driver trains at once: `limit`, halved (down to 1) after trials ran out
+    of memory, and doubled back toward `limit` after `REGROW_AFTER` batches in a row that did
+    not (what ran out may have been another process's, or a larger bucket's)."""
+
+    limit: int
+    current: int = 0
+    clean: int = 0  # batches in a row without running out of memory
+
+    def __post_init__(self) -> None:
+        self.current = self.current or self.limit
+
+    def after(self, reasons: Iterable[str | None]) -> int:
+        """The capacity after a batch whose trials ended for `reasons`."""
+        if "oom" in set(reasons):
+            self.current, self.clean = max(1, self.current // 2), 0
+        elif self.current < self.limit:
+            self.clean += 1
+            if self.clean >= REGROW_AFTER:
+                self.current, self.clean = min(self.limit, 2 * self.current), 0
+        return self.current
 
 
 if TYPE_CHECKING:

@@ -42,12 +42,12 @@ from caviar.models.train import default_group_size
 from caviar.search.driver import (
     Ask,
     Cancel,
+    Capacity,
     Decision,
     Finish,
     Open,
     SearchState,
     best_trained,
-    capacity_after,
     decide,
     out_of_time,
     stop_reason,
@@ -212,7 +212,7 @@ def run_search(
             if _sole_worker(database_url):  # its running trials died with their process
                 _give_back_running(stages.stage(row.stage)[0])
     requested = _Requested(should_stop)
-    capacity, best, shown = batch or default_batch(), None, 0
+    capacity, best, shown = Capacity(batch or default_batch()), None, 0
     while True:
         with session_scope(database_url) as session:
             row = lock_search(session, search_id)
@@ -221,7 +221,7 @@ def run_search(
             reason = requested()
             if reason in RETRIED_REASONS:
                 return search_standing(storage, spec, search_id, row)
-            decision = advance(row, stages, capacity, time_up=reason is not None)
+            decision = advance(row, stages, capacity.current, time_up=reason is not None)
             if isinstance(decision, Cancel):
                 row.status, row.finished_at = SearchStatus.CANCELLED, utcnow()
                 return search_standing(storage, spec, search_id, row)
@@ -248,11 +248,11 @@ def run_search(
             ),
             on_trial=on_trial,
             on_epoch=on_epoch,
-            group_size=min(default_group_size(), capacity),
+            group_size=min(default_group_size(), capacity.current),
             ask_more=more_trials(database_url, stages, search_id, number),
         )
         best = best_trained(best, outcomes, ctx.objective.resolved_direction)
-        capacity = capacity_after(capacity, (outcome.reason for outcome in outcomes))
+        capacity.after(outcome.reason for outcome in outcomes)
 
 
 class StageStudies:

@@ -43,7 +43,7 @@ from caviar.db.tables import OPEN_STATUSES, Lease, Search, SearchStatus, StoredD
 from caviar.models.data import Dataset, DatasetError, from_arrays, read_csv, read_npz
 from caviar.models.train import default_group_size
 from caviar.search.datadir import DataPathError, resolve_data_path
-from caviar.search.driver import Ask, Finish, best_trained, capacity_after
+from caviar.search.driver import Ask, Capacity, Finish, best_trained
 from caviar.search.heartbeat import Heartbeat
 from caviar.search.runner import (
     StageStudies,
@@ -113,7 +113,7 @@ class Worker:
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
     ) -> None:
         self.url = database_url
-        self.batch = batch or default_batch()
+        self.capacity = Capacity(batch or default_batch())
         self.idle_sleep = idle_sleep
         self.only_search = only_search
         self.data_dir = data_dir
@@ -128,6 +128,11 @@ class Worker:
         self._last_reap = 0.0
         self._in_flight: Claim | None = None
         self._last_served: str | None = None
+
+    @property
+    def batch(self) -> int:
+        """Trials this worker claims at once (less for a while after trials ran out of memory)."""
+        return self.capacity.current
 
     def run(self, until_idle: bool = False) -> None:
         """Work until `stop_event` is set (or, with `until_idle`, until nothing is left to do)."""
@@ -497,9 +502,12 @@ class Worker:
         )
         if best is not None:
             self._best[claim.search_id] = best
-        batch, self.batch = self.batch, capacity_after(self.batch, (o.reason for o in outcomes))
+        batch = self.batch
+        self.capacity.after(o.reason for o in outcomes)
         if self.batch < batch:  # the trials were enqueued again: retried in smaller batches
             log.warning("out of memory: batch size halved to %d", self.batch)
+        elif self.batch > batch:
+            log.info("no trial ran out of memory in a while: batch size back to %d", self.batch)
         return outcomes
 
     def _stop_check(self, claim: Claim, ctx: SearchContext, heartbeat: Heartbeat):

@@ -16,7 +16,7 @@ import pytest
 
 from caviar.models.data import load_dataset
 from caviar.models.export import TrainedModel, load_model, save_model
-from caviar.models.program import forward, init_trial, train_epoch, trial_arrays
+from caviar.models.program import evaluate, forward, init_trial, train_epoch, trial_arrays
 from caviar.models.train import Bucket, Shape, TrainData, train_batch
 
 EPOCHS = 3
@@ -173,3 +173,23 @@ def _padding(bucket: Bucket, shape: Shape, trees) -> float:
         for name in stats:
             largest = max(largest, outside(stats[name][position], width))
     return max(largest, outside(params["kernel"][-1], shape.hidden[-1], shape.num_outputs))
+
+
+@pytest.mark.parametrize("task", ["classification", "regression"])
+def test_a_dev_set_evaluated_in_chunks_gives_the_metrics_of_one_piece(task):
+    """What the epoch program evaluates a large dev set with: chunk by chunk (the last one
+    padded), the same metrics as all of it at once, batch norm's running statistics included."""
+    outputs = 3 if task == "classification" else 1
+    shapes = [Shape(8, outputs, (12, 7), "tanh", True, "adam", 32, task=task)]
+    bucket = Bucket.envelope(shapes)
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((103, 8)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 3, 103) if task == "classification" else rng.random(103))
+    state = init_trial(bucket, shapes[0], {"seed": 5})
+    stats = jax.tree_util.tree_map(lambda s: s + 0.1, state.stats)  # not the initial ones
+    hp = {name: jnp.asarray(v[0]) for name, v in trial_arrays(bucket, shapes, [{}]).items()}
+    whole = evaluate(bucket, state.params, stats, hp, x, y, 2.0)
+    chunked = jax.jit(lambda: evaluate(bucket, state.params, stats, hp, x, y, 2.0, chunk=10))()
+    assert set(whole) == set(chunked)
+    for name, value in whole.items():
+        np.testing.assert_allclose(chunked[name], value, rtol=1e-6, atol=1e-7)

@@ -10,14 +10,15 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from caviar.search.driver import (
+    REGROW_AFTER,
     Ask,
     Cancel,
+    Capacity,
     Finish,
     Open,
     SearchState,
     Wait,
     best_trained,
-    capacity_after,
     decide,
     out_of_time,
     stop_reason,
@@ -119,9 +120,26 @@ def test_time_runs_out_after_timeout_s_from_the_start():
 
 
 def test_running_out_of_memory_halves_the_batch_down_to_one():
-    assert capacity_after(32, ["oom", None, "oom"]) == 16
-    assert capacity_after(1, ["oom"]) == 1
-    assert capacity_after(32, [None, "diverged", "preempted"]) == 32
+    capacity = Capacity(4)
+    assert capacity.after(["oom", None, "oom"]) == 2
+    assert capacity.after(["oom"]) == 1 and capacity.after(["oom"]) == 1
+    assert Capacity(32).after([None, "diverged", "preempted"]) == 32
+
+
+def test_a_halved_batch_doubles_back_after_batches_without_running_out_of_memory():
+    capacity = Capacity(32)
+    capacity.after(["oom"])
+    capacity.after(["oom"])
+    assert capacity.current == 8
+    for _ in range(REGROW_AFTER - 1):
+        assert capacity.after([None, "pruned"]) == 8
+    assert capacity.after([None]) == 16  # the REGROW_AFTER-th batch in a row
+    for _ in range(REGROW_AFTER - 1):
+        capacity.after([None])
+    assert capacity.after(["oom"]) == 8  # a run of clean batches starts over after one
+    for _ in range(3 * REGROW_AFTER):
+        capacity.after([None])
+    assert capacity.current == 32  # never above the limit
 
 
 @dataclass(frozen=True)

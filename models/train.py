@@ -541,9 +541,10 @@ class _SlotRun:
         metrics = {name: np.full(count, np.nan) for name in names}
         trained = np.zeros(count, bool)
         epochs = np.zeros(count, int)
+        ended = np.asarray(self.ended)
         for (_, occupants, _), values in zip(round_.calls, fetched, strict=True):
             slots = np.flatnonzero(occupants != EMPTY)
-            slots = slots[~np.asarray(self.ended)[occupants[slots]]]
+            slots = slots[~ended[occupants[slots]]]
             members = occupants[slots]
             trained[members] = True
             epochs[members] = [len(self.history[t]) + 1 for t in members]
@@ -592,14 +593,18 @@ class _SlotRun:
         going_on = sum(
             int(((g.occupants != EMPTY) & (g.epochs < self.epochs)).sum()) for g in self.groups
         )
-        return -(-going_on // self.key.group_size) < len([g for g in self.groups if g.live.any()])
+        return self._fits_fewer_groups(going_on)
+
+    def _fits_fewer_groups(self, trials: int) -> bool:
+        """Whether `trials` fit in fewer groups than those holding live trials now."""
+        return -(-trials // self.key.group_size) < sum(bool(g.live.any()) for g in self.groups)
 
     def compact(self, *, expecting: bool) -> None:
         """With no trial waiting or expected, move the live trials into fewer groups when they
         fit (through the host, once per group saved); groups with no trial are dropped."""
         self.groups = [g for g in self.groups if g.live.any()]
         size = self.key.group_size
-        if expecting or self.waiting or -(-self.live // size) >= len(self.groups):
+        if expecting or self.waiting or not self._fits_fewer_groups(self.live):
             return
         epochs = {
             int(trial): int(epoch)

@@ -1,7 +1,7 @@
 """Trials of mixed shapes: Caviar's bucket strategies against per-trial loops, side by side.
 
     python -m bench.mixed [--trials 32] [--epochs 20] [--rounds 2]
-                          [--contenders caviar-auto,caviar-exact,caviar-single,flax,torch]
+                          [--contenders caviar-auto,caviar-auto-serial,caviar-exact,...]
 
 Workload: a random search of `--trials` trials on MNIST-1D (4000 train / 1000 dev / 1250 test),
 minibatch 128, `--epochs` epochs, ReLU, searching the width (32–512, log, int), the number of
@@ -11,7 +11,9 @@ each in a fresh process, in turn (A B C D E A B C D E …):
 
 - caviar-auto, caviar-exact, caviar-single: the real path (a spec → Optuna on SQLite →
   `search.runner.run_search` → the planner → the engine), cold, with `CAVIAR_BUCKETS` set to the
-  strategy; the wall time includes the single test of the best trial;
+  strategy; the wall time includes the single test of the best trial; caviar-auto-serial is
+  caviar-auto with `CAVIAR_COMPILE_AHEAD=0` (each bucket compiles when its training starts,
+  instead of in the background while the buckets before it train);
 - flax: a per-trial Flax loop (`bench.engine.train_flax_trial`) on exactly the configurations
   Caviar sampled;
 - torch: a per-trial PyTorch loop on the CPU (`bench/peers_torch.py --configs`) on the same
@@ -40,7 +42,14 @@ from bench.common import chosen_contenders, machine, median, print_table, run_co
 from bench.engine import BATCH, summarise, train_flax_trial
 from bench.peers import split_sizes, torch_python, write_data
 
-CONTENDERS = ("caviar-auto", "caviar-exact", "caviar-single", "flax", "torch")
+#: The Caviar contenders: the environment of each one's process.
+CAVIAR_ENV = {
+    "caviar-auto": {"CAVIAR_BUCKETS": "auto"},
+    "caviar-auto-serial": {"CAVIAR_BUCKETS": "auto", "CAVIAR_COMPILE_AHEAD": "0"},
+    "caviar-exact": {"CAVIAR_BUCKETS": "exact"},
+    "caviar-single": {"CAVIAR_BUCKETS": "single"},
+}
+CONTENDERS = (*CAVIAR_ENV, "flax", "torch")
 SEED = 0
 
 #: The mixed-shape space (widths, depths, optimizers), as spec lines.
@@ -191,9 +200,9 @@ def one_round(contenders: list[str], data: Path, trials: int, epochs: int, confi
     common = ["--data", str(data), "--trials", str(trials), "--epochs", str(epochs)]
     results: dict[str, dict] = {}
     for name in contenders:
-        if name.startswith("caviar-"):
-            env = {"CAVIAR_BUCKETS": name.removeprefix("caviar-")}
-            results[name] = run_contender("bench.mixed", [*common, "--contender", "caviar"], env)
+        if name in CAVIAR_ENV:
+            args = [*common, "--contender", "caviar"]
+            results[name] = run_contender("bench.mixed", args, CAVIAR_ENV[name])
             configs.write_text(json.dumps(results[name].pop("configs")))
         elif name == "torch":
             results[name] = run_torch(data, configs, epochs)

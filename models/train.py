@@ -20,6 +20,7 @@ import os
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple, cast
 
@@ -27,8 +28,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from caviar.models import executables
 from caviar.models.bucket import Bucket, Shape, epoch_flops
 from caviar.models.data import Task
+from caviar.models.executables import ProgramKey, compile_count
 from caviar.models.placement import Placement
 from caviar.models.planner import Costs
 from caviar.models.program import (
@@ -59,6 +62,7 @@ __all__ = [
     "Traffic",
     "TrainData",
     "TrialResult",
+    "compile_ahead",
     "compile_count",
     "compiled_buckets",
     "default_dispatch_ahead",
@@ -251,37 +255,13 @@ def _probe_flops_per_s() -> float:
     return matmul_peak_gflops(size=256, repeats=20) * 1e9
 
 
-class _ProgramKey(NamedTuple):
-    """One compiled epoch program: its bucket, and what else sets its array shapes."""
-
-    bucket: Bucket
-    monitor: tuple[str, bool]
-    decay_every: int
-    group_size: int
-    train_rows: int
-    dev_rows: int
-    devices: int
-    donated: bool  # the state is donated to the call (not when rounds are dispatched ahead,
-    # which read a stopped trial's state from the round before)
-
-
-_EXECUTABLES: dict[_ProgramKey, Any] = {}
-
-
-def compile_count() -> int:
-    """How many epoch programs this process has compiled (for tests and benchmarks)."""
-    return len(_EXECUTABLES)
-
-
 def compiled_buckets(
     data: TrainData, monitor: tuple[str, bool], decay_every: int = 10
 ) -> frozenset[Bucket]:
-    """The buckets with a program compiled in this process for this data and monitor."""
-    rows = (data.x_train.shape[0], data.x_dev.shape[0])
-    return frozenset(
-        k.bucket
-        for k in _EXECUTABLES
-        if (k.monitor, k.decay_every, k.train_rows, k.dev_rows) == (monitor, decay_every, *rows)
+    """The buckets with a program compiled (or compiling) in this process for this data and
+    monitor."""
+    return executables.compiled_buckets(
+        data.x_train.shape[0], data.x_dev.shape[0], monitor, decay_every
     )
 
 
@@ -329,39 +309,16 @@ def train_batch(
     discarded, and its slot takes a new trial one round later.
     """
     shapes = [shape] * len(hparams) if isinstance(shape, Shape) else list(shape)
-    if len(shapes) != len(hparams):
-        raise ValueError(f"{len(shapes)} shapes for {len(hparams)} trials")
-    bucket = bucket or Bucket.envelope(shapes)
-    train_rows = data.x_train.shape[0]
-    if train_rows // bucket.batch_size < 1:
-        raise ValueError(
-            f"batch_size {bucket.batch_size} exceeds the {train_rows} training examples"
-        )
-    monitor = monitor or default_monitor(bucket.task)
-    ahead = default_dispatch_ahead() if ahead is None else ahead
-    slots = max(1, slots or len(shapes))
-    placement = Placement.local(slots)
-    key_of = functools.partial(
-        _ProgramKey,
-        bucket,
-        monitor,
-        decay_every,
-        train_rows=train_rows,
-        dev_rows=data.x_dev.shape[0],
-        devices=placement.devices,
-        donated=not ahead,
+    layout = _Layout.of(
+        shapes, hparams, data, slots, group_size, monitor, decay_every, bucket, ahead
     )
-    wanted = min(group_size or default_group_size(), slots)
-    group_size = _group_size(placement, wanted, key_of)
-    x_train, y_train, x_dev, y_dev = placement.replicate(
-        (data.x_train, data.y_train, data.x_dev, data.y_dev)
-    )
+    bucket, ahead = layout.bucket, not layout.key.donated
     run = _SlotRun(
         bucket,
-        TrainData(x_train, y_train, x_dev, y_dev, target_std=data.target_std),
-        placement,
-        key_of(group_size),
-        groups=-(-slots // group_size),
+        _placed(layout.placement, data),
+        layout.placement,
+        layout.key,
+        groups=layout.groups,
         epochs=epochs,
         data_seed=data_seed,
         on_end=on_end,
@@ -390,11 +347,96 @@ def train_batch(
     return BatchResult(bucket, run.shapes, run.results(), run.kept, run.occupancy, run.traffic)
 
 
-def _group_size(placement: Placement, wanted: int, key_of: Callable[[int], _ProgramKey]) -> int:
+def compile_ahead(
+    shape: Shape | Sequence[Shape],
+    hparams: Sequence[Mapping[str, Any]],
+    data: TrainData,
+    *,
+    slots: int | None = None,
+    group_size: int | None = None,
+    monitor: tuple[str, bool] | None = None,
+    decay_every: int = 10,
+    bucket: Bucket | None = None,
+    ahead: bool | None = None,
+) -> Future[None] | None:
+    """Start compiling, in a background thread, the program `train_batch` called with these
+    arguments would train with; None when it is compiled or compiling already. Cancel the
+    future to drop a compile that has not started."""
+    shapes = [shape] * len(hparams) if isinstance(shape, Shape) else list(shape)
+    layout = _Layout.of(
+        shapes, hparams, data, slots, group_size, monitor, decay_every, bucket, ahead
+    )
+
+    def lower() -> jax.stages.Lowered:
+        place = layout.placement
+        run = _SlotRun(layout.bucket, _placed(place, data), place, layout.key, groups=1, epochs=1)
+        run.add(shapes[:1], hparams[:1])
+        run.seat()
+        return run.lower(run.groups[0])
+
+    return executables.compile_ahead(layout.key, lower, RATES.record_compile)
+
+
+def _placed(placement: Placement, data: TrainData) -> TrainData:
+    """`data` on every device of `placement`."""
+    x_train, y_train, x_dev, y_dev = placement.replicate(
+        (data.x_train, data.y_train, data.x_dev, data.y_dev)
+    )
+    return TrainData(x_train, y_train, x_dev, y_dev, target_std=data.target_std)
+
+
+class _Layout(NamedTuple):
+    """How `train_batch` lays its trials out: bucket, devices, groups and program."""
+
+    bucket: Bucket
+    placement: Placement
+    groups: int
+    key: ProgramKey
+
+    @classmethod
+    def of(
+        cls,
+        shapes: Sequence[Shape],
+        hparams: Sequence[Mapping[str, Any]],
+        data: TrainData,
+        slots: int | None,
+        group_size: int | None,
+        monitor: tuple[str, bool] | None,
+        decay_every: int,
+        bucket: Bucket | None,
+        ahead: bool | None,
+    ) -> _Layout:
+        """`train_batch`'s layout for its arguments (see there); ValueError for bad ones."""
+        if len(shapes) != len(hparams):
+            raise ValueError(f"{len(shapes)} shapes for {len(hparams)} trials")
+        bucket = bucket or Bucket.envelope(shapes)
+        train_rows = data.x_train.shape[0]
+        if train_rows // bucket.batch_size < 1:
+            raise ValueError(
+                f"batch_size {bucket.batch_size} exceeds the {train_rows} training examples"
+            )
+        ahead = default_dispatch_ahead() if ahead is None else ahead
+        slots = max(1, slots or len(shapes))
+        placement = Placement.local(slots)
+        key_of = functools.partial(
+            ProgramKey,
+            bucket,
+            monitor or default_monitor(bucket.task),
+            decay_every,
+            train_rows=train_rows,
+            dev_rows=data.x_dev.shape[0],
+            devices=placement.devices,
+            donated=not ahead,
+        )
+        size = _group_size(placement, min(group_size or default_group_size(), slots), key_of)
+        return cls(bucket, placement, -(-slots // size), key_of(size))
+
+
+def _group_size(placement: Placement, wanted: int, key_of: Callable[[int], ProgramKey]) -> int:
     """The group size of a batch: `wanted` rounded up to the devices, or the smallest larger one
     this bucket already has a program for (a few repeated slots cost less than a compile)."""
     size = placement.round_up(max(1, wanted))
-    compiled = [k.group_size for k in _EXECUTABLES if k == key_of(k.group_size)]
+    compiled = executables.compiled_group_sizes(key_of)
     return min((g for g in compiled if g >= size), default=size)
 
 
@@ -416,11 +458,11 @@ class _SlotRun:
         bucket: Bucket,
         data: TrainData,
         placement: Placement,
-        program_key: _ProgramKey,
+        program_key: ProgramKey,
         *,
         groups: int,
         epochs: int,
-        data_seed: int,
+        data_seed: int = 0,
         on_end: TrialEnd | None = None,
     ) -> None:
         self.bucket, self.data, self.placement = bucket, data, placement
@@ -495,7 +537,7 @@ class _SlotRun:
         `ahead`: the last round is not reported yet, and its trials that finish their epochs
         there are left out (their slots run as padding).
         """
-        data, size = self.data, self.key.group_size
+        size = self.key.group_size
         started = time.perf_counter()
         calls = []
         for group in self.groups:
@@ -505,31 +547,38 @@ class _SlotRun:
             training = occupants != EMPTY
             if not training.any():
                 continue
-            order, epochs = self.placement.shard(
-                (
-                    np.stack([self._order(int(e)) for e in group.epochs]),
-                    group.epochs.astype(np.int32),
-                )
+            ready = executables.is_compiled(self.key)
+            args = self._arguments(group)
+            program = executables.executable(
+                self.key, functools.partial(self.programs.epoch.lower, *args), RATES.record_compile
             )
-            args = (data.x_train, data.y_train, order, data.x_dev, data.y_dev, epochs)
-            target_std = jnp.float32(data.target_std)
-            if self.key not in _EXECUTABLES:
-                compile_start = time.perf_counter()
-                _EXECUTABLES[self.key] = self.programs.epoch.lower(
-                    group.state, group.hparams, *args, target_std
-                ).compile()
-                RATES.record_compile(time.perf_counter() - compile_start)
+            if not ready:
                 started = time.perf_counter()
             group.previous = None if self.key.donated else group.state
-            group.state, metrics = _EXECUTABLES[self.key](
-                group.state, group.hparams, *args, target_std
-            )
+            group.state, metrics = program(*args)
             group.round = number
             group.epochs[training] += 1
             calls.append((group, occupants, metrics))
         self.slot_rounds += len(calls) * size
         self.traffic.epoch_calls += len(calls)
         return _Round(number, started, calls) if calls else None
+
+    def _arguments(self, group: Group) -> tuple:
+        """The epoch program's arguments for `group`'s next round."""
+        data = self.data
+        order, epochs = self.placement.shard(
+            (
+                np.stack([self._order(int(e)) for e in group.epochs]),
+                group.epochs.astype(np.int32),
+            )
+        )
+        target_std = jnp.float32(data.target_std)
+        train, dev = (data.x_train, data.y_train), (data.x_dev, data.y_dev)
+        return (group.state, group.hparams, *train, order, *dev, epochs, target_std)
+
+    def lower(self, group: Group) -> jax.stages.Lowered:
+        """The bucket's epoch program lowered for `group`'s arguments (to compile it ahead)."""
+        return self.programs.epoch.lower(*self._arguments(group))
 
     def report(self, round_: _Round) -> EpochReport:
         """Round `round_`'s metrics, fetched, for the trials it trained that are still live."""

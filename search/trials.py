@@ -14,6 +14,7 @@ import logging
 import traceback
 import zlib
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
@@ -25,6 +26,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from caviar.db.storage import report_epoch, retry_trial, set_user_attrs
 from caviar.models.data import Dataset
+from caviar.models.executables import compile_ahead_override
 from caviar.models.planner import plan, strategy_from_env
 from caviar.models.train import (
     HPARAM_DEFAULTS,
@@ -33,6 +35,7 @@ from caviar.models.train import (
     Shape,
     TrainData,
     TrialResult,
+    compile_ahead,
     compiled_buckets,
     default_group_size,
     planning_costs,
@@ -169,26 +172,54 @@ def train_trials(
     pending = _prepare(study, ctx, space, stage, trials)
     while pending:
         spilled: list[_Asked] = []
-        for bucket, members in _plan(ctx, pending, group_size, strategy):
-            refill = None
-            if ask_more is not None:
-                refill = _refiller(
-                    study, ctx, space, stage, bucket, ask_more, spilled, len(pending)
+        buckets = _plan(ctx, pending, group_size, strategy)
+        compiling = _compile_ahead(ctx, buckets[1:], group_size)
+        try:
+            for bucket, members in buckets:
+                refill = None
+                if ask_more is not None:
+                    refill = _refiller(
+                        study, ctx, space, stage, bucket, ask_more, spilled, len(pending)
+                    )
+                outcomes += _train_group(
+                    study,
+                    ctx,
+                    bucket,
+                    members,
+                    stage,
+                    should_stop,
+                    on_trial,
+                    on_epoch,
+                    group_size,
+                    refill,
                 )
-            outcomes += _train_group(
-                study,
-                ctx,
-                bucket,
-                members,
-                stage,
-                should_stop,
-                on_trial,
-                on_epoch,
-                group_size,
-                refill,
-            )
+        finally:
+            for future in compiling:  # a compile not started yet is dropped
+                future.cancel()
         pending = spilled
     return outcomes
+
+
+def _compile_ahead(
+    ctx: SearchContext, buckets: list[tuple[Bucket, list[_Asked]]], group_size: int
+) -> list[Future[None]]:
+    """Start compiling these buckets' programs in the background, in order (unless
+    `$CAVIAR_COMPILE_AHEAD` is 0): each compiles while the buckets before it train."""
+    if compile_ahead_override() is False:
+        return []
+    futures = []
+    for bucket, members in buckets:
+        future = compile_ahead(
+            [a.shape for a in members],
+            [continuous_hparams(a.params, 0) for a in members],
+            ctx.data,
+            group_size=group_size,
+            monitor=_monitor(ctx),
+            bucket=bucket,
+        )
+        if future is not None:
+            futures.append(future)
+    return futures
 
 
 def _prepare(
@@ -207,7 +238,6 @@ def _plan(
 ) -> list[tuple[Bucket, list[_Asked]]]:
     """The planner's buckets for these trials, each with its members."""
     shapes = [a.shape for a in asked]
-    monitor = (ctx.objective.metric, ctx.objective.resolved_direction == "maximize")
     costs = planning_costs(
         ctx.data, epochs=expected_epochs(ctx.spec), group_size=group_size, trials=len(asked)
     )
@@ -215,7 +245,7 @@ def _plan(
         shapes,
         costs,
         strategy=strategy or strategy_from_env(),
-        compiled=compiled_buckets(ctx.data, monitor),
+        compiled=compiled_buckets(ctx.data, _monitor(ctx)),
     )
     logger.info(
         "%d trials of %d shapes in %d buckets: %s",
@@ -226,6 +256,11 @@ def _plan(
         extra={"plan": chosen},
     )
     return [(a.bucket, [asked[i] for i in a.members]) for a in chosen.assignments]
+
+
+def _monitor(ctx: SearchContext) -> tuple[str, bool]:
+    """The search's objective as the engine's monitor: metric, and whether higher is better."""
+    return ctx.objective.metric, ctx.objective.resolved_direction == "maximize"
 
 
 def _refiller(

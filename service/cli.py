@@ -303,6 +303,7 @@ def _serve_worker_metrics(settings: Settings) -> str | None:
 def _prepare_jax(console: Console, settings: Settings) -> None:
     """Before JAX starts: one device per CPU core, the matmul precision, and the persistent
     compilation cache if set."""
+    from caviar.models.executables import compile_ahead_override
     from caviar.models.runtime import enable_compilation_cache, set_matmul_precision, use_every_core
     from caviar.models.train import dispatch_ahead_override, group_size_override
 
@@ -310,7 +311,8 @@ def _prepare_jax(console: Console, settings: Settings) -> None:
         use_every_core()
         group_size_override()
         dispatch_ahead_override()
-    except ValueError as error:  # a bad CAVIAR_CPU_DEVICES, _GROUP_SIZE or _DISPATCH_AHEAD
+        compile_ahead_override()
+    except ValueError as error:  # a bad CAVIAR_CPU_DEVICES, _GROUP_SIZE, _DISPATCH_AHEAD, ...
         _fail(console, str(error))
     set_matmul_precision(settings.matmul_precision)
     if settings.compile_cache:

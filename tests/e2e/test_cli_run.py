@@ -223,6 +223,7 @@ def test_missing_spec_file_is_a_clear_error(tmp_path):
         ("CAVIAR_CPU_DEVICES", "a whole number"),
         ("CAVIAR_GROUP_SIZE", "a whole number"),
         ("CAVIAR_DISPATCH_AHEAD", "0 or 1"),
+        ("CAVIAR_COMPILE_AHEAD", "0 or 1"),
     ],
 )
 def test_a_bad_engine_setting_is_a_clear_error(tmp_path, variable, expected):

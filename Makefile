@@ -7,7 +7,10 @@ INSTALLED := $(VENV)/.installed
 .PHONY: install test demo lint typecheck format bench system-deps lock
 
 # Installs come from the lock files in requirements/ (every package pinned, with hashes), through
-# uv; `make lock` refreshes them from pyproject.toml's ranges.
+# uv; `make lock` refreshes them from pyproject.toml's ranges. The packages are compiled to
+# bytecode as they install (as pip does; uv does not by default): where Python may not write
+# bytecode (PYTHONDONTWRITEBYTECODE), every process would otherwise compile JAX, Flax, Optuna
+# and scikit-learn from source as it starts (measured: 9 s of `caviar run`'s 29 s here).
 UV_VERSION := 0.13.9
 UV := $(VENV)/bin/uv
 LOCK := requirements/dev.txt
@@ -16,7 +19,7 @@ LOCK_ARGS := --universal --python-version 3.11 --generate-hashes --quiet
 $(INSTALLED): pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet uv==$(UV_VERSION)
-	$(UV) pip install --quiet --python $(PY) --require-hashes -r $(LOCK)
+	$(UV) pip install --quiet --python $(PY) --require-hashes --compile-bytecode -r $(LOCK)
 	$(UV) pip install --quiet --python $(PY) --no-deps -e .
 	touch $(INSTALLED)
 

@@ -10,7 +10,6 @@ Python's lock, so the background compile takes host time from the training loop 
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -19,6 +18,7 @@ from typing import Any, NamedTuple
 import jax
 
 from caviar.models.bucket import Bucket
+from caviar.models.runtime import switch_setting
 
 __all__ = [
     "COMPILE_AHEAD_ENV",
@@ -60,12 +60,7 @@ _COMPILER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="caviar-compile
 
 def compile_ahead_override() -> bool | None:
     """`$CAVIAR_COMPILE_AHEAD` (None when unset); ValueError when it is not 0 or 1."""
-    value = os.environ.get(COMPILE_AHEAD_ENV)
-    if not value:
-        return None
-    if value not in ("0", "1"):
-        raise ValueError(f"{COMPILE_AHEAD_ENV}={value!r}: expected 0 or 1")
-    return value == "1"
+    return switch_setting(COMPILE_AHEAD_ENV)
 
 
 def compile_count() -> int:

@@ -14,6 +14,17 @@ import jax.numpy as jnp
 CPU_DEVICES_ENV = "CAVIAR_CPU_DEVICES"
 
 
+def switch_setting(name: str) -> bool | None:
+    """The on (1) or off (0) switch in environment variable `name`, None when it is unset;
+    ValueError when it is neither."""
+    value = os.environ.get(name)
+    if not value:
+        return None
+    if value not in ("0", "1"):
+        raise ValueError(f"{name}={value!r}: expected 0 or 1")
+    return value == "1"
+
+
 def use_every_core() -> None:
     """Split the CPU into one JAX device per usable core, before JAX starts.
 

@@ -43,7 +43,7 @@ from caviar.models.program import (
     train_epoch,
     trial_arrays,
 )
-from caviar.models.runtime import matmul_peak_gflops
+from caviar.models.runtime import matmul_peak_gflops, switch_setting
 from caviar.models.slots import EMPTY, Group, build_groups, read_groups, read_slot, write_slot
 
 __all__ = [
@@ -110,12 +110,7 @@ def default_group_size() -> int:
 
 def dispatch_ahead_override() -> bool | None:
     """`$CAVIAR_DISPATCH_AHEAD` (None when unset); ValueError when it is not 0 or 1."""
-    value = os.environ.get(DISPATCH_AHEAD_ENV)
-    if not value:
-        return None
-    if value not in ("0", "1"):
-        raise ValueError(f"{DISPATCH_AHEAD_ENV}={value!r}: expected 0 or 1")
-    return value == "1"
+    return switch_setting(DISPATCH_AHEAD_ENV)
 
 
 def default_dispatch_ahead() -> bool:

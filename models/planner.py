@@ -1,15 +1,17 @@
 """Split a claim of trials into buckets so as to minimise the estimated wall time.
 
-`plan` is a pure function of the trials' shapes, the measured costs and the buckets already
-compiled in this process. A bucket costs its compile time (zero when compiled already) plus its
-trials' padded FLOPs at the measured rate, every group of `group_size` trials costing a full
-group. Strategies:
+`plan` is a pure function of the trials' shapes, the measured costs, the buckets already
+compiled in this process and those whose program is in the persistent compilation cache. A
+bucket costs the time to have its program (zero when compiled already, the measured load time
+when cached, else the measured compile time) plus its trials' padded FLOPs at the measured rate,
+every group of `group_size` trials costing a full group. Strategies:
 
 - `auto` (default): start from one bucket per shape and repeatedly make the merge (or the move
-  into an already compiled bucket) that saves the most estimated time, until none saves any;
+  into an already compiled or cached bucket) that saves the most estimated time, until none
+  saves any;
 - `exact`: one bucket per shape, no padding (one program per shape);
 - `single`: one bucket for every trial that can share one (same input and output sizes, task and
-  minibatch size), or an already compiled bucket that holds them all.
+  minibatch size), or an already compiled or cached bucket that holds them all.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from caviar.models.bucket import Bucket, Shape, epoch_flops
@@ -41,6 +43,7 @@ class Costs:
     """What the estimate of a bucket's wall time needs: measured rates and the batch's size."""
 
     compile_s: float  # one new program
+    load_s: float  # one program read from the persistent compilation cache
     flops_per_s: float  # padded training FLOPs per second
     epochs: float  # a trial's epochs on average (fewer than the most where it is pruned)
     train_examples: int
@@ -51,14 +54,13 @@ class Costs:
         """FLOPs of one trial over every epoch, in `item`'s shape."""
         return self.epochs * epoch_flops(item, self.train_examples, self.dev_examples)
 
-    def seconds(self, bucket: Bucket, trials: int, compiled: bool) -> float:
-        """Estimated wall time of `trials` trials in `bucket` (0 for none)."""
+    def seconds(self, bucket: Bucket, trials: int, build_s: float) -> float:
+        """Estimated wall time of `trials` trials in `bucket` whose program takes `build_s` to
+        have (0 for no trials)."""
         if trials == 0:
             return 0.0
         slots = math.ceil(trials / self.group_size) * self.group_size
-        return (0.0 if compiled else self.compile_s) + slots * self.trial_flops(
-            bucket
-        ) / self.flops_per_s
+        return build_s + slots * self.trial_flops(bucket) / self.flops_per_s
 
 
 @dataclass(frozen=True)
@@ -68,7 +70,13 @@ class Assignment:
     bucket: Bucket
     members: tuple[int, ...]
     compiled: bool  # its program exists in this process already
+    cached: bool  # its program is in the persistent compilation cache (and not compiled)
     seconds: float  # the estimate
+
+    @property
+    def program(self) -> str:
+        """Where its program comes from: `compiled`, `cached` or `new`."""
+        return "compiled" if self.compiled else "cached" if self.cached else "new"
 
 
 @dataclass(frozen=True)
@@ -91,8 +99,7 @@ class Plan:
     def describe(self) -> str:
         """One line per bucket: trials, whether compiled, estimate, and the bucket."""
         lines = [
-            f"{len(a.members)} trials in {a.bucket.describe()} "
-            f"({'compiled' if a.compiled else 'new'}, ~{a.seconds:.1f} s)"
+            f"{len(a.members)} trials in {a.bucket.describe()} ({a.program}, ~{a.seconds:.1f} s)"
             for a in self.assignments
         ]
         return "; ".join(lines) + f"; padding waste {self.waste:.2f}×"
@@ -104,26 +111,36 @@ def plan(
     *,
     strategy: str = "auto",
     compiled: Iterable[Bucket] = (),
+    cached: Iterable[Bucket] = (),
 ) -> Plan:
-    """The buckets for trials of `shapes` under `strategy` (see the module docstring)."""
+    """The buckets for trials of `shapes` under `strategy` (see the module docstring);
+    `compiled` buckets have their program in this process, `cached` ones in the persistent
+    compilation cache."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")
     compiled = frozenset(compiled)
+    ready = {b: costs.load_s for b in cached} | {b: 0.0 for b in compiled}
     clusters: list[tuple[Bucket, list[int]]] = []
     by_key: dict[tuple, list[int]] = {}
     for index, shape in enumerate(shapes):
         by_key.setdefault(Bucket.exact(shape).key, []).append(index)
     for members in by_key.values():
         if strategy == "single":
-            clusters.append((_single(shapes, members, compiled, costs), members))
+            clusters.append((_single(shapes, members, ready, costs), members))
         else:
             exact: dict[Bucket, list[int]] = {}
             for index in members:
                 exact.setdefault(Bucket.exact(shapes[index]), []).append(index)
             found = list(exact.items())
-            clusters += _merge(found, compiled, costs) if strategy == "auto" else found
+            clusters += _merge(found, ready, costs) if strategy == "auto" else found
     assignments = tuple(
-        Assignment(b, tuple(m), b in compiled, costs.seconds(b, len(m), b in compiled))
+        Assignment(
+            b,
+            tuple(m),
+            b in compiled,
+            b in ready and b not in compiled,
+            costs.seconds(b, len(m), ready.get(b, costs.compile_s)),
+        )
         for b, m in sorted(clusters, key=lambda c: min(c[1]))
     )
     real = sum(costs.trial_flops(shape) for shape in shapes)
@@ -132,28 +149,28 @@ def plan(
 
 
 def _single(
-    shapes: Sequence[Shape], members: list[int], compiled: frozenset[Bucket], costs: Costs
+    shapes: Sequence[Shape], members: list[int], ready: Mapping[Bucket, float], costs: Costs
 ) -> Bucket:
-    """The envelope of the members, or the cheapest compiled bucket that holds it."""
+    """The envelope of the members, or the cheapest compiled or cached bucket that holds it."""
     envelope = Bucket.envelope(shapes[i] for i in members)
-    holders = [b for b in compiled if b.fits(envelope)]
-    return min(holders, key=costs.trial_flops, default=envelope)
+    holders = [b for b in ready if b.fits(envelope)]
+    return min(holders, key=lambda b: costs.seconds(b, len(members), ready[b]), default=envelope)
 
 
 def _merge(
-    clusters: list[tuple[Bucket, list[int]]], compiled: frozenset[Bucket], costs: Costs
+    clusters: list[tuple[Bucket, list[int]]], ready: Mapping[Bucket, float], costs: Costs
 ) -> list[tuple[Bucket, list[int]]]:
     """Greedy agglomeration: apply the merge that saves the most estimated time, until none does.
 
-    Compiled buckets of the same static key join as empty clusters, so moving trials into one
-    costs no compile.
+    Compiled and cached buckets of the same static key join as empty clusters, so moving trials
+    into one costs no compile (a cached one: its load).
     """
     key = clusters[0][0].key
     used = {bucket for bucket, _ in clusters}
-    clusters = clusters + [(b, []) for b in compiled if b.key == key and b not in used]
+    clusters = clusters + [(b, []) for b in ready if b.key == key and b not in used]
 
     def cost(bucket: Bucket, members: list[int]) -> float:
-        return costs.seconds(bucket, len(members), bucket in compiled)
+        return costs.seconds(bucket, len(members), ready.get(bucket, costs.compile_s))
 
     while True:
         best: tuple[float, int, int, Bucket] | None = None

@@ -16,12 +16,13 @@ stream never wait for a whole group to end. The engine measures what its program
 from __future__ import annotations
 
 import functools
+import math
 import os
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal, NamedTuple, cast
 
 import jax
@@ -62,6 +63,7 @@ __all__ = [
     "Traffic",
     "TrainData",
     "TrialResult",
+    "cached_buckets",
     "compile_ahead",
     "compile_count",
     "compiled_buckets",
@@ -214,10 +216,28 @@ class Rates:
     """What this process measured its programs to cost, for the planner (None: not yet)."""
 
     compile_s: float | None = None  # building one new bucket program: trace, lower, compile
+    load_s: float | None = None  # the same for a program read from the persistent cache
     flops_per_s: float | None = None  # padded training FLOPs per second, over recent epochs
 
-    def record_compile(self, seconds: float) -> None:
-        self.compile_s = seconds if self.compile_s is None else 0.5 * (self.compile_s + seconds)
+    def record_compile(self, seconds: float, loaded: bool = False) -> None:
+        """One program built in `seconds`: compiled, or `loaded` from the persistent cache."""
+        if loaded:
+            self.load_s = seconds if self.load_s is None else 0.5 * (self.load_s + seconds)
+        else:
+            self.compile_s = seconds if self.compile_s is None else 0.5 * (self.compile_s + seconds)
+        self.save()
+
+    def save(self) -> None:
+        """Leave what is measured beside the persistent cache's index, for the next process."""
+        measured = {k: v for k, v in asdict(self).items() if v is not None}
+        if measured:
+            executables.write_index_note(RATES_NOTE, measured)
+
+    def restore(self) -> None:
+        """Take what this process has not measured yet from the last process's note, if any."""
+        for name, value in executables.read_index_note(RATES_NOTE).items():
+            if name in RATE_FIELDS and getattr(self, name) is None and _positive(value):
+                setattr(self, name, float(value))
 
     def record_epoch(self, flops: float, seconds: float) -> None:
         rate = flops / max(seconds, 1e-9)
@@ -226,17 +246,30 @@ class Rates:
 
 #: This process's measurements.
 RATES = Rates()
+#: The note beside the persistent cache's index that carries `Rates` to the next process.
+RATES_NOTE = "rates.json"
+RATE_FIELDS = frozenset(f.name for f in fields(Rates))
 
 
-#: What the planner assumes a new program costs before this process has measured one.
+def _positive(value: object) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value) and value > 0
+
+
+#: What the planner assumes a new program costs before this process has measured one, and a
+#: program in the persistent cache (tracing and lowering it stay; XLA's compile does not).
 COMPILE_PRIOR_S = 1.0
+LOAD_PRIOR_S = 0.3
 
 
 def planning_costs(data: TrainData, *, epochs: float, group_size: int, trials: int) -> Costs:
-    """The planner's costs for a batch of `trials` on `data`: this process's measured rates;
-    before any, `COMPILE_PRIOR_S` and a short matmul probe of the FLOP rate."""
+    """The planner's costs for a batch of `trials` on `data`: this process's measured rates, or
+    those a process before it left beside the persistent cache; before any, `COMPILE_PRIOR_S`,
+    `LOAD_PRIOR_S` and a short matmul probe of the FLOP rate."""
+    RATES.restore()
+    RATES.save()
     return Costs(
         compile_s=COMPILE_PRIOR_S if RATES.compile_s is None else RATES.compile_s,
+        load_s=LOAD_PRIOR_S if RATES.load_s is None else RATES.load_s,
         flops_per_s=RATES.flops_per_s or _probe_flops_per_s(),
         epochs=epochs,
         train_examples=data.x_train.shape[0],
@@ -256,6 +289,16 @@ def compiled_buckets(
     """The buckets with a program compiled (or compiling) in this process for this data and
     monitor."""
     return executables.compiled_buckets(
+        data.x_train.shape[0], data.x_dev.shape[0], monitor, decay_every
+    )
+
+
+def cached_buckets(
+    data: TrainData, monitor: tuple[str, bool], decay_every: int = 10
+) -> frozenset[Bucket]:
+    """The buckets with a program for this data and monitor in the persistent compilation cache
+    (from an earlier process), not yet compiled in this one."""
+    return executables.cached_buckets(
         data.x_train.shape[0], data.x_dev.shape[0], monitor, decay_every
     )
 

@@ -35,6 +35,7 @@ from caviar.models.train import (
     Shape,
     TrainData,
     TrialResult,
+    cached_buckets,
     compile_ahead,
     compiled_buckets,
     default_group_size,
@@ -246,6 +247,7 @@ def _plan(
         costs,
         strategy=strategy or strategy_from_env(),
         compiled=compiled_buckets(ctx.data, _monitor(ctx)),
+        cached=cached_buckets(ctx.data, _monitor(ctx)),
     )
     logger.info(
         "%d trials of %d shapes in %d buckets: %s",

@@ -1,5 +1,9 @@
-"""Bucket programs compiled ahead, in the background, while other buckets train."""
+"""Bucket programs compiled ahead, in the background, while other buckets train, and the index
+of the programs in the persistent compilation cache."""
 
+import json
+import subprocess
+import sys
 import threading
 
 import jax
@@ -11,6 +15,7 @@ from caviar.models import executables
 from caviar.models.bucket import Bucket
 from caviar.models.data import load_dataset
 from caviar.models.train import (
+    COMPILE_PRIOR_S,
     Shape,
     TrainData,
     compile_ahead,
@@ -83,9 +88,13 @@ def test_compiles_ahead_run_in_the_background_thread_and_the_trainer_waits_for_t
     threads: list[str] = []
     seconds: list[float] = []
     key = _key(991)
-    future = executables.compile_ahead(key, _lowering(threads), seconds.append)
+
+    def record(took: float, loaded: bool) -> None:
+        seconds.append(took)
+
+    future = executables.compile_ahead(key, _lowering(threads), record)
     assert future is not None
-    program = executables.executable(key, _lowering(threads), seconds.append)
+    program = executables.executable(key, _lowering(threads), record)
     assert threads == ["caviar-compile_0"]  # compiled once, ahead; the trainer waited for it
     assert len(seconds) == 1
     np.testing.assert_array_equal(program(jnp.ones(3)), np.full(3, 2.0))
@@ -97,14 +106,14 @@ def test_a_compile_ahead_that_fails_is_compiled_again_where_its_error_shows():
     def broken():
         raise RuntimeError("lowering failed")
 
-    future = executables.compile_ahead(key, broken, lambda _: None)
+    future = executables.compile_ahead(key, broken, lambda *_: None)
     assert future is not None
     with pytest.raises(RuntimeError, match="lowering failed"):
         future.result(timeout=30)
     with pytest.raises(RuntimeError, match="lowering failed"):
-        executables.executable(key, broken, lambda _: None)
+        executables.executable(key, broken, lambda *_: None)
     threads: list[str] = []
-    executables.executable(key, _lowering(threads), lambda _: None)
+    executables.executable(key, _lowering(threads), lambda *_: None)
     assert threads == [threading.current_thread().name]
 
 
@@ -114,3 +123,76 @@ def test_a_bad_compile_ahead_setting_is_a_clear_error(monkeypatch):
         executables.compile_ahead_override()
     monkeypatch.setenv(executables.COMPILE_AHEAD_ENV, "0")
     assert executables.compile_ahead_override() is False
+
+
+CACHED_RUN = """
+import json, sys
+from caviar.models.runtime import enable_compilation_cache, set_matmul_precision
+cache, widths, precision, strategy = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], sys.argv[4]
+enable_compilation_cache(cache)
+set_matmul_precision(precision)
+from caviar.models.data import load_dataset
+from caviar.models.planner import plan
+from caviar.models.train import (
+    RATES, Shape, TrainData, cached_buckets, compiled_buckets, planning_costs, train_batch,
+)
+ds = load_dataset({"name": "synthetic", "samples": 400, "features": 6, "classes": 3}, seed=7)
+data = TrainData.from_arrays(ds.x_train, ds.y_train, ds.x_dev, ds.y_dev)
+monitor = ("dev_accuracy", True)
+shapes = [Shape(6, 3, tuple(w), optimizer="momentum", batch_size=32) for w in widths]
+cached = cached_buckets(data, monitor)
+costs = planning_costs(data, epochs=2, group_size=2, trials=len(shapes))
+chosen = plan(
+    shapes, costs, strategy=strategy, compiled=compiled_buckets(data, monitor), cached=cached
+)
+histories = [None] * len(shapes)
+for a in chosen.assignments:
+    hparams = [{"learning_rate": 0.05, "momentum": 0.9, "seed": i} for i in a.members]
+    members = [shapes[i] for i in a.members]
+    done = train_batch(
+        members, hparams, data, epochs=2, bucket=a.bucket, monitor=monitor, group_size=2
+    )
+    for i, trial in zip(a.members, done.trials):
+        histories[i] = [[float(v) for v in epoch.values()] for epoch in trial.history]
+print(json.dumps({
+    "cached": sorted(list(b.widths) for b in cached),
+    "plan": [[list(a.bucket.widths), a.program] for a in chosen.assignments],
+    "compile_s": RATES.compile_s,
+    "load_s": RATES.load_s,
+    "planned_compile_s": costs.compile_s,
+    "histories": histories,
+}))
+"""
+
+
+def _cached_run(cache, widths, precision="highest", strategy="auto") -> dict:
+    done = subprocess.run(
+        [sys.executable, "-c", CACHED_RUN, str(cache), json.dumps(widths), precision, strategy],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_a_later_process_plans_buckets_of_the_persistent_cache_and_loads_them(tmp_path):
+    first = _cached_run(tmp_path, [[24, 16], [10]])
+    assert first["cached"] == [] and first["plan"] == [[[24, 16], "new"]]
+    assert first["compile_s"] is not None and first["load_s"] is None
+    assert (tmp_path / executables.PROGRAM_INDEX).is_dir()
+    # A new process with new widths that fit: it plans the cached bucket and compiles nothing.
+    later = [[20, 12], [7], [9, 3]]
+    second = _cached_run(tmp_path, later)
+    assert second["cached"] == [[24, 16]] and second["plan"] == [[[24, 16], "cached"]]
+    # It planned with the compile time the first process measured (not the prior), and measured
+    # a load of its own but no compile.
+    assert second["planned_compile_s"] == second["compile_s"] == first["compile_s"]
+    assert second["load_s"] is not None
+    # Another setup (here the matmul precision) compiles other programs: the index has none.
+    # Its trials, each in its own exact shape, train as the padded, loaded ones did.
+    exact = _cached_run(tmp_path, later, precision="high", strategy="exact")
+    assert exact["cached"] == [] and [p for _, p in exact["plan"]] == ["new"] * 3
+    assert exact["planned_compile_s"] == COMPILE_PRIOR_S
+    for got, want in zip(second["histories"], exact["histories"], strict=True):
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6)

@@ -14,10 +14,12 @@ def shape(*hidden: int, optimizer: str = "momentum", batch_size: int = 32) -> Sh
     return Shape(8, 3, hidden, optimizer=optimizer, batch_size=batch_size)
 
 
-def costs(compile_s: float) -> Costs:
+def costs(compile_s: float, load_s: float = 0.0) -> Costs:
     """Costs in which one trial of one hidden layer of width w takes w seconds to train."""
     per_unit = 3 * shape(1).forward_flops(32)  # FLOPs of one epoch per hidden unit
-    return Costs(compile_s, per_unit, epochs=1, train_examples=32, dev_examples=0, group_size=1)
+    return Costs(
+        compile_s, load_s, per_unit, epochs=1, train_examples=32, dev_examples=0, group_size=1
+    )
 
 
 SPREAD = [shape(w) for w in (32, 40, 50, 64, 128, 256, 512)]  # widths over a decade and more
@@ -72,17 +74,34 @@ def test_a_claim_that_fits_a_compiled_bucket_goes_there_at_no_compile_cost():
     for strategy in ("auto", "single"):
         (only,) = plan(claim, costs(1e5), strategy=strategy, compiled=[compiled]).assignments
         assert only.bucket == compiled and only.compiled
-        assert only.seconds == costs(1e5).seconds(compiled, 2, compiled=True)
+        assert only.seconds == costs(1e5).seconds(compiled, 2, build_s=0.0)
     # Without the compiled bucket, auto compiles a smaller one instead.
     (fresh,) = plan(claim, costs(1e5)).assignments
     assert fresh.bucket.widths == (100, 90) and not fresh.compiled
+
+
+def test_a_cached_bucket_costs_its_load_and_wins_over_a_new_compile():
+    cached = Bucket.envelope([shape(128, 128), shape(16)])
+    claim = [shape(100, 90), shape(50)]
+    for strategy in ("auto", "single"):
+        (only,) = plan(claim, costs(1e5, 10.0), strategy=strategy, cached=[cached]).assignments
+        assert only.bucket == cached and only.cached and not only.compiled
+        assert only.program == "cached"
+        assert only.seconds == costs(1e5, 10.0).seconds(cached, 2, build_s=10.0)
+    # A bucket compiled in this process costs nothing, even when it is in the cache as well.
+    (only,) = plan(claim, costs(1e5, 10.0), compiled=[cached], cached=[cached]).assignments
+    assert only.compiled and not only.cached and only.program == "compiled"
+    # When loading costs as much as compiling, auto pads no more than a new compile would.
+    (fresh,) = plan(claim, costs(1e5, 1e5), cached=[cached]).assignments
+    assert fresh.bucket.widths == (100, 90) and fresh.program == "new"
+    assert "cached" in plan(claim, costs(1e5, 10.0), cached=[cached]).describe()
 
 
 def test_a_second_claim_of_new_widths_that_fit_compiles_nothing():
     ds = load_dataset({"name": "synthetic", "samples": 300, "features": 8, "classes": 3}, seed=4)
     data = TrainData.from_arrays(ds.x_train, ds.y_train, ds.x_dev, ds.y_dev)
     monitor = ("dev_accuracy", True)
-    estimate = Costs(100.0, 1e9, epochs=2, train_examples=192, dev_examples=48, group_size=4)
+    estimate = Costs(100.0, 1.0, 1e9, epochs=2, train_examples=192, dev_examples=48, group_size=4)
 
     def claim(shapes):
         chosen = plan(shapes, estimate, compiled=compiled_buckets(data, monitor))

@@ -71,6 +71,15 @@ def run(
     model: Annotated[
         Path | None, typer.Option("--model", help="Save the refit best model here (.npz).")
     ] = None,
+    verbose: Annotated[
+        bool,
+        typer.Option(
+            "--verbose",
+            "-v",
+            help="Also print what the engine decides: each batch's buckets (compiled, cached or "
+            "new) and their padding waste.",
+        ),
+    ] = False,
 ) -> None:
     """Run a whole search in this process: its id first, progress, best trials, test figures.
 
@@ -96,6 +105,10 @@ def run(
         _fail(console, f"{spec_path}: {error}")
     _prepare_jax(console, settings)
     _quiet_optuna()
+    if verbose:
+        from rich.logging import RichHandler
+
+        _log_caviar(RichHandler(console=console, show_path=False, markup=False))
     url = database_url or settings.database_url
     with _database(url):
         upgrade(url)
@@ -256,6 +269,9 @@ def worker(
         except RuntimeError as error:
             _fail(_console(stderr=True), str(error))
     _quiet_optuna()
+    log_lines = logging.StreamHandler(sys.stderr)
+    log_lines.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    _log_caviar(log_lines)
     with _database(url):
         pool_worker = Worker(
             url,
@@ -722,6 +738,14 @@ def _interrupt_flag(console: Console, search_id: str):
 
     signal.signal(signal.SIGINT, handle)
     return lambda: state["reason"]
+
+
+def _log_caviar(handler: logging.Handler) -> None:
+    """Send Caviar's own log records (INFO and up: each batch's buckets, the worker's events)
+    to `handler`."""
+    logger = logging.getLogger("caviar")
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
 
 
 def _quiet_optuna() -> None:

@@ -274,3 +274,37 @@ def test_a_wrong_database_url_is_one_line_and_exit_code_2(tmp_path, command, url
     lines = (done.stdout + done.stderr).strip().splitlines()
     assert len(lines) == 1 and reason in lines[0], lines
     assert "hunter2" not in lines[0]
+
+
+CACHED_SPEC = """
+name: cli-cached
+dataset: {{name: synthetic, samples: 300, features: 5, classes: 2}}
+budget: {{trials: 3, epochs: 2}}
+seed: {seed}
+space:
+  learning_rate: {{low: 1.0e-3, high: 0.1, scale: log}}
+  hidden_units: {{low: {low}, high: {high}, type: int}}
+fixed: {{optimizer: momentum, batch_size: 32, hidden_layers: 1}}
+"""
+
+
+def test_a_second_run_with_the_compilation_cache_trains_in_the_buckets_of_the_first(tmp_path):
+    env = {"CAVIAR_COMPILE_CACHE": str(tmp_path / "xla-cache"), "CAVIAR_BUCKETS": "single"}
+    env["COLUMNS"] = "1000"  # a plan on one line
+    outputs = []
+    for seed, low, high in ((0, 20, 24), (1, 8, 16)):  # the second run's widths fit the first's
+        (tmp_path / "spec.yaml").write_text(CACHED_SPEC.format(seed=seed, low=low, high=high))
+        done = caviar(
+            "run", "spec.yaml", "-v", "--database-url", f"sqlite:///{tmp_path / 'c.db'}",
+            cwd=tmp_path, env=env,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        outputs.append(done.stdout)
+    first, second = outputs
+    assert "3 trials of" in first and "(new, ~" in first and "(cached, ~" not in first
+    assert "(cached, ~" in second and "(new, ~" not in second
+    assert "padding waste" in second
+    # Without -v the plans are not shown.
+    done = caviar("run", "spec.yaml", "--database-url", f"sqlite:///{tmp_path / 'c.db'}",
+                  cwd=tmp_path, env=env)  # fmt: skip
+    assert done.returncode == 0 and "padding waste" not in done.stdout + done.stderr

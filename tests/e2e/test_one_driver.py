@@ -78,8 +78,14 @@ def test_caviar_run_and_a_worker_drive_a_search_the_same_way(tmp_path, postgres_
         assert "Optimization history by stage" in (tmp_path / "run.html").read_text()
         caviar("export", ran, str(tmp_path / "run.npz"), env=env)
         assert load_model(tmp_path / "run.npz").metadata["search_id"] == ran
+
+        # The worker logged each batch's buckets and their padding waste.
+        worker.send_signal(signal.SIGTERM)
+        logged = worker.communicate(timeout=30)[0]
+        assert "INFO caviar.search.trials: 3 trials of" in logged, logged
+        assert "padding waste" in logged and "(new, ~" in logged
     finally:
-        if worker is not None:
+        if worker is not None and worker.poll() is None:
             worker.send_signal(signal.SIGTERM)
             worker.wait(timeout=30)
         server.terminate()

@@ -13,7 +13,10 @@ each in a fresh process, in turn (A B C D E A B C D E …):
   `search.runner.run_search` → the planner → the engine), cold, with `CAVIAR_BUCKETS` set to the
   strategy; the wall time includes the single test of the best trial; caviar-auto-serial is
   caviar-auto with `CAVIAR_COMPILE_AHEAD=0` (each bucket compiles when its training starts,
-  instead of in the background while the buckets before it train);
+  instead of in the background while the buckets before it train); caviar-auto-cached is
+  caviar-auto with a persistent compilation cache (`CAVIAR_COMPILE_CACHE`) that an untimed
+  search of the same space with another seed filled (a fresh copy of it each round): a user's
+  next search of a space, whose planner may reuse the buckets of the last one;
 - flax: a per-trial Flax loop (`bench.engine.train_flax_trial`) on exactly the configurations
   Caviar sampled;
 - torch: a per-trial PyTorch loop on the CPU (`bench/peers_torch.py --configs`) on the same
@@ -30,6 +33,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -46,11 +51,14 @@ from bench.peers import split_sizes, torch_python, write_data
 CAVIAR_ENV = {
     "caviar-auto": {"CAVIAR_BUCKETS": "auto"},
     "caviar-auto-serial": {"CAVIAR_BUCKETS": "auto", "CAVIAR_COMPILE_AHEAD": "0"},
+    "caviar-auto-cached": {"CAVIAR_BUCKETS": "auto"},  # and a warm CAVIAR_COMPILE_CACHE
     "caviar-exact": {"CAVIAR_BUCKETS": "exact"},
     "caviar-single": {"CAVIAR_BUCKETS": "single"},
 }
 CONTENDERS = (*CAVIAR_ENV, "flax", "torch")
 SEED = 0
+#: The seed of the untimed search that fills caviar-auto-cached's compilation cache.
+WARMING_SEED = 1
 
 #: The mixed-shape space (widths, depths, optimizers), as spec lines.
 MIXED_SPACE = f"""space:
@@ -64,14 +72,14 @@ fixed: {{batch_size: {BATCH}, activation: relu}}
 """
 
 
-def spec_text(data: Path, trials: int, epochs: int) -> str:
+def spec_text(data: Path, trials: int, epochs: int, seed: int = SEED) -> str:
     """The Caviar spec of the workload."""
     return f"""
 name: mixed
 dataset: {{path: {data}}}
 budget: {{trials: {trials}, epochs: {epochs}}}
 sampler: random
-seed: {SEED}
+seed: {seed}
 {MIXED_SPACE}"""
 
 
@@ -89,7 +97,7 @@ def real_gflop(configs: list[dict], epochs_done: list[int], train: int, dev: int
 # --- contenders, each in its own process ------------------------------------------------------
 
 
-def run_caviar(data: Path, trials: int, epochs: int, workdir: Path) -> dict:
+def run_caviar(data: Path, trials: int, epochs: int, workdir: Path, seed: int = SEED) -> dict:
     """Contender: `caviar run`'s path with the strategy of `$CAVIAR_BUCKETS`."""
     import jax
 
@@ -108,7 +116,7 @@ def run_caviar(data: Path, trials: int, epochs: int, workdir: Path) -> dict:
     logging.getLogger("caviar.search.trials").addHandler(plans)
     logging.getLogger("caviar.search.trials").setLevel(logging.INFO)
 
-    spec = parse_spec(spec_text(data, trials, epochs))
+    spec = parse_spec(spec_text(data, trials, epochs, seed))
     url = f"sqlite:///{workdir / 'caviar.db'}"
     upgrade(url)
     storage = optuna_storage(url)
@@ -142,6 +150,7 @@ def run_caviar(data: Path, trials: int, epochs: int, workdir: Path) -> dict:
         "compiles": len(compiles),
         "compile_s": sum(compiles),
         "buckets": sum(len(p.assignments) for p in plans.plans),
+        "cached_buckets": sum(a.cached for p in plans.plans for a in p.assignments),
         "padding_waste": padded / sum(p.real_flops for p in plans.plans),
         "configs": configs,
     }
@@ -194,15 +203,35 @@ def run_torch(data: Path, configs: Path, epochs: int) -> dict:
 # --- the side-by-side run ---------------------------------------------------------------------
 
 
-def one_round(contenders: list[str], data: Path, trials: int, epochs: int, configs: Path) -> dict:
+def warm_cache(data: Path, trials: int, epochs: int, cache: Path, keep: Path) -> None:
+    """Fill `cache` with an untimed caviar-auto search of the space with `WARMING_SEED`, and keep
+    a copy of it in `keep`."""
+    args = ["--data", str(data), "--trials", str(trials), "--epochs", str(epochs)]
+    args += ["--contender", "caviar", "--seed", str(WARMING_SEED)]
+    run_contender(
+        "bench.mixed", args, {"CAVIAR_BUCKETS": "auto", "CAVIAR_COMPILE_CACHE": str(cache)}
+    )
+    shutil.copytree(cache, keep)
+
+
+def one_round(
+    contenders: list[str], data: Path, trials: int, epochs: int, configs: Path, caches: Path
+) -> dict:
     """Every contender once, in turn, each in a fresh process. The first Caviar contender writes
-    the configurations the per-trial loops train (the same every round: the sampler is seeded)."""
+    the configurations the per-trial loops train (the same every round: the sampler is seeded);
+    caviar-auto-cached starts from the warm cache, restored from its copy (at the path it was
+    filled at: JAX's cache keys hold the cache's path)."""
     common = ["--data", str(data), "--trials", str(trials), "--epochs", str(epochs)]
     results: dict[str, dict] = {}
     for name in contenders:
         if name in CAVIAR_ENV:
             args = [*common, "--contender", "caviar"]
-            results[name] = run_contender("bench.mixed", args, CAVIAR_ENV[name])
+            env = CAVIAR_ENV[name]
+            if name == "caviar-auto-cached":
+                shutil.rmtree(caches / "cache", ignore_errors=True)
+                shutil.copytree(caches / "warm", caches / "cache")
+                env = {**env, "CAVIAR_COMPILE_CACHE": str(caches / "cache")}
+            results[name] = run_contender("bench.mixed", args, env)
             configs.write_text(json.dumps(results[name].pop("configs")))
         elif name == "torch":
             results[name] = run_torch(data, configs, epochs)
@@ -233,6 +262,7 @@ def table(runs: dict[str, list[dict]], trials: int, peak: float) -> list[dict]:
                 "compiles": figure("compiles"),
                 "compile_s": figure("compile_s"),
                 "buckets": figure("buckets"),
+                "cached_buckets": figure("cached_buckets"),
                 "padding_waste": figure("padding_waste"),
                 "selected_test_acc": figure("selected_test_accuracy"),
                 "median_dev_acc": figure("median_dev_accuracy"),
@@ -253,16 +283,19 @@ def main() -> None:
     parser.add_argument("--contender", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--configs", help=argparse.SUPPRESS)
+    parser.add_argument("--seed", type=int, default=SEED, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.contender:  # inside a contender's own process
         data = Path(args.data)
         if args.contender == "caviar":
-            from caviar.models.runtime import use_every_core
+            from caviar.models.runtime import enable_compilation_cache, use_every_core
 
-            use_every_core()  # as `caviar run` does
+            use_every_core()  # as `caviar run` does, with its compilation cache if set
+            if os.environ.get("CAVIAR_COMPILE_CACHE"):
+                enable_compilation_cache(os.environ["CAVIAR_COMPILE_CACHE"])
             with tempfile.TemporaryDirectory() as workdir:
-                out = run_caviar(data, args.trials, args.epochs, Path(workdir))
+                out = run_caviar(data, args.trials, args.epochs, Path(workdir), args.seed)
         else:
             out = run_flax(data, Path(args.configs), args.epochs)
         print(json.dumps(out))
@@ -288,10 +321,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as directory:
         data = write_data(Path(directory))
         configs = Path(directory) / "configs.json"
+        caches = Path(directory)
+        if "caviar-auto-cached" in contenders:
+            print(f"warming a compilation cache (seed {WARMING_SEED}, untimed)", file=sys.stderr)
+            warm_cache(data, args.trials, args.epochs, caches / "cache", caches / "warm")
         for number in range(1, args.rounds + 1):
             print(f"round {number}/{args.rounds}", file=sys.stderr)
             for name, result in one_round(
-                contenders, data, args.trials, args.epochs, configs
+                contenders, data, args.trials, args.epochs, configs, caches
             ).items():
                 runs.setdefault(name, []).append(result)
     rows = table(runs, args.trials, peak)

@@ -75,6 +75,8 @@ OnCompiled = Callable[[float, bool], None]
 
 #: The folder, inside JAX's persistent compilation cache, that lists the programs compiled into it.
 PROGRAM_INDEX = "caviar-programs"
+#: The subfolder of the index's notes (apart from its entries, which never change).
+_NOTES = "notes"
 #: What `jax.monitoring` records when a program is read from the persistent cache.
 _CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
 
@@ -214,14 +216,22 @@ def _jax_setting(name: str) -> Any:
     return getattr(jax.config, name)
 
 
+#: Index entries read so far, by path: an entry never changes once written, so each planning
+#: and each batch lists the folder but reads only the entries new to this process.
+_READ: dict[Path, ProgramKey] = {}
+
+
 def _indexed() -> Iterator[ProgramKey]:
     """The keys the index lists for this setup (an unreadable entry is skipped)."""
     folder = _index_folder()
     if folder is None or not folder.is_dir():
         return
     for entry in folder.glob("*.json"):
-        with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
-            yield _key_from(json.loads(entry.read_text()))
+        if entry not in _READ:
+            with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
+                _READ[entry] = _key_from(json.loads(entry.read_text()))
+        if entry in _READ:
+            yield _READ[entry]
 
 
 def _index(key: ProgramKey) -> None:
@@ -240,7 +250,7 @@ def read_index_note(name: str) -> dict[str, Any]:
     if folder is None:
         return {}
     try:
-        note = json.loads((folder / name).read_text())
+        note = json.loads((folder / _NOTES / name).read_text())
     except (OSError, ValueError):
         return {}
     return note if isinstance(note, dict) else {}
@@ -251,7 +261,7 @@ def write_index_note(name: str, fields: dict[str, Any]) -> None:
     on; a folder that cannot be written loses the note, nothing else)."""
     folder = _index_folder()
     if folder is not None:
-        _write(folder / name, json.dumps(fields, sort_keys=True), replace=True)
+        _write(folder / _NOTES / name, json.dumps(fields, sort_keys=True), replace=True)
 
 
 def _write(entry: Path, text: str, *, replace: bool) -> None:

@@ -100,7 +100,10 @@ def trials_by_number(db, search_id):
 
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "killed"])
 def test_a_stopped_run_resumes_with_its_finished_trials_and_ends_with_its_budget(tmp_path, stop):
-    slow = SPEC.replace("epochs: 3", "epochs: 200").replace("samples: 300", "samples: 3000")
+    # Slow enough that a poll finds a trial half way on a fast machine: at 200 epochs a trial
+    # took under a second there, and the run could end between two polls.
+    epochs = 1000
+    slow = SPEC.replace("epochs: 3", f"epochs: {epochs}").replace("samples: 300", "samples: 3000")
     (tmp_path / "spec.yaml").write_text(slow)
     db = tmp_path / "caviar.db"
     url = f"sqlite:///{db}"
@@ -121,7 +124,8 @@ def test_a_stopped_run_resumes_with_its_finished_trials_and_ends_with_its_budget
         trials = trials_by_number(db, search_id).values()
         complete = any(t.state == TrialState.COMPLETE for t in trials)
         return complete and any(
-            t.state == TrialState.RUNNING and 0 < len(t.intermediate_values) < 100 for t in trials
+            t.state == TrialState.RUNNING and 0 < len(t.intermediate_values) < epochs // 2
+            for t in trials
         )
 
     deadline = time.monotonic() + 240

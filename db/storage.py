@@ -181,8 +181,10 @@ def annotate_finished_trial(
     rdb = getattr(storage, "_backend", storage)  # a study wraps its RDB storage in a cache
     if not isinstance(rdb, optuna.storages.RDBStorage):
         raise TypeError("finished trials can only be annotated in an RDB storage")
+    from optuna.storages._rdb.models import TrialUserAttributeModel
+
     with _transaction(rdb) as session:
-        _write_user_attrs(session, [(trial._trial_id, attrs)])
+        _write_attrs(session, TrialUserAttributeModel, [(trial._trial_id, attrs)])
 
 
 def trial_states(url: str, studies: Sequence[str]) -> Counter[TrialState]:
@@ -288,11 +290,56 @@ def set_user_attrs(study: optuna.Study, attrs: Sequence[tuple[Trial, dict[str, A
 
     Optuna commits every attribute; a worker sets several on each trial of a batch at once.
     """
+    from optuna.storages._rdb.models import TrialUserAttributeModel
+
     with _transaction(_rdb_of(study)) as session:
         _check_running(session, [trial for trial, _ in attrs])
-        _write_user_attrs(session, [(trial._trial_id, values) for trial, values in attrs])
+        _write_attrs(
+            session, TrialUserAttributeModel, [(trial._trial_id, values) for trial, values in attrs]
+        )
     for trial, values in attrs:
         trial._cached_frozen_trial.user_attrs.update(values)
+
+
+def set_system_attrs(study: optuna.Study, attrs: Sequence[tuple[Trial, dict[str, Any]]]) -> None:
+    """`storage.set_trial_system_attr` for every key of many running trials, in one transaction
+    (a pruner records a rung for each trial reaching one; Optuna commits each)."""
+    from optuna.storages._rdb.models import TrialSystemAttributeModel as Model
+
+    with _transaction(_rdb_of(study)) as session:
+        _check_running(session, [trial for trial, _ in attrs])
+        _write_attrs(session, Model, [(trial._trial_id, values) for trial, values in attrs])
+
+
+class TrialAttrs(NamedTuple):
+    """A trial's state and some of its system attributes: what a pruner that compares trials by
+    their recorded rungs reads of each (`search.pruning`)."""
+
+    state: TrialState
+    system_attrs: dict[str, Any]
+
+
+def system_attrs_with_prefix(study: optuna.Study, prefix: str) -> dict[int, TrialAttrs]:
+    """Every trial of `study` by trial id, with its system attributes whose keys start with
+    `prefix`: one query, where `study.get_trials` loads every trial's params, reports and
+    attributes."""
+    from optuna.storages._rdb.models import TrialModel
+    from optuna.storages._rdb.models import TrialSystemAttributeModel as Model
+
+    named = Model.key.startswith(prefix, autoescape=True)
+    with _transaction(_rdb_of(study)) as session:
+        rows = (
+            session.query(TrialModel.trial_id, TrialModel.state, Model.key, Model.value_json)
+            .outerjoin(Model, (Model.trial_id == TrialModel.trial_id) & named)
+            .filter(TrialModel.study_id == study._study_id)
+            .all()
+        )
+    trials: dict[int, TrialAttrs] = {}
+    for trial_id, state, key, value in rows:
+        attrs = trials.setdefault(trial_id, TrialAttrs(state, {})).system_attrs
+        if key is not None:
+            attrs[key] = json.loads(value)
+    return trials
 
 
 def _rdb_of(study: optuna.Study) -> optuna.storages.RDBStorage:
@@ -325,17 +372,16 @@ def _check_running(session: Any, trials: Sequence[Trial]) -> None:
             raise optuna.exceptions.UpdateFinishedTrialError(message)
 
 
-def _write_user_attrs(session: Any, attrs: Sequence[tuple[int, dict[str, Any]]]) -> None:
-    """Replace user attributes, given as (trial id, {key: value}), as Optuna stores them."""
-    from optuna.storages._rdb.models import TrialUserAttributeModel as Model
-
+def _write_attrs(session: Any, model: Any, attrs: Sequence[tuple[int, dict[str, Any]]]) -> None:
+    """Replace user or system attributes (`model`), given as (trial id, {key: value}), as Optuna
+    stores them."""
     for trial_id, values in attrs:
-        keys = Model.key.in_(list(values))
-        session.query(Model).filter(Model.trial_id == trial_id, keys).delete()
+        keys = model.key.in_(list(values))
+        session.query(model).filter(model.trial_id == trial_id, keys).delete()
     rows = [
         {"trial_id": trial_id, "key": key, "value_json": json.dumps(value)}
         for trial_id, values in attrs
         for key, value in values.items()
     ]
     if rows:
-        session.execute(insert(Model), rows)
+        session.execute(insert(model), rows)

@@ -8,7 +8,9 @@ order, as `should_prune` would, but the trial comes from what this process alrea
 (its reports, and the rungs the pruner recorded for it here), and the study's trials are read at
 most once a round, when a decision first needs them (a trial reaching a rung). What the pruner
 writes goes to the database and, from the next decision on, into that reading, as each later
-`should_prune` would see it. The decisions stay Optuna's; only the reads are shared.
+`should_prune` would see it, and is written at the end of the round, in one transaction.
+Successive halving compares a trial only with the rungs other trials recorded, so its reading
+is those attributes alone. The decisions stay Optuna's; only the reads and writes are shared.
 Other pruners (Hyperband wraps the study in a study of its own) go through `should_prune`.
 """
 
@@ -21,6 +23,8 @@ from typing import Any, cast
 import optuna
 from optuna.trial import FrozenTrial, Trial, TrialState
 
+from caviar.db.storage import TrialAttrs, set_system_attrs, system_attrs_with_prefix
+
 __all__ = ["RoundPruner"]
 
 #: The pruners whose `prune` only reads `study.get_trials`, `study.direction` and writes
@@ -30,6 +34,8 @@ _ROUND_PRUNERS = (
     optuna.pruners.PercentilePruner,
     optuna.pruners.NopPruner,
 )
+#: The system attributes in which `SuccessiveHalvingPruner` records a trial's rungs.
+_RUNG_PREFIX = "completed_rung_"
 
 
 class RoundPruner:
@@ -45,10 +51,11 @@ class RoundPruner:
         decided by the study's pruner as `trial.should_prune()` would, one after another."""
         if not isinstance(self.study.pruner, _ROUND_PRUNERS):
             return [trial.should_prune() for trial in trials]
-        view = _RoundStudy(self.study, self.recorded)
+        view = _RoundStudy(self.study, self.recorded, trials)
         as_study = cast(optuna.Study, view)
         decisions = [self.study.pruner.prune(as_study, view.trial(trial)) for trial in trials]
         view.settle()
+        view.write()
         return decisions
 
 
@@ -56,10 +63,14 @@ class _RoundStudy:
     """The study as its pruner sees it during one round: its trials read once, on demand, and
     the pruner's writes applied to that reading as well as to the database."""
 
-    def __init__(self, study: optuna.Study, recorded: dict[int, dict[str, Any]]) -> None:
+    def __init__(
+        self, study: optuna.Study, recorded: dict[int, dict[str, Any]], trials: Sequence[Trial]
+    ) -> None:
         self._study, self._recorded = study, recorded
-        self._trials: dict[int, FrozenTrial] | None = None
+        self._deciding = {trial._trial_id: trial for trial in trials}
+        self._trials: dict[int, FrozenTrial | TrialAttrs] | None = None
         self._written: list[tuple[int, str, Any]] = []  # shown from the next decision on
+        self._unsaved: dict[int, dict[str, Any]] = {}  # written at the end of the round
         self._storage = self  # the pruner writes rung values through `study._storage`
         self.direction = study.direction
 
@@ -79,15 +90,32 @@ class _RoundStudy:
                 self._trials[trial_id].system_attrs[key] = value
         self._written.clear()
 
+    def write(self) -> None:
+        """Write what this round's decisions recorded to the database, in one transaction."""
+        if self._unsaved:
+            attrs = [
+                (self._deciding[trial_id], values) for trial_id, values in self._unsaved.items()
+            ]
+            set_system_attrs(self._study, attrs)
+
     def get_trials(
         self, deepcopy: bool = True, states: Container[TrialState] | None = None
     ) -> list[FrozenTrial]:
         if self._trials is None:
-            self._trials = {t._trial_id: t for t in self._study.get_trials(deepcopy=False)}
-        return [t for t in self._trials.values() if states is None or t.state in states]
+            self._trials = self._read()
+        trials = [t for t in self._trials.values() if states is None or t.state in states]
+        return cast(list[FrozenTrial], trials)
+
+    def _read(self) -> dict[int, FrozenTrial | TrialAttrs]:
+        pruner = self._study.pruner
+        # Without a minimum resource, successive halving estimates one from complete trials'
+        # reports: then it needs them whole.
+        if isinstance(pruner, optuna.pruners.SuccessiveHalvingPruner) and pruner._min_resource:
+            return dict(system_attrs_with_prefix(self._study, _RUNG_PREFIX))
+        return {t._trial_id: t for t in self._study.get_trials(deepcopy=False)}
 
     def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
-        """Write through to the database; the reading shows it to the next decision only, as a
-        decision's own reading of the study (taken before it writes) would not show it."""
-        self._study._storage.set_trial_system_attr(trial_id, key, value)
+        """Hold the write for the end of the round; the reading shows it to the next decision
+        only, as a decision's own reading of the study (taken before it writes) would not."""
+        self._unsaved.setdefault(trial_id, {})[key] = value
         self._written.append((trial_id, key, value))

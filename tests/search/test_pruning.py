@@ -22,46 +22,67 @@ PRUNERS = {
 }
 
 
-def play(path: Path, pruner: str, by_round: bool, seed: int) -> list[tuple[int, int, str]]:
+def play(
+    path: Path, pruner: str, by_round: bool, seed: int, workers: int = 1
+) -> list[tuple[int, int, str, dict]]:
     """A stream of trials on a real SQLite study: 4 train at once, each reports its own epoch
-    every round, a pruned or finished trial's place goes to a new one; (trial, epochs, state)."""
-    storage = optuna.storages.RDBStorage(f"sqlite:///{path}")
-    study = optuna.create_study(
-        storage=storage, study_name="round", pruner=PRUNERS[pruner](), direction="maximize"
-    )
+    every round, a pruned or finished trial's place goes to a new one; with `workers`, trials are
+    asked in turn through that many handles of the study (each its own storage, as separate
+    processes have), which decide for their own trials one after another each round.
+    (trial, epochs, state, the system attributes stored for it) as the trials end."""
+    url = f"sqlite:///{path}"
+    optuna.create_study(storage=url, study_name="round", direction="maximize")
+    studies = [
+        optuna.load_study(
+            study_name="round", storage=optuna.storages.RDBStorage(url), pruner=PRUNERS[pruner]()
+        )
+        for _ in range(workers)
+    ]
     rng = random.Random(seed)
-    rounds = RoundPruner(study)
-    running: list[tuple[optuna.trial.Trial, float]] = []
+    rounds = [RoundPruner(study) for study in studies]
+    running: list[tuple[int, optuna.trial.Trial, float]] = []
     ended, started = [], 0
     while started < 14 or running:
         while len(running) < 4 and started < 14:
-            running.append((study.ask(), rng.random()))
+            worker = started % workers
+            running.append((worker, studies[worker].ask(), rng.random()))
             started += 1
-        for trial, skill in running:
+        for _, trial, skill in running:
             epoch = len(trial._cached_frozen_trial.intermediate_values) + 1
             trial.report(skill * (1 - 0.5**epoch) + rng.gauss(0, 0.01), epoch)
-        trials = [trial for trial, _ in running]
-        decisions = rounds.decide(trials) if by_round else [t.should_prune() for t in trials]
+        decisions: dict[int, bool] = {}
+        for worker in range(workers):
+            trials = [trial for w, trial, _ in running if w == worker]
+            pruned = (
+                rounds[worker].decide(trials) if by_round else [t.should_prune() for t in trials]
+            )
+            decisions.update(zip([t.number for t in trials], pruned, strict=True))
         still = []
-        for (trial, skill), prune in zip(running, decisions, strict=True):
+        for worker, trial, skill in running:
             epochs = len(trial._cached_frozen_trial.intermediate_values)
-            if prune or epochs == 9:
-                state = TrialState.PRUNED if prune else TrialState.COMPLETE
-                study.tell(trial, None if prune else skill, state=state)
+            if decisions[trial.number] or epochs == 9:
+                state = TrialState.PRUNED if decisions[trial.number] else TrialState.COMPLETE
+                studies[worker].tell(
+                    trial, None if state == TrialState.PRUNED else skill, state=state
+                )
                 ended.append((trial.number, epochs, state.name))
             else:
-                still.append((trial, skill))
+                still.append((worker, trial, skill))
         running = still
-    return ended
+    stored = optuna.load_study(study_name="round", storage=url).trials
+    return [(*end, stored[end[0]].system_attrs) for end in ended]
 
 
 @pytest.mark.parametrize("pruner", PRUNERS)
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_a_round_pruned_at_once_ends_every_trial_as_trial_by_trial(tmp_path, pruner, seed):
-    one_by_one = play(tmp_path / "a.db", pruner, by_round=False, seed=seed)
-    by_round = play(tmp_path / "b.db", pruner, by_round=True, seed=seed)
-    assert by_round == one_by_one
-    assert any(state == "PRUNED" for _, _, state in by_round), "the pruner never pruned"
+@pytest.mark.parametrize(("seed", "workers"), [(0, 1), (1, 1), (2, 1), (0, 2), (1, 2)])
+def test_a_round_pruned_at_once_ends_every_trial_as_trial_by_trial(tmp_path, pruner, seed, workers):
+    """Also with two workers, each seeing the other's rungs only through the database."""
+    one_by_one = play(tmp_path / "a.db", pruner, by_round=False, seed=seed, workers=workers)
+    by_round = play(tmp_path / "b.db", pruner, by_round=True, seed=seed, workers=workers)
+    assert by_round == one_by_one  # the same decisions, and the same rungs in the database
+    assert any(state == "PRUNED" for _, _, state, _ in by_round), "the pruner never pruned"
+    if pruner == "asha":
+        assert any("completed_rung_1" in attrs for *_, attrs in by_round)
 
 
 @pytest.mark.parametrize(

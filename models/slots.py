@@ -106,6 +106,18 @@ def read_groups(groups: Sequence[Group]) -> dict[int, TrialState]:
     return found
 
 
+def warm_slot_programs(
+    placement: Placement, group: Group, state: TrialState, row: dict[str, np.ndarray]
+) -> None:
+    """Compile the programs that read and write one slot of groups shaped like `group` (each a
+    fraction of a second per bucket), by writing `state` and `row` into its first slot and
+    reading it back: a compile ahead of the bucket (`models.train.compile_ahead`) does this
+    so that the first trial to join or leave it does not wait for them. `group` is consumed."""
+    slot = np.int64(0)  # the type `np.flatnonzero` gives the slots of trials joining or leaving
+    write_slot(placement, group, slot, int(group.occupants[0]), state, row)
+    read_slot(group, slot, group.round)
+
+
 @functools.partial(jax.jit, donate_argnums=0)
 def _write_row(tree, slot, new):
     return jax.tree_util.tree_map(lambda a, n: a.at[slot].set(n), tree, new)

@@ -45,7 +45,15 @@ from caviar.models.program import (
     trial_arrays,
 )
 from caviar.models.runtime import matmul_peak_gflops, switch_setting
-from caviar.models.slots import EMPTY, Group, build_groups, read_groups, read_slot, write_slot
+from caviar.models.slots import (
+    EMPTY,
+    Group,
+    build_groups,
+    read_groups,
+    read_slot,
+    warm_slot_programs,
+    write_slot,
+)
 
 __all__ = [
     "DISPATCH_AHEAD",
@@ -410,7 +418,9 @@ def compile_ahead(
         run = _SlotRun(layout.bucket, _placed(place, data), place, layout.key, groups=1, epochs=1)
         run.add(shapes[:1], hparams[:1])
         run.seat()
-        return run.lower(run.groups[0])
+        lowered = run.lower(run.groups[0])
+        warm_slot_programs(place, run.groups[0], run.fresh(0), run.rows[0])
+        return lowered
 
     return executables.compile_ahead(layout.key, lower, RATES.record_compile)
 

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax import monitoring
 
 from caviar.models import executables
 from caviar.models.bucket import Bucket
@@ -61,6 +62,51 @@ def test_a_bucket_compiled_ahead_trains_with_no_compile_of_its_own(data):
         alone = train_batch(shapes[index], [HPARAMS[index]], data, epochs=3, monitor=MONITOR)
         for got, want in zip(trial.history, alone.trials[0].history, strict=True):
             assert got == pytest.approx(want, rel=1e-5, abs=1e-6)
+
+
+_XLA_COMPILES: list[str] = []  # the thread of every XLA compile since the listener below
+
+
+def _note_compile(event: str, duration_secs: float, **_: str | int) -> None:
+    if event == "/jax/core/compile/backend_compile_duration":
+        _XLA_COMPILES.append(threading.current_thread().name)
+
+
+monitoring.register_event_duration_secs_listener(_note_compile)
+
+
+def test_trials_join_and_leave_a_bucket_compiled_ahead_with_no_compile_at_all(data):
+    """Not the epoch program, nor the small ones that write a joining trial into its slot and
+    read a leaving one's state back: each took a fraction of a second, stalling the round."""
+    shapes = [shape(14, 12), shape(9), shape(12, 5)]
+    bucket = Bucket.envelope(shapes)
+    future = compile_ahead(shapes, HPARAMS, data, bucket=bucket, monitor=MONITOR, group_size=2)
+    assert future is not None
+    future.result(timeout=120)
+    _XLA_COMPILES.clear()
+    joining = [{**HPARAMS[0], "seed": 10 + i} for i in range(4)]
+
+    def refill(free: int) -> list[tuple[Shape, dict]]:
+        return [(shape(9), joining.pop()) for _ in range(min(free, len(joining)))]
+
+    def stop_every_other(report) -> np.ndarray:  # a slot frees while its group trains on
+        stop = np.asarray(report.epochs) >= 1
+        stop[::2] = False
+        return stop
+
+    result = train_batch(
+        shapes,
+        HPARAMS,
+        data,
+        epochs=3,
+        callback=stop_every_other,
+        refill=refill,
+        bucket=bucket,
+        monitor=MONITOR,
+        group_size=2,
+    )
+    assert len(result.trials) == 7 and not joining
+    assert _XLA_COMPILES == []
 
 
 def test_a_compile_ahead_of_a_compiled_program_does_nothing(data):

@@ -7,10 +7,10 @@ many trials ending after an epoch or two, those reads cost as much as training t
 order, as `should_prune` would, but the trial comes from what this process already knows of it
 (its reports, and the rungs the pruner recorded for it here), and the study's trials are read at
 most once a round, when a decision first needs them (a trial reaching a rung). What the pruner
-writes goes to the database and, from the next decision on, into that reading, as each later
-`should_prune` would see it, and is written at the end of the round, in one transaction.
-Successive halving compares a trial only with the rungs other trials recorded, so its reading
-is those attributes alone. The decisions stay Optuna's; only the reads and writes are shared.
+writes goes into that reading from the next decision on, as each later `should_prune` would see
+it, and to the database at the end of the round, in one transaction. Successive halving
+compares a trial only with the rungs other trials recorded, so its reading is those attributes
+alone. The decisions stay Optuna's; only the reads and writes are shared.
 Other pruners (Hyperband wraps the study in a study of its own) go through `should_prune`.
 """
 

@@ -1,5 +1,5 @@
 """The trial axis sharded across several devices gives the single-device results (trials of
-different shapes in one bucket).
+different shapes in one bucket), kept weights included.
 
 Four CPU devices are simulated in a subprocess with
 XLA_FLAGS=--xla_force_host_platform_device_count=4 (the flag must be set before JAX starts).
@@ -36,6 +36,9 @@ print(json.dumps({
     "devices": len(jax.devices()),
     "placement": Placement.local(6).devices,
     "history": [[h["dev_loss"] for h in t.history] for t in result.trials],
+    "best_epochs": [t.best_epoch for t in result.trials],
+    "kept": [[float(abs(leaf).sum()) for leaf in jax.tree_util.tree_leaves(
+        result.trial_variables(i))] for i in range(len(trials))],
 }))
 """
 
@@ -55,3 +58,7 @@ def test_sharded_trials_match_single_device_results():
     # Sharded or not, an epoch program compiles once per shape, not again for epoch 2's layout.
     assert one["compiles_after_first_epoch"] == four["compiles_after_first_epoch"] == 0
     np.testing.assert_allclose(four["history"], one["history"], rtol=1e-5, atol=1e-6)
+    # Each trial's kept weights are read from the shard that holds its slot.
+    assert four["best_epochs"] == one["best_epochs"]
+    for sharded, single in zip(four["kept"], one["kept"], strict=True):
+        np.testing.assert_allclose(sharded, single, rtol=1e-5)

@@ -4,7 +4,7 @@
 compiled in this process and those whose program is in the persistent compilation cache. A
 bucket costs the time to have its program (zero when compiled already, the measured load time
 when cached, else the measured compile time) plus its trials' padded FLOPs at the measured rate,
-every group of `group_size` trials costing a full group. Strategies:
+in the groups the engine would train them in (`Costs.slots`). Strategies:
 
 - `auto` (default): start from one bucket per shape and repeatedly make the merge (or the move
   into an already compiled or cached bucket) that saves the most estimated time, until none
@@ -48,19 +48,28 @@ class Costs:
     epochs: float  # a trial's epochs on average (fewer than the most where it is pruned)
     train_examples: int
     dev_examples: int
-    group_size: int  # trials per compiled call; a short group costs a full one
+    group_size: int  # trials per compiled call at most
+    devices: int = 1  # the devices a group's trials are split across (`models.placement`)
 
     def trial_flops(self, item: Bucket | Shape) -> float:
         """FLOPs of one trial over every epoch, in `item`'s shape."""
         return self.epochs * epoch_flops(item, self.train_examples, self.dev_examples)
+
+    def slots(self, trials: int) -> float:
+        """What `trials` trials of one bucket cost in trial-slots, laid out as the engine lays
+        them (`models.train.train_batch`): groups of `group_size` or fewer (a bucket of fewer
+        trials trains them in one group of their number), each a whole multiple of the devices
+        it uses; with fewer trials than devices, the idle devices' share is lost."""
+        used = max(1, min(self.devices, trials))
+        size = -(-min(self.group_size, trials) // used) * used
+        return math.ceil(trials / size) * size * self.devices / used
 
     def seconds(self, bucket: Bucket, trials: int, build_s: float) -> float:
         """Estimated wall time of `trials` trials in `bucket` whose program takes `build_s` to
         have (0 for no trials)."""
         if trials == 0:
             return 0.0
-        slots = math.ceil(trials / self.group_size) * self.group_size
-        return build_s + slots * self.trial_flops(bucket) / self.flops_per_s
+        return build_s + self.slots(trials) * self.trial_flops(bucket) / self.flops_per_s
 
 
 @dataclass(frozen=True)

@@ -283,6 +283,7 @@ def planning_costs(data: TrainData, *, epochs: float, group_size: int, trials: i
         train_examples=data.x_train.shape[0],
         dev_examples=data.x_dev.shape[0],
         group_size=Placement.local(trials).round_up(max(1, min(group_size, trials))),
+        devices=Placement.local(trials).devices,
     )
 
 

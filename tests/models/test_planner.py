@@ -14,11 +14,17 @@ def shape(*hidden: int, optimizer: str = "momentum", batch_size: int = 32) -> Sh
     return Shape(8, 3, hidden, optimizer=optimizer, batch_size=batch_size)
 
 
-def costs(compile_s: float, load_s: float = 0.0) -> Costs:
+def costs(compile_s: float, load_s: float = 0.0, group_size: int = 1) -> Costs:
     """Costs in which one trial of one hidden layer of width w takes w seconds to train."""
     per_unit = 3 * shape(1).forward_flops(32)  # FLOPs of one epoch per hidden unit
     return Costs(
-        compile_s, load_s, per_unit, epochs=1, train_examples=32, dev_examples=0, group_size=1
+        compile_s,
+        load_s,
+        per_unit,
+        epochs=1,
+        train_examples=32,
+        dev_examples=0,
+        group_size=group_size,
     )
 
 
@@ -117,3 +123,26 @@ def test_a_second_claim_of_new_widths_that_fit_compiles_nothing():
     second = claim([shape(47), shape(30, 39), shape(5, 3, optimizer="adam")])
     assert [a.compiled for a in second.assignments] == [True]
     assert compile_count() == before
+
+
+@pytest.mark.parametrize("trials", [1, 3, 4, 5, 9])
+def test_a_bucket_costs_the_slots_the_engine_trains_it_in(trials):
+    ds = load_dataset({"name": "synthetic", "samples": 120, "features": 8, "classes": 3}, seed=1)
+    data = TrainData.from_arrays(ds.x_train, ds.y_train, ds.x_dev, ds.y_dev)
+    hparams = [{"learning_rate": 0.05, "seed": i} for i in range(trials)]
+    result = train_batch(shape(6), hparams, data, epochs=1, group_size=4)
+    slot_epochs = trials / result.occupancy  # one epoch each: the live slot-epochs are `trials`
+    assert costs(0.0, group_size=4).slots(trials) == pytest.approx(slot_epochs)
+
+
+def test_slots_are_whole_multiples_of_the_devices_and_idle_devices_count():
+    on_two = Costs(1.0, 1.0, 1e9, 1, 32, 0, group_size=4, devices=2)
+    # One trial trains on one of two devices: the other's share of the time is lost.
+    assert [on_two.slots(n) for n in (1, 2, 3, 4, 5, 9)] == [2, 2, 4, 4, 8, 12]
+
+
+def test_a_lone_trial_is_charged_its_own_slot_not_a_full_group():
+    """Charged a group of 4 each, a lone 64-wide trial would ride free in a 512-wide one's
+    bucket; trained alone it costs 64, padded 512, against a compile of 300."""
+    chosen = plan([shape(64), shape(512)], costs(300.0, group_size=4))
+    assert sorted(a.bucket.widths for a in chosen.assignments) == [(64,), (512,)]

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from caviar.models.data import Dataset
-from caviar.models.train import Shape, TrainData, evaluate, train_batch
+from caviar.models.train import Shape, TrainData, evaluate_splits, train_batch
 from caviar.search.spec import SearchSpec
 from caviar.search.trials import continuous_hparams, shape_of
 
@@ -69,8 +69,8 @@ def final_fit(
     splits = {"train": (dataset.x_train, dataset.y_train), "test": (dataset.x_test, dataset.y_test)}
     if spec.final_fit == "train":
         splits["dev"] = (dataset.x_dev, dataset.y_dev)
-    for split, (x, y) in splits.items():
-        metrics = evaluate(shape, variables, x, y, dataset.target_std)
+    found = evaluate_splits(shape, variables, splits, dataset.target_std)
+    for split, metrics in found.items():
         figures.update({f"{split}_{name}": value for name, value in metrics.items()})
     return FinalFit(shape, variables, figures, diagnose(figures, dataset.task), epochs)
 

@@ -17,6 +17,7 @@ from caviar.models.train import (
     TrainData,
     compile_count,
     evaluate,
+    evaluate_splits,
     initial_variables,
     predict,
     train_batch,
@@ -181,6 +182,31 @@ def test_best_variables_reproduce_the_best_dev_metric(blobs, data):
         assert metrics["accuracy"] == pytest.approx(trial.best["dev_accuracy"], abs=1e-6)
         predicted = predict(shape, result.trial_variables(i), blobs.x_dev)
         assert np.mean(predicted == blobs.y_dev) == pytest.approx(metrics["accuracy"], abs=1e-6)
+
+
+def test_every_split_is_evaluated_as_alone_in_one_compiled_program(blobs, data):
+    shape = shape_for(blobs, hidden=(13, 7), batch_norm=True)  # a shape no other test evaluates
+    variables = train_batch(shape, TRIALS[:1], data, epochs=2).trial_variables(0)
+    splits = {
+        "train": (blobs.x_train, blobs.y_train),
+        "dev": (blobs.x_dev, blobs.y_dev),
+        "test": (blobs.x_test, blobs.y_test),
+    }
+    compiles: list[str] = []  # the evaluation programs compiled (not JAX's own small ones)
+
+    def note(event: str, duration_secs: float, **metadata: str | int) -> None:
+        if (
+            event.endswith("backend_compile_duration")
+            and metadata.get("fun_name") == "jit(metrics)"
+        ):
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(note)
+    together = evaluate_splits(shape, variables, splits)
+    assert len(compiles) == 1  # one program for the three sizes of split
+    for name, (x, y) in splits.items():
+        assert together[name] == pytest.approx(evaluate(shape, variables, x, y), rel=1e-5)
+    assert len(compiles) == 1 + 3  # alone, each size of split compiles its own
 
 
 def test_dropout_only_in_training_mode():

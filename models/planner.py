@@ -16,6 +16,7 @@ in the groups the engine would train them in (`Costs.slots`). Strategies:
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import math
 import os
@@ -169,10 +170,13 @@ def _single(
 def _merge(
     clusters: list[tuple[Bucket, list[int]]], ready: Mapping[Bucket, float], costs: Costs
 ) -> list[tuple[Bucket, list[int]]]:
-    """Greedy agglomeration: apply the merge that saves the most estimated time, until none does.
+    """Greedy agglomeration: apply the merge that saves the most estimated time, until none does
+    (of equal savings, the pair that comes first).
 
     Compiled and cached buckets of the same static key join as empty clusters, so moving trials
-    into one costs no compile (a cached one: its load).
+    into one costs no compile (a cached one: its load). Each pair's saving is estimated once, in
+    a heap: a claim of n shapes costs O(n²) estimates (256 shapes: 1.3 s against 49 s when every
+    step estimated every pair again).
     """
     key = clusters[0][0].key
     used = {bucket for bucket, _ in clusters}
@@ -181,18 +185,30 @@ def _merge(
     def cost(bucket: Bucket, members: list[int]) -> float:
         return costs.seconds(bucket, len(members), ready.get(bucket, costs.compile_s))
 
-    while True:
-        best: tuple[float, int, int, Bucket] | None = None
-        for i, j in itertools.combinations(range(len(clusters)), 2):
-            (a, ma), (b, mb) = clusters[i], clusters[j]
-            if not ma and not mb:
-                continue
+    # Ids follow the clusters' order (a merge's cluster comes last), so the heap's order of
+    # equal savings is the order of the pairs.
+    live = dict(enumerate(clusters))
+    alone = {i: cost(bucket, members) for i, (bucket, members) in live.items()}
+    heap: list[tuple[float, int, int, Bucket]] = []
+
+    def consider(i: int, j: int) -> None:
+        (a, ma), (b, mb) = live[i], live[j]
+        if ma or mb:
             merged = Bucket.envelope([a, b])
-            saving = cost(a, ma) + cost(b, mb) - cost(merged, ma + mb)
-            if saving > 1e-12 and (best is None or saving > best[0]):
-                best = (saving, i, j, merged)
-        if best is None:
-            return [(b, sorted(m)) for b, m in clusters if m]
-        _, i, j, merged = best
-        members = clusters[i][1] + clusters[j][1]
-        clusters = [c for k, c in enumerate(clusters) if k not in (i, j)] + [(merged, members)]
+            saving = alone[i] + alone[j] - cost(merged, ma + mb)
+            if saving > 1e-12:
+                heapq.heappush(heap, (-saving, i, j, merged))
+
+    for i, j in itertools.combinations(live, 2):
+        consider(i, j)
+    new_ids = itertools.count(len(clusters))
+    while heap:
+        _, i, j, merged = heapq.heappop(heap)
+        if i not in live or j not in live:
+            continue  # one of the two merged already
+        members = live.pop(i)[1] + live.pop(j)[1]
+        new = next(new_ids)
+        live[new], alone[new] = (merged, members), cost(merged, members)
+        for other in list(live)[:-1]:
+            consider(other, new)
+    return [(b, sorted(m)) for b, m in live.values() if m]

@@ -276,6 +276,7 @@ def planning_costs(data: TrainData, *, epochs: float, group_size: int, trials: i
     `LOAD_PRIOR_S` and a short matmul probe of the FLOP rate."""
     RATES.restore()
     RATES.save()
+    placement = Placement.local(trials)
     return Costs(
         compile_s=COMPILE_PRIOR_S if RATES.compile_s is None else RATES.compile_s,
         load_s=LOAD_PRIOR_S if RATES.load_s is None else RATES.load_s,
@@ -283,8 +284,8 @@ def planning_costs(data: TrainData, *, epochs: float, group_size: int, trials: i
         epochs=epochs,
         train_examples=data.x_train.shape[0],
         dev_examples=data.x_dev.shape[0],
-        group_size=Placement.local(trials).round_up(max(1, min(group_size, trials))),
-        devices=Placement.local(trials).devices,
+        group_size=placement.round_up(max(1, min(group_size, trials))),
+        devices=placement.devices,
     )
 
 

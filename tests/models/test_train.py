@@ -202,11 +202,14 @@ def test_every_split_is_evaluated_as_alone_in_one_compiled_program(blobs, data):
             compiles.append(event)
 
     jax.monitoring.register_event_duration_secs_listener(note)
-    together = evaluate_splits(shape, variables, splits)
-    assert len(compiles) == 1  # one program for the three sizes of split
-    for name, (x, y) in splits.items():
-        assert together[name] == pytest.approx(evaluate(shape, variables, x, y), rel=1e-5)
-    assert len(compiles) == 1 + 3  # alone, each size of split compiles its own
+    try:
+        together = evaluate_splits(shape, variables, splits)
+        assert len(compiles) == 1  # one program for the three sizes of split
+        for name, (x, y) in splits.items():
+            assert together[name] == pytest.approx(evaluate(shape, variables, x, y), rel=1e-5)
+        assert len(compiles) == 1 + 3  # alone, each size of split compiles its own
+    finally:
+        jax.monitoring.unregister_event_duration_listener(note)
 
 
 def test_dropout_only_in_training_mode():

@@ -407,10 +407,15 @@ def compile_ahead(
     decay_every: int = 10,
     bucket: Bucket | None = None,
     ahead: bool | None = None,
+    refills: bool = True,
 ) -> Future[None] | None:
     """Start compiling, in a background thread, the program `train_batch` called with these
     arguments would train with; None when it is compiled or compiling already. Cancel the
-    future to drop a compile that has not started."""
+    future to drop a compile that has not started.
+
+    With `refills` (trials may join the bucket's slots as others leave), the small programs
+    that write a slot and read one back are compiled too (a fraction of a second each), so the
+    first trial to join does not wait for them; without, they are left out."""
     shapes = [shape] * len(hparams) if isinstance(shape, Shape) else list(shape)
     layout = _Layout.of(
         shapes, hparams, data, slots, group_size, monitor, decay_every, bucket, ahead
@@ -422,7 +427,8 @@ def compile_ahead(
         run.add(shapes[:1], hparams[:1])
         run.seat()
         lowered = run.lower(run.groups[0])
-        warm_slot_programs(place, run.groups[0], run.fresh(0), run.rows[0])
+        if refills:
+            warm_slot_programs(place, run.groups[0], run.fresh(0), run.rows[0])
         return lowered
 
     return executables.compile_ahead(layout.key, lower, RATES.record_compile)

@@ -227,6 +227,7 @@ def run_search(
                 return search_standing(storage, spec, search_id, row)
             number, started_at = row.stage, row.started_at
             trials = stages.ask(number, decision.count) if isinstance(decision, Ask) else []
+            refills = bool(trials) and grants_more(row, stages)
         if isinstance(decision, Finish):
             return finish(database_url, ctx, storage, number, best)
         study, space = stages.stage(number)
@@ -249,7 +250,7 @@ def run_search(
             on_trial=on_trial,
             on_epoch=on_epoch,
             group_size=min(default_group_size(), capacity.current),
-            ask_more=more_trials(database_url, stages, search_id, number),
+            ask_more=more_trials(database_url, stages, search_id, number) if refills else None,
         )
         best = best_trained(best, outcomes, ctx.objective.resolved_direction)
         capacity.after(outcome.reason for outcome in outcomes)
@@ -350,6 +351,13 @@ def more_trials(
         return trials
 
     return ask_more
+
+
+def grants_more(row: Search, stages: StageStudies) -> bool:
+    """Whether the driver would still grant a trial of the open stage of `row` (whose lock the
+    caller holds) once the trials asked so far are counted: when not, a claim's slots that
+    empty take no new trial, and nothing is prepared for one."""
+    return isinstance(decide(stages.state(row, utcnow()), 1), Ask)
 
 
 def advance(row: Search, stages: StageStudies, capacity: int, *, time_up: bool = False) -> Decision:

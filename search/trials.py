@@ -174,7 +174,7 @@ def train_trials(
     while pending:
         spilled: list[_Asked] = []
         buckets = _plan(ctx, pending, group_size, strategy)
-        compiling = _compile_ahead(ctx, buckets[1:], group_size)
+        compiling = _compile_ahead(ctx, buckets[1:], group_size, refills=ask_more is not None)
         try:
             for bucket, members in buckets:
                 refill = None
@@ -202,10 +202,15 @@ def train_trials(
 
 
 def _compile_ahead(
-    ctx: SearchContext, buckets: list[tuple[Bucket, list[_Asked]]], group_size: int
+    ctx: SearchContext,
+    buckets: list[tuple[Bucket, list[_Asked]]],
+    group_size: int,
+    *,
+    refills: bool,
 ) -> list[Future[None]]:
     """Start compiling these buckets' programs in the background, in order (unless
-    `$CAVIAR_COMPILE_AHEAD` is 0): each compiles while the buckets before it train."""
+    `$CAVIAR_COMPILE_AHEAD` is 0): each compiles while the buckets before it train; with
+    `refills` (new trials may join), their slot programs too."""
     if compile_ahead_override() is False:
         return []
     futures = []
@@ -217,6 +222,7 @@ def _compile_ahead(
             group_size=group_size,
             monitor=_monitor(ctx),
             bucket=bucket,
+            refills=refills,
         )
         if future is not None:
             futures.append(future)

@@ -50,6 +50,7 @@ from caviar.search.runner import (
     advance,
     close_search,
     finish_search,
+    grants_more,
     load_search_dataset,
     more_trials,
     search_stop_check,
@@ -97,6 +98,7 @@ class Claim:
     space: dict[str, Param]
     trials: list[Trial]
     started_at: datetime | None  #: when the search started, which its timeout counts from
+    refills: bool = True  #: whether the driver may grant more trials to its emptied slots
 
 
 class Worker:
@@ -340,7 +342,8 @@ class Worker:
                 for trial in trials:  # from now on the reaper knows whether this worker lives
                     self.storage.record_heartbeat(trial._trial_id)
                 self._lease(session, row.id, "train")
-                claim = Claim(row.id, row.stage, study, space, trials, row.started_at)
+                refills = grants_more(row, stages)
+                claim = Claim(row.id, row.stage, study, space, trials, row.started_at, refills)
                 self._in_flight = claim
                 return claim
             if not isinstance(decision, Finish):
@@ -475,13 +478,17 @@ class Worker:
                     should_stop=self._stop_check(claim, ctx, heartbeat),
                     on_epoch=METRICS.epoch_trained,
                     group_size=min(default_group_size(), self.batch),
-                    ask_more=more_trials(
-                        self.url,
-                        self._stages[claim.search_id],
-                        claim.search_id,
-                        claim.stage,
-                        window_s=REFILL_WINDOW_S,
-                        on_asked=joined,
+                    ask_more=(
+                        more_trials(
+                            self.url,
+                            self._stages[claim.search_id],
+                            claim.search_id,
+                            claim.stage,
+                            window_s=REFILL_WINDOW_S,
+                            on_asked=joined,
+                        )
+                        if claim.refills
+                        else None
                     ),
                 )
         except DATABASE_ERRORS:

@@ -109,6 +109,21 @@ def test_trials_join_and_leave_a_bucket_compiled_ahead_with_no_compile_at_all(da
     assert _XLA_COMPILES == []
 
 
+def test_a_bucket_that_takes_no_new_trials_compiles_no_slot_program_ahead(data):
+    shapes = [shape(15, 13), shape(7)]
+    bucket = Bucket.envelope(shapes)
+    _XLA_COMPILES.clear()
+    future = compile_ahead(
+        shapes, HPARAMS[:2], data, bucket=bucket, monitor=MONITOR, group_size=2, refills=False
+    )
+    assert future is not None
+    future.result(timeout=120)
+    assert len(_XLA_COMPILES) == 1  # the epoch program alone, in the background
+    assert _XLA_COMPILES[0].startswith("caviar-compile")
+    train_batch(shapes, HPARAMS[:2], data, epochs=2, bucket=bucket, monitor=MONITOR, group_size=2)
+    assert len(_XLA_COMPILES) == 1
+
+
 def test_a_compile_ahead_of_a_compiled_program_does_nothing(data):
     shapes = [shape(5)]
     train_batch(shapes, HPARAMS[:1], data, epochs=1, monitor=MONITOR)

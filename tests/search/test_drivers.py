@@ -80,6 +80,27 @@ def watch_programs(monkeypatch, fail_above: int | None = None) -> list[int]:
     return sizes
 
 
+@pytest.mark.parametrize(("batch", "refilled"), [(4, [False]), (2, [True])])
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_only_a_claim_that_leaves_budget_takes_new_trials_into_its_slots(
+    driver, url, monkeypatch, batch, refilled
+):
+    """A claim of the stage's last trials prepares nothing for new ones (no slot programs are
+    compiled ahead for them); one that leaves budget takes new trials as its slots empty."""
+    calls: list[bool] = []
+    train = trial_training.train_batch
+
+    def watched(*args, **kwargs):
+        calls.append(kwargs.get("refill") is not None)
+        return train(*args, **kwargs)
+
+    monkeypatch.setattr(trial_training, "train_batch", watched)
+    done = drive(driver, url, SPEC, batch=batch)  # a budget of 4 trials
+    assert done.status == "completed", done.error
+    assert len(trials_of(url, done)) == 4
+    assert calls == refilled
+
+
 @pytest.mark.parametrize("driver", DRIVERS)
 def test_the_timeout_stops_trials_in_the_middle_of_training(driver, url):
     slow = (

@@ -257,3 +257,19 @@ def test_a_later_process_plans_buckets_of_the_persistent_cache_and_loads_them(tm
     assert exact["planned_compile_s"] == COMPILE_PRIOR_S
     for got, want in zip(second["histories"], exact["histories"], strict=True):
         np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6)
+
+
+def test_a_first_plan_takes_the_best_of_several_reads_of_the_flop_rate(data, monkeypatch):
+    """One short read is as slow as whatever else the machine did meanwhile; the best of a few
+    is what the machine can do, so the same claim gets the same plan."""
+    from caviar.models import train
+
+    reads = iter([30.0, 70.0, 50.0])
+    monkeypatch.setattr(train, "matmul_peak_gflops", lambda **_: next(reads))
+    monkeypatch.setattr(train.RATES, "flops_per_s", None)
+    train._probe_flops_per_s.cache_clear()
+    try:
+        costs = train.planning_costs(data, epochs=2, group_size=2, trials=3)
+    finally:
+        train._probe_flops_per_s.cache_clear()
+    assert costs.flops_per_s == 70e9

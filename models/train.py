@@ -291,7 +291,7 @@ def planning_costs(data: TrainData, *, epochs: float, group_size: int, trials: i
 
 #: Reads of the FLOP-rate probe; the planner takes the best. One short read (20 matmuls of
 #: 256², 10 ms) measured 26–79 GFLOP/s on one 2-core machine within a minute, and the plans it
-#: made ranged from 7 to 10 buckets for the same claim; the best of three read 62–68.
+#: made ranged from 6 to 10 buckets for the same claim; the best of three read 62–68.
 PROBE_READS = 3
 
 

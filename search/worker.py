@@ -98,7 +98,7 @@ class Claim:
     space: dict[str, Param]
     trials: list[Trial]
     started_at: datetime | None  #: when the search started, which its timeout counts from
-    refills: bool = True  #: whether the driver may grant more trials to its emptied slots
+    refills: bool  #: whether the driver may grant more trials to its emptied slots
 
 
 class Worker:

@@ -63,14 +63,19 @@ def trials_of(url: str, search: Search) -> list[optuna.trial.FrozenTrial]:
     ]
 
 
-def watch_programs(monkeypatch, fail_above: int | None = None) -> list[int]:
+def watch_programs(
+    monkeypatch, fail_above: int | None = None, refills: list[bool] | None = None
+) -> list[int]:
     """The trials each engine call starts with, as the drivers make them; with `fail_above`, a
-    call starting with more runs out of memory."""
+    call starting with more runs out of memory; `refills` gets whether each call may take new
+    trials into its slots."""
     sizes: list[int] = []
     train = trial_training.train_batch
 
     def watched(shapes, hparams, *args, **kwargs):
         sizes.append(len(hparams))
+        if refills is not None:
+            refills.append(kwargs.get("refill") is not None)
         assert len(sizes) < 10, f"the driver keeps asking for more than fits: {sizes}"
         if fail_above is not None and len(hparams) > fail_above:
             raise MemoryError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate")
@@ -88,13 +93,7 @@ def test_only_a_claim_that_leaves_budget_takes_new_trials_into_its_slots(
     """A claim of the stage's last trials prepares nothing for new ones (no slot programs are
     compiled ahead for them); one that leaves budget takes new trials as its slots empty."""
     calls: list[bool] = []
-    train = trial_training.train_batch
-
-    def watched(*args, **kwargs):
-        calls.append(kwargs.get("refill") is not None)
-        return train(*args, **kwargs)
-
-    monkeypatch.setattr(trial_training, "train_batch", watched)
+    watch_programs(monkeypatch, refills=calls)
     done = drive(driver, url, SPEC, batch=batch)  # a budget of 4 trials
     assert done.status == "completed", done.error
     assert len(trials_of(url, done)) == 4

@@ -31,3 +31,18 @@ def test_pruning_runs_caviar_with_and_without_asha(bench):
         (run,) = result["runs"][name]
         assert run["trials_started"] >= 1
         assert run["wall_s"] < 10 + 60  # timeout_s stopped the search (plus compiling, testing)
+
+
+@pytest.mark.slow
+def test_pruning_runs_on_digits_with_its_own_target(bench):
+    lines, result = bench(
+        "pruning",
+        *("--dataset", "digits", "--contenders", "caviar-asha", "--rounds", "1"),
+        *("--budget-s", "5", "--epochs", "2"),
+    )
+    assert lines[1].startswith("workload: digits 1150 train / 288 dev / 359 test")
+    assert "target dev accuracy 0.97;" in lines[1]  # the dataset's default, not MNIST-1D's
+    assert (result["dataset"], result["samples"], result["target"]) == ("digits", 1797, 0.97)
+    (run,) = result["runs"]["caviar-asha"]
+    assert run["trials_started"] >= 1
+    assert run["pruned"] + run["complete"] <= run["trials_started"]

@@ -46,6 +46,7 @@ __all__ = [
     "compiled_group_sizes",
     "executable",
     "is_compiled",
+    "is_compiling",
     "read_index_note",
     "write_index_note",
 ]
@@ -98,6 +99,11 @@ def compile_count() -> int:
 def is_compiled(key: ProgramKey) -> bool:
     """Whether `key`'s program is ready (compiled, not just compiling)."""
     return key in _EXECUTABLES
+
+
+def is_compiling(key: ProgramKey) -> bool:
+    """Whether `key`'s program is being compiled (or waits to be) in the background thread."""
+    return key in _COMPILING
 
 
 def compiled_buckets(

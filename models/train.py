@@ -64,6 +64,8 @@ __all__ = [
     "Bucket",
     "EpochCallback",
     "EpochReport",
+    "Lane",
+    "MoreLanes",
     "Rates",
     "Refill",
     "Shape",
@@ -84,6 +86,7 @@ __all__ = [
     "planning_costs",
     "predict",
     "train_batch",
+    "train_buckets",
 ]
 
 #: How many trials one compiled call trains at once, by JAX backend. On a 2-core CPU, groups of
@@ -366,42 +369,189 @@ def train_batch(
     discarded, and its slot takes a new trial one round later.
     """
     shapes = [shape] * len(hparams) if isinstance(shape, Shape) else list(shape)
-    layout = _Layout.of(
-        shapes, hparams, data, slots, group_size, monitor, decay_every, bucket, ahead
-    )
-    bucket, ahead = layout.bucket, not layout.key.donated
-    run = _SlotRun(
-        bucket,
-        _placed(layout.placement, data),
-        layout.placement,
-        layout.key,
-        groups=layout.groups,
+    lane = Lane(shapes, hparams, bucket, slots, callback, refill, on_end)
+    (result,) = train_buckets(
+        [lane],
+        data,
         epochs=epochs,
         data_seed=data_seed,
-        on_end=on_end,
+        group_size=group_size,
+        monitor=monitor,
+        decay_every=decay_every,
+        keep_best=keep_best,
+        ahead=ahead,
     )
-    run.add(shapes, hparams)
-    run.seat()
-    refilling = refill is not None
-    pending = run.dispatch(1)
-    while pending is not None:
+    return result
+
+
+@dataclass
+class Lane:
+    """One bucket's trials in a `train_buckets` loop, with callbacks of their own: each
+    argument as `train_batch`'s of the same name.
+
+    `on_error`, if given, is told an error the lane raised (in its program or its callbacks):
+    the lane then leaves the loop and the other lanes go on. Without it, the error ends the
+    loop."""
+
+    shapes: Sequence[Shape]
+    hparams: Sequence[Mapping[str, Any]]
+    bucket: Bucket | None = None
+    slots: int | None = None
+    callback: EpochCallback | None = None
+    refill: Refill | None = None
+    on_end: TrialEnd | None = None
+    on_error: Callable[[Exception], None] | None = None
+
+
+#: Asked after every round of `train_buckets` for new lanes to train beside the others (none:
+#: nothing to add now); told whether any lane is training or about to (its program compiling).
+MoreLanes = Callable[[bool], Sequence[Lane]]
+
+
+def train_buckets(
+    lanes: Sequence[Lane],
+    data: TrainData,
+    *,
+    epochs: int,
+    more: MoreLanes | None = None,
+    data_seed: int = 0,
+    group_size: int | None = None,
+    monitor: tuple[str, bool] | None = None,
+    decay_every: int = 10,
+    keep_best: bool = True,
+    ahead: bool | None = None,
+) -> list[BatchResult]:
+    """Train several buckets' lanes side by side in one round loop; one `BatchResult` per
+    lane, in the order the lanes came (the given ones, then those `more` added).
+
+    Each lane trains as `train_batch` would train it alone, with the same results: its own
+    program, slots, callbacks and refills. A round reports the lanes one by one, each dispatching
+    its next round as soon as its callbacks are done, so the device trains the other lanes
+    while the host reports one. A lane whose program is still compiling (`compile_ahead`) joins
+    the loop when it is ready, or at once, waiting for it, when no other lane is training.
+    After each round, `more(training)` may add lanes (trials that fit none of the buckets in
+    training); the loop ends when no lane is left to train and `more` adds none.
+    """
+    options = _LaneOptions(epochs, data_seed, group_size, monitor, decay_every, keep_best, ahead)
+    runs = [_LaneRun(lane, data, options) for lane in lanes]
+    waiting, training = list(runs), list[_LaneRun]()
+    while True:
+        for run in list(waiting):  # the first lane waits for its compile if none trains
+            if run.ready() or not training:
+                waiting.remove(run)
+                run.guarded(run.start)
+                training += [] if run.done else [run]
+        for run in list(training):
+            run.guarded(run.step)
+            if run.done:
+                training.remove(run)
+        new = more(bool(training or waiting)) if more is not None else []
+        if not (training or waiting or new):
+            return [run.result() for run in runs]
+        added = [_LaneRun(lane, data, options) for lane in new]
+        runs += added
+        waiting += added
+
+
+class _LaneOptions(NamedTuple):
+    """`train_buckets`' arguments that every lane shares."""
+
+    epochs: int
+    data_seed: int
+    group_size: int | None
+    monitor: tuple[str, bool] | None
+    decay_every: int
+    keep_best: bool
+    ahead: bool | None
+
+
+class _LaneRun:
+    """One lane in `train_buckets`' loop: its slot run and its round in flight."""
+
+    def __init__(self, lane: Lane, data: TrainData, options: _LaneOptions) -> None:
+        shapes, hparams = list(lane.shapes), lane.hparams
+        layout = _Layout.of(
+            shapes,
+            hparams,
+            data,
+            lane.slots,
+            options.group_size,
+            options.monitor,
+            options.decay_every,
+            lane.bucket,
+            options.ahead,
+        )
+        self.lane, self.keep_best = lane, options.keep_best
+        self.ahead = not layout.key.donated
+        self.run = _SlotRun(
+            layout.bucket,
+            _placed(layout.placement, data),
+            layout.placement,
+            layout.key,
+            groups=layout.groups,
+            epochs=options.epochs,
+            data_seed=options.data_seed,
+            on_end=lane.on_end,
+        )
+        self.run.add(shapes, hparams)
+        self.refilling = lane.refill is not None
+        self.pending: _Round | None = None
+        self.started = False
+
+    @property
+    def done(self) -> bool:
+        return self.started and self.pending is None
+
+    def ready(self) -> bool:
+        """Whether the lane can start without waiting for the background compile of its
+        program: compiled, or not compiling there (it compiles as it starts)."""
+        key = self.run.key
+        return executables.is_compiled(key) or not executables.is_compiling(key)
+
+    def guarded(self, action: Callable[[], None]) -> None:
+        """Run `action`; an error it raises goes to the lane's `on_error`, if any, and ends the
+        lane (else it ends the loop)."""
+        try:
+            action()
+        except Exception as error:
+            if self.lane.on_error is None:
+                raise
+            self.started, self.pending = True, None
+            self.lane.on_error(error)
+
+    def start(self) -> None:
+        """Seat the lane's trials and dispatch its first round."""
+        self.started = True
+        self.run.seat()
+        self.pending = self.run.dispatch(1)
+
+    def step(self) -> None:
+        """Report the round in flight, end and refill trials, dispatch the next round."""
+        run, pending, lane = self.run, self.pending, self.lane
+        assert pending is not None, "a lane that is done takes no step"
         following = None
-        if ahead and not run.compacts(expecting=refilling):
+        if self.ahead and not run.compacts(expecting=self.refilling):
             following = run.dispatch(pending.number + 1, ahead=True)
         report = run.report(pending)
+        callback = lane.callback
         stop = callback(report) if callback is not None and report.trained.any() else None
-        run.end_trials(report, stop, keep_best)
+        run.end_trials(report, stop, self.keep_best)
         free = run.capacity - run.live - len(run.waiting)
-        if refilling and free > 0:
-            new = list(refill(free)) if refill is not None else []
-            refilling = bool(new)
+        if self.refilling and free > 0 and lane.refill is not None:
+            new = list(lane.refill(free))
+            self.refilling = bool(new)
             if new:
                 run.add([s for s, _ in new], [h for _, h in new])
         if following is None:
-            run.compact(expecting=refilling)
+            run.compact(expecting=self.refilling)
         run.seat()
-        pending = following or run.dispatch(pending.number + 1)
-    return BatchResult(bucket, run.shapes, run.results(), run.kept, run.occupancy, run.traffic)
+        self.pending = following or run.dispatch(pending.number + 1)
+
+    def result(self) -> BatchResult:
+        run = self.run
+        return BatchResult(
+            run.bucket, run.shapes, run.results(), run.kept, run.occupancy, run.traffic
+        )
 
 
 def compile_ahead(
@@ -516,7 +666,8 @@ class _Round:
 
 
 class _SlotRun:
-    """The trials of one `train_batch` call and the slots they train in (`models.slots`)."""
+    """The trials of one lane (one bucket's, see `train_buckets`) and the slots they train in
+    (`models.slots`)."""
 
     def __init__(
         self,

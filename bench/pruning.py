@@ -123,7 +123,7 @@ def run_caviar(
     """Contender: `caviar run`'s path on the spec, timed from the start of `run_search`.
 
     Wraps (in this process only) the worker's `report_epoch`, to see each epoch's dev accuracy
-    as it is reported, and `train_batch`, to read each batch's slot occupancy.
+    as it is reported, and `train_buckets`, to read each lane's slot occupancy.
     """
     import caviar.search.trials as worker
     from caviar.db.migrate import upgrade
@@ -132,8 +132,8 @@ def run_caviar(
 
     reached: list[float] = []
     started: set[tuple[str, int]] = set()
-    batches: list[tuple[int, float]] = []  # (trial-epochs trained, occupancy) per batch
-    report_epoch, train_batch = worker.report_epoch, worker.train_batch
+    batches: list[tuple[int, float]] = []  # (trial-epochs trained, occupancy) per lane
+    report_epoch, train_buckets = worker.report_epoch, worker.train_buckets
 
     def reporting(study, reports) -> None:
         report_epoch(study, reports)
@@ -142,11 +142,11 @@ def run_caviar(
             reached.append(time.perf_counter() - start)
 
     def training(*args, **kwargs):
-        result = train_batch(*args, **kwargs)
-        batches.append((sum(t.epochs for t in result.trials), result.occupancy))
-        return result
+        results = train_buckets(*args, **kwargs)
+        batches.extend((sum(t.epochs for t in r.trials), r.occupancy) for r in results)
+        return results
 
-    worker.report_epoch, worker.train_batch = reporting, training
+    worker.report_epoch, worker.train_buckets = reporting, training
     spec = parse_spec(spec_text(data, epochs, budget_s, seed, asha))
     url = f"sqlite:///{workdir / 'caviar.db'}"
     upgrade(url)

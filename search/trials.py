@@ -1,11 +1,12 @@
-"""The worker loop's core: ask Optuna for trials, train them bucket by bucket, tell Optuna.
+"""The worker loop's core: ask Optuna for trials, train them, tell Optuna.
 
 The planner (`models.planner.plan`) splits a claim of trials into buckets, each one compiled
-program for trials of different shapes; the engine (`models.train.train_batch`) knows nothing
-about Optuna; this module turns its per-epoch callback into reports and Optuna's pruning
-decisions (`search.pruning.RoundPruner`), tells Optuna each trial as it leaves its slot, and,
-given a way to ask the driver for more (`AskMore`), hands a freed slot to a new trial of the
-stage at once. A diverged trial fails with reason `diverged`; the rest of its batch goes on.
+program for trials of different shapes; the engine (`models.train.train_buckets`) trains the
+buckets side by side, one lane each, and knows nothing about Optuna; this module turns each
+lane's per-epoch callback into reports and Optuna's pruning decisions
+(`search.pruning.RoundPruner`), tells Optuna each trial as it leaves its slot, and, given a way
+to ask the driver for more (`AskMore`), hands a freed slot to a new trial of the stage at once.
+A diverged trial fails with reason `diverged`; the rest of its batch goes on.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from caviar.models.train import (
     HPARAM_DEFAULTS,
     Bucket,
     EpochReport,
+    Lane,
     Shape,
     TrainData,
     TrialResult,
@@ -40,7 +42,7 @@ from caviar.models.train import (
     compiled_buckets,
     default_group_size,
     planning_costs,
-    train_batch,
+    train_buckets,
 )
 from caviar.search.pruning import RoundPruner
 from caviar.search.space import sample_trial
@@ -159,46 +161,188 @@ def train_trials(
     strategy: str | None = None,
     ask_more: AskMore | None = None,
 ) -> list[TrialOutcome]:
-    """Sample and train already-asked trials of `stage` bucket by bucket; tell Optuna each result
-    as it ends.
+    """Sample and train already-asked trials of `stage`, their buckets side by side in one
+    round loop (`models.train.train_buckets`); tell Optuna each result as it ends.
 
     `strategy` (default `$CAVIAR_BUCKETS`, else `auto`) is the planner's; `group_size` trials of
     a bucket share one compiled call (default: by backend, `models.train.default_group_size`).
     With `ask_more`, the slot of a trial that ends (pruned, diverged, complete) goes at once to
-    a new trial of the stage, as many as `ask_more` grants; a new trial whose shape does not fit
-    the bucket in training trains in a later one.
+    a new trial of the stage, as many as `ask_more` grants: one that an earlier slot asked for
+    and could not take, if one fits the slot's bucket, else a new one. Asked trials that fit no
+    bucket with a free slot wait (a claim's worth at most); they get buckets of their own, which
+    join the loop as their programs compile, as lanes leave room: the trials in lanes stay
+    within the claim's size, so that a promoted trial's epochs do not slow down as more trials
+    come. A lane that finds no trial for its free slots takes no more and empties.
     """
-    group_size = group_size or default_group_size()
-    outcomes: list[TrialOutcome] = []
+    if not trials:
+        return []
     pending = _prepare(study, ctx, space, stage, trials)
-    while pending:
-        spilled: list[_Asked] = []
-        buckets = _plan(ctx, pending, group_size, strategy)
-        compiling = _compile_ahead(ctx, buckets[1:], group_size, refills=ask_more is not None)
-        try:
-            for bucket, members in buckets:
-                refill = None
-                if ask_more is not None:
-                    refill = _refiller(
-                        study, ctx, space, stage, bucket, ask_more, spilled, len(pending)
-                    )
-                outcomes += _train_group(
-                    study,
-                    ctx,
+    loop = _StageLoop(
+        study,
+        ctx,
+        space,
+        stage,
+        should_stop,
+        on_trial,
+        on_epoch,
+        group_size or default_group_size(),
+        strategy,
+        ask_more,
+        claim=len(pending),
+    )
+    if not loop.started(pending):
+        return loop.outcomes()
+    try:
+        train_buckets(
+            loop.plan_lanes(pending, first_ahead=False),
+            ctx.data,
+            epochs=ctx.spec.budget.epochs,
+            more=loop.more_lanes,
+            data_seed=ctx.spec.seed,
+            monitor=_monitor(ctx),
+            group_size=loop.group_size,
+        )
+    except _DATABASE_ERRORS:
+        raise  # the database, not the trials, failed: the worker retries, the reaper reruns them
+    except Exception as error:  # a bug or a resource error outside the lanes: all untold fail
+        loop.fail_untold(*_failure(error))
+    finally:
+        for future in loop.compiling:  # a compile not started yet is dropped
+            future.cancel()
+    return loop.outcomes()
+
+
+#: Errors of the database rather than of the trials: raised on, never a trial's failure.
+_DATABASE_ERRORS = (optuna.exceptions.StorageInternalError, SQLAlchemyError)
+
+
+def _failure(error: Exception) -> tuple[str, str]:
+    """The reason (`oom` or `error`) and message a trial fails with when `error` stopped it."""
+    reason = "oom" if is_out_of_memory(error) else "error"
+    return reason, "".join(traceback.format_exception_only(error)).strip()
+
+
+class _StageLoop:
+    """A claim's trials in one `train_buckets` loop: its lanes (one `_LaneTraining` each), the
+    pool of asked trials waiting for a free slot of a bucket they fit, and the lanes planned
+    for them.
+
+    Trials in lanes stay about the claim's size (each lane's slots are rounded up to whole
+    groups): pooled trials get a lane of their own only when lanes leave room for a group of
+    them, or once no more trials will come, or when nothing else trains. Once `ask_more` has
+    granted nothing, the loop asks no more (the driver's next claim asks again)."""
+
+    def __init__(
+        self,
+        study: optuna.Study,
+        ctx: SearchContext,
+        space: dict[str, Param],
+        stage: int,
+        should_stop: StopCheck | None,
+        on_trial: Callable[[TrialOutcome], None] | None,
+        on_epoch: Callable[[list[Trial]], None] | None,
+        group_size: int,
+        strategy: str | None,
+        ask_more: AskMore | None,
+        *,
+        claim: int,
+    ) -> None:
+        self.study, self.ctx, self.space, self.stage = study, ctx, space, stage
+        self.should_stop, self.on_trial, self.on_epoch = should_stop, on_trial, on_epoch
+        self.group_size, self.strategy, self.ask_more = group_size, strategy, ask_more
+        self.claim = claim
+        self.lanes: list[_LaneTraining] = []
+        self.pool: list[_Asked] = []  # asked trials that fit no bucket with a free slot
+        self.granting = ask_more is not None  # whether `ask_more` may grant more
+        self.compiling: list[Future[None]] = []
+        self.given_back: list[TrialOutcome] = []
+
+    def plan_lanes(self, asked: list[_Asked], *, first_ahead: bool) -> list[Lane]:
+        """Plan `asked` into buckets, one lane each. Their programs compile in the background
+        (the first one too with `first_ahead`, else as it starts, with nothing else to train)."""
+        buckets = _plan(self.ctx, asked, self.group_size, self.strategy)
+        refills = self.granting
+        ahead = buckets if first_ahead else buckets[1:]
+        self.compiling += _compile_ahead(self.ctx, ahead, self.group_size, refills=refills)
+        lanes = []
+        for bucket, members in buckets:
+            lane = _LaneTraining(self, bucket, members)
+            self.lanes.append(lane)
+            lanes.append(
+                Lane(
+                    [a.shape for a in members],
+                    [lane.seeded(a) for a in members],
                     bucket,
-                    members,
-                    stage,
-                    should_stop,
-                    on_trial,
-                    on_epoch,
-                    group_size,
-                    refill,
+                    callback=lane.epoch_done,
+                    refill=lane.more if refills else None,
+                    on_end=lane.ended,
+                    on_error=lane.failed,
                 )
-        finally:
-            for future in compiling:  # a compile not started yet is dropped
-                future.cancel()
-        pending = spilled
-    return outcomes
+            )
+        return lanes
+
+    def in_lanes(self) -> int:
+        """Trials in the lanes and not told yet: training, or waiting for a slot of their lane."""
+        return sum(len(lane.asked) - len(lane.outcomes) for lane in self.lanes)
+
+    def take(self, bucket: Bucket, free: int) -> list[_Asked]:
+        """Up to `free` trials for `bucket`'s free slots: pooled ones that fit it first, then
+        new ones while `ask_more` grants them; those asked that do not fit go to the pool, a
+        claim's worth at most (then no more are asked)."""
+        fitting = [a for a in self.pool if bucket.fits(a.shape)][:free]
+        self.pool = [a for a in self.pool if a not in fitting]
+        while self.granting and len(fitting) < free and len(self.pool) < self.claim:
+            assert self.ask_more is not None
+            new = self.ask_more(free - len(fitting))
+            if not new:
+                self.granting = False
+                break
+            for asked in _prepare(self.study, self.ctx, self.space, self.stage, new):
+                (fitting if bucket.fits(asked.shape) else self.pool).append(asked)
+        return fitting
+
+    def more_lanes(self, training: bool) -> list[Lane]:
+        """Lanes for pooled trials: all of them when nothing else trains; else as many as the
+        room the lanes leave, when that is a group's worth or all that is left to come."""
+        count = len(self.pool)
+        if training:
+            count = min(count, self.claim - self.in_lanes())
+            if count < self.group_size and (self.granting or count < len(self.pool)):
+                return []
+        if count <= 0:
+            return []
+        waiting = self.pool[:count]
+        lanes = self.plan_lanes(waiting, first_ahead=training) if self.started(waiting) else []
+        self.pool = self.pool[count:]
+        return lanes
+
+    def started(self, asked: list[_Asked]) -> bool:
+        """Whether these trials may start (nothing stops the search); else they are given back
+        at once, unstarted."""
+        reason = self.should_stop() if self.should_stop is not None else None
+        if reason:
+            self._give_back(asked, reason, f"not started: {reason}")
+        return not reason
+
+    def fail_untold(self, reason: str, message: str) -> None:
+        """Fail every trial asked and not told yet (after the loop itself failed)."""
+        for lane in self.lanes:
+            lane.fail_untold(reason, message)
+        waiting, self.pool = self.pool, []
+        self._give_back(waiting, reason, message)
+
+    def _give_back(self, waiting: list[_Asked], reason: str, message: str) -> None:
+        """Fail trials that were asked but never trained."""
+        for a in waiting:
+            outcome = _fail(
+                self.study, a.trial, a.params, self.stage, reason, message, self.on_trial
+            )
+            self.given_back.append(outcome)
+
+    def outcomes(self) -> list[TrialOutcome]:
+        """Every trial's outcome, lane by lane, then those given back unstarted."""
+        told = [lane.outcomes[i] for lane in self.lanes for i in sorted(lane.outcomes)]
+        return told + self.given_back
 
 
 def _compile_ahead(
@@ -271,103 +415,25 @@ def _monitor(ctx: SearchContext) -> tuple[str, bool]:
     return ctx.objective.metric, ctx.objective.resolved_direction == "maximize"
 
 
-def _refiller(
-    study: optuna.Study,
-    ctx: SearchContext,
-    space: dict[str, Param],
-    stage: int,
-    bucket: Bucket,
-    ask_more: AskMore,
-    spilled: list[_Asked],
-    spill_limit: int,
-) -> Callable[[int], list[_Asked]]:
-    """Up to n new trials that fit `bucket`; the others asked meanwhile go to `spilled` (at most
-    `spill_limit` of them), to train in a later bucket."""
+class _LaneTraining:
+    """The engine's callbacks for one lane (a bucket's trials): report each epoch and ask the
+    pruner, take refills, tell each trial as it ends, and hold the weights of the best complete
+    one."""
 
-    def refill(free: int) -> list[_Asked]:
-        fitting: list[_Asked] = []
-        while len(fitting) < free and len(spilled) < spill_limit:
-            new = ask_more(free - len(fitting))
-            if not new:
-                break
-            for asked in _prepare(study, ctx, space, stage, new):
-                (fitting if bucket.fits(asked.shape) else spilled).append(asked)
-        return fitting
-
-    return refill
-
-
-def _train_group(
-    study: optuna.Study,
-    ctx: SearchContext,
-    bucket: Bucket,
-    members: list[_Asked],
-    stage: int,
-    should_stop: StopCheck | None,
-    on_trial: Callable[[TrialOutcome], None] | None,
-    on_epoch: Callable[[list[Trial]], None] | None,
-    group_size: int,
-    refill: Callable[[int], list[_Asked]] | None = None,
-) -> list[TrialOutcome]:
-    """Train one bucket's trials (and those `refill` brings); each is told as it ends."""
-    stop_reason = should_stop() if should_stop is not None else None
-    if stop_reason:  # stopped before this group started: give its trials back at once
-        message = f"not started: {stop_reason}"
-        return [
-            _fail(study, a.trial, a.params, stage, stop_reason, message, on_trial) for a in members
-        ]
-    group = _GroupTraining(study, ctx, members, stage, should_stop, on_trial, on_epoch, refill)
-    try:
-        train_batch(
-            [a.shape for a in group.asked],
-            [group.seeded(a) for a in group.asked],
-            ctx.data,
-            epochs=ctx.spec.budget.epochs,
-            callback=group.epoch_done,
-            refill=group.more if refill is not None else None,
-            on_end=group.ended,
-            data_seed=ctx.spec.seed,
-            monitor=(ctx.objective.metric, group.maximize),
-            group_size=group_size,
-            bucket=bucket,
+    def __init__(self, loop: _StageLoop, bucket: Bucket, members: list[_Asked]) -> None:
+        self.loop, self.bucket = loop, bucket
+        self.study, self.ctx, self.stage = loop.study, loop.ctx, loop.stage
+        self.should_stop, self.on_trial, self.on_epoch = (
+            loop.should_stop,
+            loop.on_trial,
+            loop.on_epoch,
         )
-    except (optuna.exceptions.StorageInternalError, SQLAlchemyError):
-        raise  # the database, not the trials, failed: the worker retries, the reaper reruns them
-    except Exception as error:  # a bug or a resource error must not lose the other groups
-        reason = "oom" if is_out_of_memory(error) else "error"
-        message = "".join(traceback.format_exception_only(error)).strip()
-        for index, a in enumerate(group.asked):
-            if index not in group.outcomes:
-                group.outcomes[index] = _fail(
-                    study, a.trial, a.params, stage, reason, message, on_trial
-                )
-    return [group.outcomes[index] for index in sorted(group.outcomes)]
-
-
-class _GroupTraining:
-    """The engine's callbacks for one bucket's trials: report each epoch and ask the pruner,
-    take refills, tell each trial as it ends, and hold the weights of the best complete one."""
-
-    def __init__(
-        self,
-        study: optuna.Study,
-        ctx: SearchContext,
-        members: list[_Asked],
-        stage: int,
-        should_stop: StopCheck | None,
-        on_trial: Callable[[TrialOutcome], None] | None,
-        on_epoch: Callable[[list[Trial]], None] | None,
-        refill: Callable[[int], list[_Asked]] | None,
-    ) -> None:
-        self.study, self.ctx, self.stage = study, ctx, stage
-        self.should_stop, self.on_trial = should_stop, on_trial
-        self.on_epoch, self.refill = on_epoch, refill
         self.asked = list(members)  # by engine index: the given trials, then the refills
-        self.pruner = RoundPruner(study)
+        self.pruner = RoundPruner(self.study)
         self.pruned = [False] * len(self.asked)
         self.outcomes: dict[int, TrialOutcome] = {}
         self.stop_reason: str | None = None
-        self.maximize = ctx.objective.resolved_direction == "maximize"
+        self.maximize = self.ctx.objective.resolved_direction == "maximize"
         self.kept: int | None = None  # the complete trial whose weights are held: the best yet
 
     def seeded(self, a: _Asked) -> dict[str, Any]:
@@ -376,11 +442,26 @@ class _GroupTraining:
         return continuous_hparams(a.params, seed)
 
     def more(self, free: int) -> list[tuple[Shape, dict[str, Any]]]:
-        """Up to `free` new trials for freed slots (none once the group is stopping)."""
-        new = self.refill(free) if self.refill is not None and not self.stop_reason else []
+        """Up to `free` new trials for freed slots (none once the lane is stopping)."""
+        new = [] if self.stop_reason else self.loop.take(self.bucket, free)
         self.asked.extend(new)
         self.pruned.extend([False] * len(new))
         return [(a.shape, self.seeded(a)) for a in new]
+
+    def failed(self, error: Exception) -> None:
+        """The lane's program or callbacks raised `error`: its untold trials fail with it (a
+        database error is raised on)."""
+        if isinstance(error, _DATABASE_ERRORS):
+            raise error
+        self.fail_untold(*_failure(error))
+
+    def fail_untold(self, reason: str, message: str) -> None:
+        """Fail the lane's trials that were not told yet."""
+        for index, a in enumerate(self.asked):
+            if index not in self.outcomes:
+                self.outcomes[index] = _fail(
+                    self.study, a.trial, a.params, self.stage, reason, message, self.on_trial
+                )
 
     def epoch_done(self, report: EpochReport) -> np.ndarray:
         """Report the round's values, ask the pruner; the mask of trials to stop."""

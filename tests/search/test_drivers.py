@@ -70,18 +70,18 @@ def watch_programs(
     call starting with more runs out of memory; `refills` gets whether each call may take new
     trials into its slots."""
     sizes: list[int] = []
-    train = trial_training.train_batch
+    train = trial_training.train_buckets
 
-    def watched(shapes, hparams, *args, **kwargs):
-        sizes.append(len(hparams))
+    def watched(lanes, *args, **kwargs):
+        sizes.append(sum(len(lane.hparams) for lane in lanes))
         if refills is not None:
-            refills.append(kwargs.get("refill") is not None)
+            refills.append(any(lane.refill is not None for lane in lanes))
         assert len(sizes) < 10, f"the driver keeps asking for more than fits: {sizes}"
-        if fail_above is not None and len(hparams) > fail_above:
+        if fail_above is not None and sizes[-1] > fail_above:
             raise MemoryError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate")
-        return train(shapes, hparams, *args, **kwargs)
+        return train(lanes, *args, **kwargs)
 
-    monkeypatch.setattr(trial_training, "train_batch", watched)
+    monkeypatch.setattr(trial_training, "train_buckets", watched)
     return sizes
 
 
@@ -212,3 +212,47 @@ def test_a_trial_epoch_budget_ends_within_one_trial_of_it(driver, url):
     assert 40 - 9 < spent <= 40, spent
     assert any(t.state == TrialState.PRUNED for t in trials)
     assert len(trials) > 40 // 9, "pruned trials' epochs went to more trials"
+
+
+MIXED_ASHA = (
+    SPEC.replace("trials: 4, epochs: 3", "trials: 24, epochs: 9")
+    .replace("hidden_units: 8, hidden_layers: 1", "hidden_layers: 1")
+    .replace("scale: log}\n", "scale: log}\n  hidden_units: {choices: [4, 16, 64]}\n")
+    + "pruner: {name: asha, min_epochs: 1, reduction_factor: 3}\n"
+)
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_new_trials_that_fit_no_bucket_in_training_get_one_and_none_is_lost(
+    driver, url, monkeypatch
+):
+    """With one bucket per width, a freed slot's new trial often fits only another bucket: it
+    takes a free slot of one it fits or waits for a bucket of its own, which joins the loop;
+    every trial asked trains in exactly one bucket and is told, and the budget is exact."""
+    monkeypatch.setenv("CAVIAR_BUCKETS", "exact")
+    lanes: list[list[int]] = []  # per lane: the numbers of its trials, as the engine returns
+    train = trial_training.train_buckets
+
+    def watched(given, data, *, more, **kwargs):
+        added: list = []
+
+        def watched_more(training: bool):
+            new = more(training)
+            added.extend(new)
+            return new
+
+        results = train(given, data, more=watched_more, **kwargs)
+        lanes.extend([len(r.trials)] for r in results)
+        assert len(results) == len(given) + len(added)
+        return results
+
+    monkeypatch.setattr(trial_training, "train_buckets", watched)
+    done = drive(driver, url, MIXED_ASHA, batch=4)
+    assert done.status == "completed", done.error
+    trials = trials_of(url, done)
+    assert len(trials) == 24 and {t.state for t in trials} <= {
+        TrialState.COMPLETE,
+        TrialState.PRUNED,
+    }
+    assert sum(count for (count,) in lanes) == 24, "each trial trained in exactly one lane"
+    assert len(lanes) > 2, "trials that fit no bucket in training got buckets of their own"

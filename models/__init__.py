@@ -12,7 +12,14 @@ if TYPE_CHECKING:  # what each name is, for type checkers; imported on first use
     from caviar.models.optim import OPTIMIZERS
     from caviar.models.program import HPARAM_DEFAULTS
     from caviar.models.runtime import use_every_core
-    from caviar.models.train import TrainData, evaluate, predict, train_batch
+    from caviar.models.train import (
+        Lane,
+        TrainData,
+        evaluate,
+        predict,
+        train_batch,
+        train_buckets,
+    )
 
 __all__ = [
     "HPARAM_DEFAULTS",
@@ -22,6 +29,7 @@ __all__ = [
     "CaviarError",
     "Dataset",
     "DatasetError",
+    "Lane",
     "ModelFileError",
     "Shape",
     "Task",
@@ -33,6 +41,7 @@ __all__ = [
     "predict",
     "save_model",
     "train_batch",
+    "train_buckets",
     "use_every_core",
 ]
 __getattr__ = lazy_members(__name__, __file__)

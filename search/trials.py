@@ -190,18 +190,19 @@ def train_trials(
         ask_more,
         claim=len(pending),
     )
-    if not loop.started(pending):
-        return loop.outcomes()
+    loop.pool = pending  # planned into lanes at once: nothing trains yet
     try:
-        train_buckets(
-            loop.plan_lanes(pending, first_ahead=False),
-            ctx.data,
-            epochs=ctx.spec.budget.epochs,
-            more=loop.more_lanes,
-            data_seed=ctx.spec.seed,
-            monitor=_monitor(ctx),
-            group_size=loop.group_size,
-        )
+        lanes = loop.more_lanes(False)
+        if lanes:
+            train_buckets(
+                lanes,
+                ctx.data,
+                epochs=ctx.spec.budget.epochs,
+                more=loop.more_lanes,
+                data_seed=ctx.spec.seed,
+                monitor=_monitor(ctx),
+                group_size=loop.group_size,
+            )
     except _DATABASE_ERRORS:
         raise  # the database, not the trials, failed: the worker retries, the reaper reruns them
     except Exception as error:  # a bug or a resource error outside the lanes: all untold fail
@@ -312,17 +313,14 @@ class _StageLoop:
         if count <= 0:
             return []
         waiting = self.pool[:count]
-        lanes = self.plan_lanes(waiting, first_ahead=training) if self.started(waiting) else []
-        self.pool = self.pool[count:]
-        return lanes
-
-    def started(self, asked: list[_Asked]) -> bool:
-        """Whether these trials may start (nothing stops the search); else they are given back
-        at once, unstarted."""
         reason = self.should_stop() if self.should_stop is not None else None
-        if reason:
-            self._give_back(asked, reason, f"not started: {reason}")
-        return not reason
+        if reason:  # stopped before they started: give them back at once
+            self.pool = self.pool[count:]
+            self._give_back(waiting, reason, f"not started: {reason}")
+            return []
+        lanes = self.plan_lanes(waiting, first_ahead=training)
+        self.pool = self.pool[count:]  # only once they are in lanes: else `fail_untold` fails them
+        return lanes
 
     def fail_untold(self, reason: str, message: str) -> None:
         """Fail every trial asked and not told yet (after the loop itself failed)."""

@@ -188,9 +188,8 @@ def train_trials(
         group_size or default_group_size(),
         strategy,
         ask_more,
-        claim=len(pending),
+        pending,
     )
-    loop.pool = pending  # planned into lanes at once: nothing trains yet
     try:
         lanes = loop.more_lanes(False)
         if lanes:
@@ -245,15 +244,16 @@ class _StageLoop:
         group_size: int,
         strategy: str | None,
         ask_more: AskMore | None,
-        *,
-        claim: int,
+        claim: list[_Asked],
     ) -> None:
+        """`claim`: the claim's trials, pooled until `more_lanes` plans them (nothing trains
+        yet); their number is the most trials the lanes hold."""
         self.study, self.ctx, self.space, self.stage = study, ctx, space, stage
         self.should_stop, self.on_trial, self.on_epoch = should_stop, on_trial, on_epoch
         self.group_size, self.strategy, self.ask_more = group_size, strategy, ask_more
-        self.claim = claim
+        self.claim = len(claim)
         self.lanes: list[_LaneTraining] = []
-        self.pool: list[_Asked] = []  # asked trials that fit no bucket with a free slot
+        self.pool = list(claim)  # asked trials that fit no bucket with a free slot
         self.granting = ask_more is not None  # whether `ask_more` may grant more
         self.compiling: list[Future[None]] = []
         self.given_back: list[TrialOutcome] = []

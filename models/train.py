@@ -433,7 +433,8 @@ def train_buckets(
     training); the loop ends when no lane is left to train and `more` adds none.
     """
     options = _LaneOptions(epochs, data_seed, group_size, monitor, decay_every, keep_best, ahead)
-    runs = [_LaneRun(lane, data, options) for lane in lanes]
+    placed = _PlacedData(data)
+    runs = [_LaneRun(lane, placed, options) for lane in lanes]
     waiting, training = list(runs), list[_LaneRun]()
     while True:
         for run in list(waiting):  # the first lane waits for its compile if none trains
@@ -448,9 +449,23 @@ def train_buckets(
         new = more(bool(training or waiting)) if more is not None else []
         if not (training or waiting or new):
             return [run.result() for run in runs]
-        added = [_LaneRun(lane, data, options) for lane in new]
+        added = [_LaneRun(lane, placed, options) for lane in new]
         runs += added
         waiting += added
+
+
+class _PlacedData:
+    """`data` on the devices of each placement the lanes of one loop use, placed once: lanes on
+    the same number of devices share one copy."""
+
+    def __init__(self, data: TrainData) -> None:
+        self.data = data
+        self._by_devices: dict[int, TrainData] = {}
+
+    def on(self, placement: Placement) -> TrainData:
+        if placement.devices not in self._by_devices:
+            self._by_devices[placement.devices] = _placed(placement, self.data)
+        return self._by_devices[placement.devices]
 
 
 class _LaneOptions(NamedTuple):
@@ -468,12 +483,12 @@ class _LaneOptions(NamedTuple):
 class _LaneRun:
     """One lane in `train_buckets`' loop: its slot run and its round in flight."""
 
-    def __init__(self, lane: Lane, data: TrainData, options: _LaneOptions) -> None:
+    def __init__(self, lane: Lane, placed: _PlacedData, options: _LaneOptions) -> None:
         shapes, hparams = list(lane.shapes), lane.hparams
         layout = _Layout.of(
             shapes,
             hparams,
-            data,
+            placed.data,
             lane.slots,
             options.group_size,
             options.monitor,
@@ -485,7 +500,7 @@ class _LaneRun:
         self.ahead = not layout.key.donated
         self.run = _SlotRun(
             layout.bucket,
-            _placed(layout.placement, data),
+            placed.on(layout.placement),
             layout.placement,
             layout.key,
             groups=layout.groups,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import functools
 import json
+import math
 import os
 import warnings
 from collections import Counter
@@ -301,6 +302,162 @@ def set_user_attrs(study: optuna.Study, attrs: Sequence[tuple[Trial, dict[str, A
         trial._cached_frozen_trial.user_attrs.update(values)
 
 
+@contextmanager
+def deferred_writes(study: optuna.Study, trials: Sequence[Trial]) -> Iterator[None]:
+    """Keep the parameters that `trials` sample (`Trial.suggest_*`) and the user attributes they
+    set inside the block, and write them all as it ends, in one transaction.
+
+    Optuna commits each parameter and attribute on its own, after reading its trial; a claim's
+    trials sample several each. Inside the block each trial sees its own values at once (Optuna's
+    `Trial` keeps them), the sampler and the other trials see none of them yet (as with trials
+    sampled one after the other by other workers). If the block raises, nothing is written.
+    """
+    deferred = _DeferredWrites(study._storage)
+    for trial in trials:
+        trial.storage = cast(Any, deferred)
+    try:
+        yield
+    finally:
+        for trial in trials:
+            trial.storage = study._storage
+    from optuna.storages._rdb.models import TrialParamModel, TrialUserAttributeModel
+
+    with _transaction(_rdb_of(study)) as session:
+        _check_running(session, trials)
+        _check_distributions(session, study._study_id, deferred.distributions())
+        if deferred.params:
+            session.execute(insert(TrialParamModel), deferred.params)
+        _write_attrs(session, TrialUserAttributeModel, list(deferred.attrs.items()))
+
+
+class _DeferredWrites:
+    """A trial's storage that keeps its parameters and user attributes for `deferred_writes`
+    and hands every other call to the study's storage."""
+
+    def __init__(self, storage: Any) -> None:
+        self._storage = storage
+        self.params: list[dict[str, Any]] = []  # rows of Optuna's trial_params table
+        self.attrs: dict[int, dict[str, Any]] = {}  # user attributes by trial id
+        self._distributions: dict[str, Any] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._storage, name)
+
+    def set_trial_param(
+        self, trial_id: int, name: str, internal_value: float, distribution: Any
+    ) -> None:
+        """What `RDBStorage.set_trial_param` writes, kept (checked against the study's earlier
+        distribution of `name` as the block ends)."""
+        from optuna.distributions import check_distribution_compatibility, distribution_to_json
+
+        if name in self._distributions:
+            check_distribution_compatibility(self._distributions[name], distribution)
+        self._distributions.setdefault(name, distribution)
+        self.params.append(
+            {
+                "trial_id": trial_id,
+                "param_name": name,
+                "param_value": internal_value,
+                "distribution_json": distribution_to_json(distribution),
+            }
+        )
+
+    def set_trial_user_attr(self, trial_id: int, key: str, value: Any) -> None:
+        """What `RDBStorage.set_trial_user_attr` writes, kept."""
+        json.dumps(value)  # refuse, as Optuna does, a value JSON cannot hold, before anything
+        self.attrs.setdefault(trial_id, {})[key] = value
+
+    def distributions(self) -> dict[str, Any]:
+        """The distribution of each parameter name sampled in the block."""
+        return dict(self._distributions)
+
+
+def _check_distributions(session: Any, study_id: int, sampled: dict[str, Any]) -> None:
+    """Refuse parameters whose distribution does not fit the one the study already stores under
+    the same name (Optuna's check before it writes a parameter)."""
+    from optuna.distributions import check_distribution_compatibility, json_to_distribution
+    from optuna.storages._rdb.models import TrialModel, TrialParamModel
+
+    if not sampled:
+        return
+    stored = (
+        session.query(TrialParamModel.param_name, func.min(TrialParamModel.distribution_json))
+        .join(TrialModel, TrialModel.trial_id == TrialParamModel.trial_id)
+        .filter(TrialModel.study_id == study_id, TrialParamModel.param_name.in_(list(sampled)))
+        .group_by(TrialParamModel.param_name)
+    )
+    for name, distribution in stored:
+        check_distribution_compatibility(json_to_distribution(distribution), sampled[name])
+
+
+class Finished(NamedTuple):
+    """A running trial that ended: its state (complete or pruned), its value (complete trials)
+    and the user attributes to record with it."""
+
+    trial: Trial
+    state: TrialState
+    value: float | None
+    attrs: dict[str, Any]
+
+
+def finish_trials(study: optuna.Study, finished: Sequence[Finished]) -> None:
+    """`study.tell` for many running trials of `study` that completed or were pruned, with their
+    user attributes, in one transaction.
+
+    Optuna reads each trial twice and commits its state, its value and each attribute apart. As
+    `tell` does, a pruned trial's value is its last report unless that is NaN, and the
+    sampler's `after_trial` sees each trial first. Nothing is written if one of them has
+    finished already (the reaper may have failed it).
+    """
+    from optuna.storages._rdb.models import TrialModel, TrialUserAttributeModel, TrialValueModel
+
+    if not finished:
+        return
+    study._thread_local.cached_all_trials = None  # as `tell` does
+    values = {f.trial._trial_id: _told_value(f) for f in finished}
+    for f in finished:
+        frozen = f.trial._cached_frozen_trial
+        value = values[frozen._trial_id]
+        filtered = optuna.pruners._filter_study(study, frozen)
+        study.sampler.after_trial(filtered, frozen, f.state, None if value is None else [value])
+    now = datetime.datetime.now()
+    with _transaction(_rdb_of(study)) as session:
+        ids = list(values)
+        rows = session.query(TrialModel).filter(TrialModel.trial_id.in_(ids)).with_for_update()
+        models = {row.trial_id: row for row in rows}
+        _refuse_finished([f.trial for f in finished], {i: m.state for i, m in models.items()})
+        told = []
+        for trial_id, value in values.items():
+            if value is not None:
+                stored, kind = TrialValueModel.value_to_stored_repr(value)
+                told.append(
+                    {"trial_id": trial_id, "objective": 0, "value": stored, "value_type": kind}
+                )
+        if told:
+            session.execute(insert(TrialValueModel), told)
+        _write_attrs(
+            session, TrialUserAttributeModel, [(f.trial._trial_id, f.attrs) for f in finished]
+        )
+        for f in finished:
+            model = models[f.trial._trial_id]
+            model.state, model.datetime_complete = f.state, now
+    for f in finished:
+        f.trial._cached_frozen_trial.user_attrs.update(f.attrs)
+
+
+def _told_value(finished: Finished) -> float | None:
+    """The value `tell` records: a complete trial's own; a pruned one's last report unless NaN."""
+    if finished.state == TrialState.COMPLETE:
+        if finished.value is None or math.isnan(finished.value):
+            raise ValueError(f"a complete trial needs a value, not {finished.value}")
+        return float(finished.value)
+    if finished.state != TrialState.PRUNED:
+        raise ValueError(f"finish_trials tells complete or pruned trials, not {finished.state}")
+    reports = finished.trial._cached_frozen_trial.intermediate_values
+    last = reports[max(reports)] if reports else None
+    return None if last is None or math.isnan(last) else float(last)
+
+
 def set_system_attrs(study: optuna.Study, attrs: Sequence[tuple[Trial, dict[str, Any]]]) -> None:
     """`storage.set_trial_system_attr` for every key of many running trials, in one transaction
     (a pruner records a rung for each trial reaching one; Optuna commits each)."""
@@ -364,6 +521,11 @@ def _check_running(session: Any, trials: Sequence[Trial]) -> None:
     states = dict(
         session.query(TrialModel.trial_id, TrialModel.state).filter(TrialModel.trial_id.in_(ids))
     )
+    _refuse_finished(trials, states)
+
+
+def _refuse_finished(trials: Sequence[Trial], states: dict[int, TrialState]) -> None:
+    """Raise if one of `trials` is not in `states` (by trial id) or has finished there."""
     for trial in trials:
         if trial._trial_id not in states:
             raise KeyError(f"no trial with id {trial._trial_id}")

@@ -62,6 +62,7 @@ __all__ = [
     "RATES",
     "BatchResult",
     "Bucket",
+    "EndedTrial",
     "EpochCallback",
     "EpochReport",
     "Lane",
@@ -173,10 +174,6 @@ class EpochReport:
 #: Receives each round's report; returns a bool mask of trials to stop (or None to go on).
 EpochCallback = Callable[[EpochReport], "np.ndarray | None"]
 
-#: Told each trial's outcome as it leaves its slot: its number, result and kept variables (a
-#: function: cutting them to the trial's real shape is left until they are wanted).
-TrialEnd = Callable[[int, "TrialResult", Callable[[], dict]], None]
-
 #: Asked for at most n more trials when n slots are free: (shape, hyperparameters) pairs that
 #: fit the bucket; none ends the refills.
 Refill = Callable[[int], Sequence[tuple[Shape, Mapping[str, Any]]]]
@@ -193,6 +190,20 @@ class TrialResult:
     best_epoch: int | None
     best: dict[str, float]
     history: list[dict[str, float]] = field(default_factory=list)
+
+
+class EndedTrial(NamedTuple):
+    """A trial that left its slot: its number in its lane, its result, and its kept variables
+    (a function: cutting them to the trial's real shape is left until they are wanted)."""
+
+    trial: int
+    result: TrialResult
+    variables: Callable[[], dict]
+
+
+#: Told, once per round, every trial that left its slot in that round (never an empty list), so
+#: that their outcomes can be recorded together.
+TrialEnd = Callable[[list[EndedTrial]], None]
 
 
 @dataclass
@@ -358,10 +369,10 @@ def train_batch(
     stop. Trials whose loss becomes non-finite stop as `diverged`; the others go on. A slot whose
     trial ended is taken by the next waiting trial, else by one of `refill(free slots)`, at once
     and on the device: every trial trains its own epochs (decay, dropout and data order), as it
-    would alone; `on_end` is told each trial's outcome and given its weights as it leaves (the
-    result then keeps none). `monitor` (metric, maximize) chooses each trial's best dev epoch,
-    whose metrics and variables are returned; with `keep_best=False` the variables are those of
-    the last epoch trained.
+    would alone; `on_end` is told the trials that left their slots in each round, with their
+    outcomes and weights (the result then keeps none). `monitor` (metric, maximize) chooses
+    each trial's best dev epoch, whose metrics and variables are returned; with
+    `keep_best=False` the variables are those of the last epoch trained.
 
     With `ahead` (default: `default_dispatch_ahead()`), each round is dispatched before the
     host handles the last one's report, so the device trains while the callback runs. Results
@@ -847,6 +858,7 @@ class _SlotRun:
         if stop is not None:
             stop = np.asarray(stop, bool)
             stopped[: stop.size] = stop[: stopped.size]
+        ended: list[EndedTrial] = []
         for group in self.groups:
             for slot in np.flatnonzero(group.live):
                 trial = int(group.occupants[slot])
@@ -860,10 +872,13 @@ class _SlotRun:
                     self.status[trial] = "stopped"
                 else:
                     continue
-                self._keep(trial, read_slot(group, slot, report.round), keep_best)
+                ended += self._keep(trial, read_slot(group, slot, report.round), keep_best)
                 self.traffic.host_reads += 1
                 group.occupants[slot] = EMPTY
                 self.ended[trial] = True
+        if ended:
+            assert self.on_end is not None  # `_keep` hands trials on only to `on_end`
+            self.on_end(ended)
 
     def compacts(self, *, expecting: bool) -> bool:
         """Whether the trials that go on after the round to be reported (those with epochs left)
@@ -917,15 +932,16 @@ class _SlotRun:
             history=history,
         )
 
-    def _keep(self, trial: int, state: TrialState, keep_best: bool) -> None:
+    def _keep(self, trial: int, state: TrialState, keep_best: bool) -> list[EndedTrial]:
+        """Keep the trial's weights for its result, or, with `on_end`, the trial to tell it."""
         self.best_epoch[trial] = int(state.best_epoch)
         kept = (state.best_params, state.best_stats) if keep_best else (state.params, state.stats)
         if self.on_end is None:
             self.kept[trial] = kept
-            return
+            return []
         # Told trials' weights go to `on_end` alone: a long stream holds only those it keeps.
         variables = functools.partial(real_variables, self.shapes[trial], *kept)
-        self.on_end(trial, self._result(trial), variables)
+        return [EndedTrial(trial, self._result(trial), variables)]
 
     def _order(self, epoch: int) -> np.ndarray:
         return _epoch_order(

@@ -25,13 +25,21 @@ from optuna.study import StudyDirection
 from optuna.trial import Trial, TrialState
 from sqlalchemy.exc import SQLAlchemyError
 
-from caviar.db.storage import report_epoch, retry_trial, set_user_attrs
+from caviar.db.storage import (
+    Finished,
+    deferred_writes,
+    finish_trials,
+    report_epoch,
+    retry_trial,
+    set_user_attrs,
+)
 from caviar.models.data import Dataset
 from caviar.models.executables import compile_ahead_override
 from caviar.models.planner import plan, strategy_from_env
 from caviar.models.train import (
     HPARAM_DEFAULTS,
     Bucket,
+    EndedTrial,
     EpochReport,
     Lane,
     Shape,
@@ -374,11 +382,13 @@ def _compile_ahead(
 def _prepare(
     study: optuna.Study, ctx: SearchContext, space: dict[str, Param], stage: int, trials: list
 ) -> list[_Asked]:
-    set_user_attrs(study, [(trial, {"stage": stage}) for trial in trials])
+    """Sample the asked trials' parameters, all written in one transaction."""
     asked = []
-    for trial in trials:
-        params = sample_trial(trial, space, ctx.spec.fixed)
-        asked.append(_Asked(trial, params, shape_of(params, ctx.dataset)))
+    with deferred_writes(study, trials):
+        for trial in trials:
+            trial.set_user_attr("stage", stage)
+            params = sample_trial(trial, space, ctx.spec.fixed)
+            asked.append(_Asked(trial, params, shape_of(params, ctx.dataset)))
     return asked
 
 
@@ -479,21 +489,26 @@ class _LaneTraining:
             return np.ones(len(self.asked), bool)
         return np.asarray(self.pruned)
 
-    def ended(self, index: int, result: TrialResult, variables: Callable[[], dict]) -> None:
-        """Tell the trial that left slot `index`; keep its weights if it is the best so far."""
-        fate = _fate(result, self.pruned[index], self.stop_reason)
-        metric = self.ctx.objective.metric
-        outcome = _tell(
+    def ended(self, ended: list[EndedTrial]) -> None:
+        """Tell the trials that left their slots in a round; keep the weights of the best
+        complete trial so far."""
+        fates = [_fate(e.result, self.pruned[e.trial], self.stop_reason) for e in ended]
+        outcomes = _tell(
             self.study,
-            self.asked[index],
+            [
+                (self.asked[e.trial], e.result, fate, e.variables)
+                for e, fate in zip(ended, fates, strict=True)
+            ],
             self.stage,
-            result,
-            fate,
             self.stop_reason,
-            metric,
+            self.ctx.objective.metric,
             self.on_trial,
-            variables,
         )
+        for e, outcome in zip(ended, outcomes, strict=True):
+            self._hold(e.trial, outcome)
+
+    def _hold(self, index: int, outcome: TrialOutcome) -> None:
+        """Record the trial's outcome; keep its weights only if it is the best so far."""
         if outcome.value is not None and self.kept is not None:
             held = self.outcomes[self.kept]
             assert held.value is not None, "only complete trials are kept"
@@ -509,36 +524,50 @@ class _LaneTraining:
 
 def _tell(
     study: optuna.Study,
-    asked: _Asked,
+    ended: list[tuple[_Asked, TrialResult, str, Callable[[], dict]]],
     stage: int,
-    result: TrialResult,
-    fate: str,
     stop_reason: str | None,
     metric: str,
     on_trial: Callable[[TrialOutcome], None] | None,
-    variables: Callable[[], dict],
-) -> TrialOutcome:
-    """Record a trial that left its slot and tell Optuna how it ended."""
-    trial, values = asked.trial, asked.params
-    attrs: dict[str, Any] = {"epochs": result.epochs}
-    if fate == "diverged":
-        attrs["diverged_epoch"] = result.epochs
-    elif fate != "stopped":
-        attrs |= {**result.best, "best_epoch": result.best_epoch}
-    set_user_attrs(study, [(trial, attrs)])
-    if fate == "diverged":
-        return _fail(
-            study, trial, values, stage, "diverged", "loss became NaN or infinite", on_trial
-        )
-    if fate == "stopped":
-        message = f"stopped after {result.epochs} epochs: {stop_reason}"
-        return _fail(study, trial, values, stage, stop_reason or "stopped", message, on_trial)
-    if fate == "pruned":
-        study.tell(trial, state=TrialState.PRUNED)
-        return _outcome(trial, stage, TrialState.PRUNED, None, values, on_trial)
-    value = float(result.best[metric])
-    study.tell(trial, value)
-    return _outcome(trial, stage, TrialState.COMPLETE, value, values, on_trial, None, variables)
+) -> list[TrialOutcome]:
+    """Record trials that left their slots in one round, each with its fate and weights, and
+    tell Optuna how they ended: complete and pruned ones in one transaction."""
+    finished, failed = [], []
+    for asked, result, fate, _ in ended:
+        attrs: dict[str, Any] = {"epochs": result.epochs}
+        if fate == "diverged":
+            attrs["diverged_epoch"] = result.epochs
+        elif fate != "stopped":
+            attrs |= {**result.best, "best_epoch": result.best_epoch}
+        if fate in ("pruned", "complete"):
+            state = TrialState.PRUNED if fate == "pruned" else TrialState.COMPLETE
+            value = float(result.best[metric]) if fate == "complete" else None
+            finished.append(Finished(asked.trial, state, value, attrs))
+        else:
+            failed.append((asked.trial, attrs))
+    if failed:
+        set_user_attrs(study, failed)
+    finish_trials(study, finished)
+    outcomes = []
+    for asked, result, fate, variables in ended:
+        trial, values = asked.trial, asked.params
+        if fate == "diverged":
+            message = "loss became NaN or infinite"
+            outcomes.append(_fail(study, trial, values, stage, "diverged", message, on_trial))
+        elif fate == "stopped":
+            message = f"stopped after {result.epochs} epochs: {stop_reason}"
+            reason = stop_reason or "stopped"
+            outcomes.append(_fail(study, trial, values, stage, reason, message, on_trial))
+        elif fate == "pruned":
+            outcomes.append(_outcome(trial, stage, TrialState.PRUNED, None, values, on_trial))
+        else:
+            value = float(result.best[metric])
+            outcomes.append(
+                _outcome(
+                    trial, stage, TrialState.COMPLETE, value, values, on_trial, None, variables
+                )
+            )
+    return outcomes
 
 
 def _fate(outcome: TrialResult, pruned: bool, stop_reason: str | None) -> str:

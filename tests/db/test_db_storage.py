@@ -7,8 +7,11 @@ import pytest
 from optuna.trial import TrialState
 
 from caviar.db.storage import (
+    Finished,
     TrialTally,
     create_trial,
+    deferred_writes,
+    finish_trials,
     optuna_storage,
     report_epoch,
     set_user_attrs,
@@ -112,3 +115,121 @@ def test_create_trial_is_the_next_trial_ask_would_give(database_url):
     assert created.suggest_float("x", 0.0, 1.0) == study.get_trials()[1].params["x"]
     study.tell(created, 0.25)
     assert [t.state for t in study.get_trials()] == [TrialState.RUNNING, TrialState.COMPLETE]
+
+
+def _sample(trial: optuna.Trial) -> None:
+    trial.suggest_float("lr", 1e-4, 1.0, log=True)
+    trial.suggest_int("units", 8, 64)
+    trial.suggest_categorical("optimizer", ["adam", "momentum"])
+    trial.set_user_attr("beta", 0.9)
+
+
+def test_deferred_writes_store_what_sampling_one_by_one_stores(database_url):
+    storage = optuna_storage(database_url)
+    studies = [
+        optuna.create_study(storage=storage, sampler=optuna.samplers.RandomSampler(seed=3))
+        for _ in range(2)
+    ]
+    one_by_one = [studies[0].ask() for _ in range(3)]
+    for trial in one_by_one:
+        _sample(trial)
+    deferred = [studies[1].ask() for _ in range(3)]
+    with deferred_writes(studies[1], deferred):
+        for trial in deferred:
+            _sample(trial)
+            assert set(trial.params) == {"lr", "units", "optimizer"}  # seen at once
+        assert all(t.params == {} for t in studies[1].get_trials())  # nothing written yet
+
+    def stored(study):
+        return [(t.params, t.distributions, t.user_attrs) for t in study.get_trials()]
+
+    assert stored(studies[1]) == stored(studies[0])
+    assert [t.params for t in deferred] == [t.params for t in studies[1].get_trials()]
+    studies[1].tell(deferred[0], 0.5)  # the trials are Optuna's as before
+    assert studies[1].best_trial.params == deferred[0].params
+
+
+def test_deferred_writes_write_nothing_when_the_block_raises(database_url):
+    study = optuna.create_study(storage=optuna_storage(database_url))
+    trial = study.ask()
+    with pytest.raises(RuntimeError, match="sampler failed"), deferred_writes(study, [trial]):
+        _sample(trial)
+        raise RuntimeError("sampler failed")
+    (stored,) = study.get_trials()
+    assert (stored.params, stored.user_attrs) == ({}, {})
+    trial.suggest_float("x", 0.0, 1.0)  # the trial writes through its storage again
+    assert study.get_trials()[0].params == {"x": trial.params["x"]}
+
+
+def test_deferred_writes_refuse_a_finished_trial_or_a_changed_distribution(database_url):
+    study = optuna.create_study(storage=optuna_storage(database_url))
+    earlier = study.ask()
+    earlier.suggest_float("x", 0.0, 1.0)
+    finished, running = study.ask(), study.ask()
+    study.tell(finished, 1.0)
+    with pytest.raises(RuntimeError, match="finished"), deferred_writes(study, [running, finished]):
+        running.suggest_float("y", 0.0, 1.0)
+    with (
+        pytest.raises(ValueError, match="different distribution"),
+        deferred_writes(study, [running]),
+    ):
+        running.suggest_categorical("x", ["a", "b"])
+    assert [t.params for t in study.get_trials()][1:] == [{}, {}]
+
+
+def _ended_after_start(trial: optuna.trial.FrozenTrial) -> bool:
+    start, end = trial.datetime_start, trial.datetime_complete
+    return start is not None and end is not None and 0 <= (end - start).total_seconds() < 60
+
+
+def test_finish_trials_store_what_tell_stores(database_url):
+    storage = optuna_storage(database_url)
+    told, finished = (optuna.create_study(storage=storage, direction="maximize") for _ in range(2))
+    reports = [[0.4, 0.6], [0.3, float("nan")], [0.2]]
+    ends = [(TrialState.COMPLETE, 0.7), (TrialState.PRUNED, None), (TrialState.PRUNED, None)]
+    for study in (told, finished):
+        trials = [study.ask() for _ in reports]
+        for trial, values in zip(trials, reports, strict=True):
+            report_epoch(study, [(trial, v, epoch) for epoch, v in enumerate(values)])
+        attrs = [{"epochs": len(values), "best": [0.1]} for values in reports]
+        if study is told:
+            for trial, (state, value), extra in zip(trials, ends, attrs, strict=True):
+                set_user_attrs(study, [(trial, extra)])
+                study.tell(trial, value, state=state)
+        else:
+            finish_trials(
+                study,
+                [
+                    Finished(trial, state, value, extra)
+                    for trial, (state, value), extra in zip(trials, ends, attrs, strict=True)
+                ],
+            )
+            assert trials[0].user_attrs == attrs[0]
+
+    def stored(study):
+        return [
+            (t.state, t.values, t.user_attrs, repr(t.intermediate_values), _ended_after_start(t))
+            for t in study.get_trials()
+        ]
+
+    assert stored(finished) == stored(told)
+    assert [t.values for t in finished.get_trials()] == [[0.7], None, [0.2]]  # NaN: no value
+    assert finished.best_trial.number == 0
+
+
+def test_finish_trials_refuse_a_finished_trial_and_write_nothing(database_url):
+    study = optuna.create_study(storage=optuna_storage(database_url))
+    running, failed = study.ask(), study.ask()
+    study.tell(failed, state=TrialState.FAIL)  # as the reaper fails a trial of a dead worker
+    with pytest.raises(RuntimeError, match="finished"):
+        finish_trials(
+            study,
+            [
+                Finished(running, TrialState.COMPLETE, 1.0, {"epochs": 2}),
+                Finished(failed, TrialState.COMPLETE, 1.0, {"epochs": 2}),
+            ],
+        )
+    assert [(t.state, t.user_attrs) for t in study.get_trials()] == [
+        (TrialState.RUNNING, {}),
+        (TrialState.FAIL, {}),
+    ]

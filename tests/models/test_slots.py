@@ -160,3 +160,40 @@ def test_a_trial_that_does_not_fit_the_bucket_is_refused(data):
         train_batch(
             FIRST[0][0], [FIRST[0][1]], data, epochs=2, refill=lambda n: too_wide, bucket=BUCKET
         )
+
+
+def test_trials_leaving_in_one_round_are_told_together_with_their_own_weights(data):
+    told: list[list[tuple[int, str, int]]] = []
+    weights = {}
+
+    def on_end(ended):
+        told.append([(e.trial, e.result.status, e.result.epochs) for e in ended])
+        weights.update({e.trial: e.variables() for e in ended})
+
+    def stop(report):  # trials 0 and 2 are stopped after the same round
+        return (report.epochs == 2) & (np.arange(report.epochs.size) != 1)
+
+    shapes, hparams = [s for s, _ in FIRST], [h for _, h in FIRST]
+    result = train_batch(
+        shapes,
+        hparams,
+        data,
+        epochs=3,
+        callback=stop,
+        on_end=on_end,
+        data_seed=7,
+        bucket=BUCKET,
+        keep_best=False,
+    )
+    assert told == [[(0, "stopped", 2), (2, "stopped", 2)], [(1, "completed", 3)]]
+    assert result.kept == [({}, {})] * 3  # told trials' weights went to `on_end` alone
+    for index in (0, 2):  # each its own real shape, as after its last epoch alone
+        reference = train_batch(
+            shapes[index], [hparams[index]], data, epochs=2, data_seed=7, keep_best=False
+        )
+        for got, want in zip(
+            jax.tree_util.tree_leaves(weights[index]),
+            jax.tree_util.tree_leaves(reference.trial_variables(0)),
+            strict=True,
+        ):
+            np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6)

@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session
 from caviar.db.session import DatabaseError, claim_sole_sqlite_worker, lock_search, session_scope
 from caviar.db.storage import (
     annotate_finished_trial,
-    create_trial,
+    create_trials,
     fail_stale_trials,
     normalise_url,
     optuna_storage,
@@ -317,7 +317,8 @@ class StageStudies:
         tallies = trial_tallies(study)
         study.sampler = make_sampler(self.spec, number, len(tallies))
         waiting = sum(trial.state == TrialState.WAITING for trial in tallies)
-        return [ask(study) if i < waiting else create_trial(study) for i in range(count)]
+        retried = [ask(study) for _ in range(min(waiting, count))]
+        return retried + create_trials(study, count - len(retried))
 
 
 def more_trials(

@@ -9,7 +9,7 @@ from optuna.trial import TrialState
 from caviar.db.storage import (
     Finished,
     TrialTally,
-    create_trial,
+    create_trials,
     deferred_writes,
     finish_trials,
     optuna_storage,
@@ -107,14 +107,23 @@ def test_trial_tallies_read_each_trials_state_reason_and_epochs_of_one_study(dat
     assert running.number == 2
 
 
-def test_create_trial_is_the_next_trial_ask_would_give(database_url):
+def test_create_trials_are_the_next_trials_ask_would_give(database_url):
     study = optuna.create_study(storage=optuna_storage(database_url))
     first = study.ask()
-    created = create_trial(study)
-    assert created.number == first.number + 1
-    assert created.suggest_float("x", 0.0, 1.0) == study.get_trials()[1].params["x"]
-    study.tell(created, 0.25)
-    assert [t.state for t in study.get_trials()] == [TrialState.RUNNING, TrialState.COMPLETE]
+    created = create_trials(study, 3)
+    assert [t.number for t in created] == [first.number + 1, first.number + 2, first.number + 3]
+    assert created[1].suggest_float("x", 0.0, 1.0) == study.get_trials()[2].params["x"]
+    study.tell(created[1], 0.25)
+    assert study.ask().number == first.number + 4
+    assert create_trials(study, 0) == []
+    assert [t.state for t in study.get_trials()] == [
+        TrialState.RUNNING,
+        TrialState.RUNNING,
+        TrialState.COMPLETE,
+        TrialState.RUNNING,
+        TrialState.RUNNING,
+    ]
+    assert all(t.datetime_start is not None for t in study.get_trials())
 
 
 def _sample(trial: optuna.Trial) -> None:

@@ -59,6 +59,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 import numpy as np
+from optuna.trial import TrialState
 
 from bench.common import machine, print_table, run_contender
 from bench.engine import BATCH, DATASET, HIDDEN, epoch_gflop, sample_hparams
@@ -196,12 +197,18 @@ def bench_spec(trials: int, epochs: int) -> SearchSpec:
 
 def record_trials(url: str, spec: SearchSpec, search_id: str, count: int) -> dict[str, float]:
     """Open stage 1 of `search_id` on Caviar's Optuna storage at `url` and write `count` finished
-    trials into it as a worker does (batches of 32, one transaction per epoch's reports), without
-    training; milliseconds per trial by phase."""
-    from caviar.db.storage import optuna_storage, report_epoch
+    trials into it as a worker does (batches of 32: created, sampled and told in one transaction
+    each, one per epoch's reports), without training; milliseconds per trial by phase."""
+    from caviar.db.storage import (
+        Finished,
+        create_trials,
+        deferred_writes,
+        finish_trials,
+        optuna_storage,
+        report_epoch,
+    )
     from caviar.search.runner import open_stage
     from caviar.search.space import sample_trial
-    from caviar.search.studies import ask
     from caviar.search.trials import DEFAULT_BATCH
 
     storage = optuna_storage(url)
@@ -221,11 +228,11 @@ def record_trials(url: str, spec: SearchSpec, search_id: str, count: int) -> dic
         size = min(DEFAULT_BATCH, count - first)
         dev = rng.uniform(0.1, 0.9, (size, epochs))
         with timed("ask"):
-            trials = [ask(study) for _ in range(size)]
+            trials = create_trials(study, size)
         with timed("heartbeat"):  # the one a worker writes when it claims a trial
             for trial in trials:
                 storage.record_heartbeat(trial._trial_id)
-        with timed("ask"):
+        with timed("ask"), deferred_writes(study, trials):
             for trial in trials:
                 trial.set_user_attr("stage", 1)
                 sample_trial(trial, space, spec.fixed)
@@ -237,18 +244,19 @@ def record_trials(url: str, spec: SearchSpec, search_id: str, count: int) -> dic
                 for trial in trials:
                     trial.should_prune()
         with timed("tell"):
+            finished = []
             for i, trial in enumerate(trials):
                 best = int(np.argmax(dev[i]))
-                trial.set_user_attr("epochs", epochs)
-                for name, value in {
+                attrs = {
+                    "epochs": epochs,
                     "train_loss": float(rng.uniform(0.1, 2)),
                     "train_accuracy": float(rng.uniform(0.1, 1)),
                     "dev_loss": float(rng.uniform(0.1, 2)),
                     "dev_accuracy": float(dev[i, best]),
-                }.items():
-                    trial.set_user_attr(name, value)
-                trial.set_user_attr("best_epoch", best + 1)
-                study.tell(trial, float(dev[i, best]))
+                    "best_epoch": best + 1,
+                }
+                finished.append(Finished(trial, TrialState.COMPLETE, float(dev[i, best]), attrs))
+            finish_trials(study, finished)
     return {f"{phase}_ms": 1000 * seconds / count for phase, seconds in spent.items()}
 
 

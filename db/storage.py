@@ -17,6 +17,7 @@ from typing import Any, NamedTuple, cast
 import optuna
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from optuna.storages._cached_storage import _CachedStorage, _StudyInfo
 from optuna.trial import FrozenTrial, Trial, TrialState
 from sqlalchemy import Connection, create_engine, event, func, insert
 from sqlalchemy.engine import make_url
@@ -275,8 +276,38 @@ def create_trials(study: optuna.Study, count: int) -> list[Trial]:
         first = models[0].count_past_trials(session)
         for offset, model in enumerate(models):
             model.number = first + offset
-        ids = [int(model.trial_id) for model in models]
-    return [Trial(study, trial_id) for trial_id in ids]
+        created = [_new_frozen_trial(model) for model in models]
+    _add_to_cache(study, created)
+    return [Trial(study, frozen._trial_id) for frozen in created]
+
+
+def _new_frozen_trial(model: Any) -> FrozenTrial:
+    """A new running trial's `FrozenTrial`, as Optuna builds it when it creates one."""
+    return FrozenTrial(
+        number=int(model.number),
+        state=TrialState.RUNNING,
+        value=None,
+        values=None,
+        datetime_start=model.datetime_start,
+        datetime_complete=None,
+        params={},
+        distributions={},
+        user_attrs={},
+        system_attrs={},
+        intermediate_values={},
+        trial_id=int(model.trial_id),
+    )
+
+
+def _add_to_cache(study: optuna.Study, created: list[FrozenTrial]) -> None:
+    """Register new trials with the caching wrapper Optuna puts around an RDB storage, as its own
+    `create_new_trial` does (its writes look the trial's study up there)."""
+    cache = study._storage
+    if isinstance(cache, _CachedStorage):
+        with cache._lock:
+            if study._study_id not in cache._studies:
+                cache._studies[study._study_id] = _StudyInfo()
+            cache._add_trials_to_cache(study._study_id, created)
 
 
 def report_epoch(study: optuna.Study, reports: Sequence[tuple[Trial, float, int]]) -> None:
@@ -337,24 +368,38 @@ def deferred_writes(study: optuna.Study, trials: Sequence[Trial]) -> Iterator[No
     Optuna commits each parameter and attribute on its own, after reading its trial; a claim's
     trials sample several each. Inside the block each trial sees its own values at once (Optuna's
     `Trial` keeps them), the sampler and the other trials see none of them yet (as with trials
-    sampled one after the other by other workers). If the block raises, nothing is written.
+    sampled one after the other by other workers). If the block or the write raises, nothing is
+    written and the trials forget what they sampled in it.
     """
+    from optuna.storages._rdb.models import TrialParamModel, TrialUserAttributeModel
+
     deferred = _DeferredWrites(study._storage)
+    before = [_kept_values(trial) for trial in trials]
     for trial in trials:
         trial.storage = cast(Any, deferred)
     try:
-        yield
-    finally:
-        for trial in trials:
-            trial.storage = study._storage
-    from optuna.storages._rdb.models import TrialParamModel, TrialUserAttributeModel
+        try:
+            yield
+        finally:
+            for trial in trials:
+                trial.storage = study._storage
+        with _transaction(_rdb_of(study)) as session:
+            _check_running(session, trials, lock=True)
+            _check_distributions(session, study._study_id, deferred.distributions())
+            if deferred.params:
+                session.execute(insert(TrialParamModel), deferred.params)
+            _write_attrs(session, TrialUserAttributeModel, list(deferred.attrs.items()))
+    except BaseException:
+        for trial, kept in zip(trials, before, strict=True):  # as if nothing was sampled
+            frozen = trial._cached_frozen_trial
+            frozen.params, frozen.distributions, frozen.user_attrs = kept
+        raise
 
-    with _transaction(_rdb_of(study)) as session:
-        _check_running(session, trials)
-        _check_distributions(session, study._study_id, deferred.distributions())
-        if deferred.params:
-            session.execute(insert(TrialParamModel), deferred.params)
-        _write_attrs(session, TrialUserAttributeModel, list(deferred.attrs.items()))
+
+def _kept_values(trial: Trial) -> tuple[dict, dict, dict]:
+    """Copies of what a trial keeps of its parameters, their distributions and attributes."""
+    frozen = trial._cached_frozen_trial
+    return dict(frozen.params), dict(frozen.distributions), dict(frozen.user_attrs)
 
 
 class _DeferredWrites:
@@ -427,49 +472,58 @@ class Finished(NamedTuple):
     attrs: dict[str, Any]
 
 
-def finish_trials(study: optuna.Study, finished: Sequence[Finished]) -> None:
+def finish_trials(study: optuna.Study, finished: Sequence[Finished]) -> list[Finished]:
     """`study.tell` for many running trials of `study` that completed or were pruned, with their
-    user attributes, in one transaction.
+    user attributes, in one transaction; the trials told.
 
     Optuna reads each trial twice and commits its state, its value and each attribute apart. As
     `tell` does, a pruned trial's value is its last report unless that is NaN, and the
-    sampler's `after_trial` sees each trial first. Nothing is written if one of them has
-    finished already (the reaper may have failed it).
+    sampler's `after_trial` sees each trial first. A trial that has finished meanwhile (the
+    reaper failed it) is left as it is, as `tell(skip_if_finished=True)` leaves it, and the
+    others are told. Raises ValueError for a complete trial without a value (or NaN).
     """
     from optuna.storages._rdb.models import TrialModel, TrialUserAttributeModel, TrialValueModel
 
     if not finished:
-        return
-    study._thread_local.cached_all_trials = None  # as `tell` does
+        return []
     values = {f.trial._trial_id: _told_value(f) for f in finished}
-    for f in finished:
-        frozen = f.trial._cached_frozen_trial
-        value = values[frozen._trial_id]
-        filtered = optuna.pruners._filter_study(study, frozen)
-        study.sampler.after_trial(filtered, frozen, f.state, None if value is None else [value])
+    study._thread_local.cached_all_trials = None  # as `tell` does
     now = datetime.datetime.now()
     with _transaction(_rdb_of(study)) as session:
-        ids = list(values)
-        rows = session.query(TrialModel).filter(TrialModel.trial_id.in_(ids)).with_for_update()
-        models = {row.trial_id: row for row in rows}
-        _refuse_finished([f.trial for f in finished], {i: m.state for i, m in models.items()})
-        told = []
-        for trial_id, value in values.items():
+        rows = (
+            session.query(TrialModel)
+            .filter(TrialModel.trial_id.in_(sorted(values)))
+            .order_by(TrialModel.trial_id)
+            .with_for_update()
+        )
+        running = {row.trial_id: row for row in rows if not row.state.is_finished()}
+        told = [f for f in finished if f.trial._trial_id in running]
+        for f in told:
+            frozen, value = f.trial._cached_frozen_trial, values[f.trial._trial_id]
+            filtered = optuna.pruners._filter_study(study, frozen)
+            study.sampler.after_trial(filtered, frozen, f.state, None if value is None else [value])
+        stored_values = []
+        for f in told:
+            value = values[f.trial._trial_id]
             if value is not None:
                 stored, kind = TrialValueModel.value_to_stored_repr(value)
-                told.append(
-                    {"trial_id": trial_id, "objective": 0, "value": stored, "value_type": kind}
+                stored_values.append(
+                    {
+                        "trial_id": f.trial._trial_id,
+                        "objective": 0,
+                        "value": stored,
+                        "value_type": kind,
+                    }
                 )
-        if told:
-            session.execute(insert(TrialValueModel), told)
-        _write_attrs(
-            session, TrialUserAttributeModel, [(f.trial._trial_id, f.attrs) for f in finished]
-        )
-        for f in finished:
-            model = models[f.trial._trial_id]
-            model.state, model.datetime_complete = f.state, now
-    for f in finished:
+        if stored_values:
+            session.execute(insert(TrialValueModel), stored_values)
+        _write_attrs(session, TrialUserAttributeModel, [(f.trial._trial_id, f.attrs) for f in told])
+        for f in told:
+            row = running[f.trial._trial_id]
+            row.state, row.datetime_complete = f.state, now
+    for f in told:
         f.trial._cached_frozen_trial.user_attrs.update(f.attrs)
+    return told
 
 
 def _told_value(finished: Finished) -> float | None:
@@ -540,15 +594,19 @@ def _transaction(rdb: optuna.storages.RDBStorage) -> Iterator[Any]:
         yield session
 
 
-def _check_running(session: Any, trials: Sequence[Trial]) -> None:
-    """Refuse, before anything is written, to change a trial that has finished."""
+def _check_running(session: Any, trials: Sequence[Trial], *, lock: bool = False) -> None:
+    """Refuse, before anything is written, to change a trial that has finished; with `lock`,
+    hold the trials' rows (in id order) until the transaction ends, so that the reaper cannot
+    fail one of them meanwhile."""
     from optuna.storages._rdb.models import TrialModel
 
-    ids = [trial._trial_id for trial in trials]
-    states = dict(
-        session.query(TrialModel.trial_id, TrialModel.state).filter(TrialModel.trial_id.in_(ids))
+    ids = sorted(trial._trial_id for trial in trials)
+    query = (
+        session.query(TrialModel.trial_id, TrialModel.state)
+        .filter(TrialModel.trial_id.in_(ids))
+        .order_by(TrialModel.trial_id)
     )
-    _refuse_finished(trials, states)
+    _refuse_finished(trials, dict(query.with_for_update() if lock else query))
 
 
 def _refuse_finished(trials: Sequence[Trial], states: dict[int, TrialState]) -> None:

@@ -12,9 +12,10 @@ A diverged trial fails with reason `diverged`; the rest of its batch goes on.
 from __future__ import annotations
 
 import logging
+import math
 import traceback
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
@@ -490,22 +491,21 @@ class _LaneTraining:
         return np.asarray(self.pruned)
 
     def ended(self, ended: list[EndedTrial]) -> None:
-        """Tell the trials that left their slots in a round; keep the weights of the best
-        complete trial so far."""
-        fates = [_fate(e.result, self.pruned[e.trial], self.stop_reason) for e in ended]
-        outcomes = _tell(
-            self.study,
-            [
-                (self.asked[e.trial], e.result, fate, e.variables)
-                for e, fate in zip(ended, fates, strict=True)
-            ],
-            self.stage,
-            self.stop_reason,
-            self.ctx.objective.metric,
-            self.on_trial,
-        )
-        for e, outcome in zip(ended, outcomes, strict=True):
-            self._hold(e.trial, outcome)
+        """Tell the trials that left their slots in a round, each outcome recorded as it is
+        told; keep the weights of the best complete trial so far."""
+        metric = self.ctx.objective.metric
+        leaving = [
+            (
+                self.asked[e.trial],
+                e.result,
+                _fate(e.result, self.pruned[e.trial], self.stop_reason, metric),
+                e.variables,
+            )
+            for e in ended
+        ]
+        told = _tell(self.study, leaving, self.stage, self.stop_reason, metric, self.on_trial)
+        for position, outcome in told:
+            self._hold(ended[position].trial, outcome)
 
     def _hold(self, index: int, outcome: TrialOutcome) -> None:
         """Record the trial's outcome; keep its weights only if it is the best so far."""
@@ -529,9 +529,10 @@ def _tell(
     stop_reason: str | None,
     metric: str,
     on_trial: Callable[[TrialOutcome], None] | None,
-) -> list[TrialOutcome]:
+) -> Iterator[tuple[int, TrialOutcome]]:
     """Record trials that left their slots in one round, each with its fate and weights, and
-    tell Optuna how they ended: complete and pruned ones in one transaction."""
+    tell Optuna how they ended: complete and pruned ones in one transaction, then the failed
+    ones. Yields (position in `ended`, outcome) as each is recorded."""
     finished, failed = [], []
     for asked, result, fate, _ in ended:
         attrs: dict[str, Any] = {"epochs": result.epochs}
@@ -545,38 +546,43 @@ def _tell(
             finished.append(Finished(asked.trial, state, value, attrs))
         else:
             failed.append((asked.trial, attrs))
+    told = {f.trial._trial_id for f in finish_trials(study, finished)}
+    for position, (asked, result, fate, variables) in enumerate(ended):
+        trial, values = asked.trial, asked.params
+        if fate == "pruned" or fate == "complete":
+            if trial._trial_id not in told:  # the reaper failed it meanwhile: it runs again
+                outcome = _outcome(trial, stage, TrialState.FAIL, None, values, on_trial, "stale")
+            elif fate == "pruned":
+                outcome = _outcome(trial, stage, TrialState.PRUNED, None, values, on_trial)
+            else:
+                value = float(result.best[metric])
+                complete = TrialState.COMPLETE
+                outcome = _outcome(trial, stage, complete, value, values, on_trial, None, variables)
+            yield position, outcome
     if failed:
         set_user_attrs(study, failed)
-    finish_trials(study, finished)
-    outcomes = []
-    for asked, result, fate, variables in ended:
+    for position, (asked, result, fate, _) in enumerate(ended):
         trial, values = asked.trial, asked.params
         if fate == "diverged":
             message = "loss became NaN or infinite"
-            outcomes.append(_fail(study, trial, values, stage, "diverged", message, on_trial))
+            yield position, _fail(study, trial, values, stage, "diverged", message, on_trial)
         elif fate == "stopped":
             message = f"stopped after {result.epochs} epochs: {stop_reason}"
             reason = stop_reason or "stopped"
-            outcomes.append(_fail(study, trial, values, stage, reason, message, on_trial))
-        elif fate == "pruned":
-            outcomes.append(_outcome(trial, stage, TrialState.PRUNED, None, values, on_trial))
-        else:
-            value = float(result.best[metric])
-            outcomes.append(
-                _outcome(
-                    trial, stage, TrialState.COMPLETE, value, values, on_trial, None, variables
-                )
-            )
-    return outcomes
+            yield position, _fail(study, trial, values, stage, reason, message, on_trial)
 
 
-def _fate(outcome: TrialResult, pruned: bool, stop_reason: str | None) -> str:
-    """How a trained trial ends: diverged, stopped (by a stop reason), pruned or complete."""
+def _fate(outcome: TrialResult, pruned: bool, stop_reason: str | None, metric: str) -> str:
+    """How a trained trial ends: diverged (also when it would complete without a finite value
+    of `metric`), stopped (by a stop reason), pruned or complete."""
     if outcome.status == "diverged":
         return "diverged"
     if stop_reason and outcome.status == "stopped" and not pruned:
         return "stopped"
-    return "pruned" if pruned else "complete"
+    if pruned:
+        return "pruned"
+    value = outcome.best.get(metric)
+    return "complete" if value is not None and not math.isnan(value) else "diverged"
 
 
 #: How XLA, CUDA, cuBLAS and cuDNN word an allocation failure (compared in lower case).

@@ -108,7 +108,8 @@ def test_trial_tallies_read_each_trials_state_reason_and_epochs_of_one_study(dat
 
 
 def test_create_trials_are_the_next_trials_ask_would_give(database_url):
-    study = optuna.create_study(storage=optuna_storage(database_url))
+    sampler = optuna.samplers.RandomSampler(seed=0)
+    study = optuna.create_study(storage=optuna_storage(database_url), sampler=sampler)
     first = study.ask()
     created = create_trials(study, 3)
     assert [t.number for t in created] == [first.number + 1, first.number + 2, first.number + 3]
@@ -124,6 +125,9 @@ def test_create_trials_are_the_next_trials_ask_would_give(database_url):
         TrialState.RUNNING,
     ]
     assert all(t.datetime_start is not None for t in study.get_trials())
+    (alone,) = create_trials(study, 1)  # a sampler that reads nothing first: Optuna's cache
+    alone.suggest_int("units", 8, 64)  # knows the trial, so its own writes find it
+    assert study.get_trials()[alone.number].params == alone.params
 
 
 def _sample(trial: optuna.Trial) -> None:
@@ -146,7 +150,6 @@ def test_deferred_writes_store_what_sampling_one_by_one_stores(database_url):
     with deferred_writes(studies[1], deferred):
         for trial in deferred:
             _sample(trial)
-            assert set(trial.params) == {"lr", "units", "optimizer"}  # seen at once
         assert all(t.params == {} for t in studies[1].get_trials())  # nothing written yet
 
     def stored(study):
@@ -166,6 +169,7 @@ def test_deferred_writes_write_nothing_when_the_block_raises(database_url):
         raise RuntimeError("sampler failed")
     (stored,) = study.get_trials()
     assert (stored.params, stored.user_attrs) == ({}, {})
+    assert (trial.params, trial.user_attrs) == ({}, {})  # it forgot what it sampled
     trial.suggest_float("x", 0.0, 1.0)  # the trial writes through its storage again
     assert study.get_trials()[0].params == {"x": trial.params["x"]}
 
@@ -226,19 +230,18 @@ def test_finish_trials_store_what_tell_stores(database_url):
     assert finished.best_trial.number == 0
 
 
-def test_finish_trials_refuse_a_finished_trial_and_write_nothing(database_url):
+def test_finish_trials_leave_a_trial_the_reaper_failed_and_tell_the_others(database_url):
     study = optuna.create_study(storage=optuna_storage(database_url))
-    running, failed = study.ask(), study.ask()
-    study.tell(failed, state=TrialState.FAIL)  # as the reaper fails a trial of a dead worker
-    with pytest.raises(RuntimeError, match="finished"):
-        finish_trials(
-            study,
-            [
-                Finished(running, TrialState.COMPLETE, 1.0, {"epochs": 2}),
-                Finished(failed, TrialState.COMPLETE, 1.0, {"epochs": 2}),
-            ],
-        )
-    assert [(t.state, t.user_attrs) for t in study.get_trials()] == [
-        (TrialState.RUNNING, {}),
-        (TrialState.FAIL, {}),
+    first, reaped, last = study.ask(), study.ask(), study.ask()
+    study.tell(reaped, state=TrialState.FAIL)  # as the reaper fails a trial of a dead worker
+    ends = [
+        Finished(trial, TrialState.COMPLETE, float(n), {"epochs": n})
+        for n, trial in enumerate((first, reaped, last))
+    ]
+    told = finish_trials(study, ends)
+    assert [f.trial.number for f in told] == [0, 2]
+    assert [(t.state, t.values, t.user_attrs) for t in study.get_trials()] == [
+        (TrialState.COMPLETE, [0.0], {"epochs": 0}),
+        (TrialState.FAIL, None, {}),
+        (TrialState.COMPLETE, [2.0], {"epochs": 2}),
     ]

@@ -8,7 +8,7 @@ import pytest
 from optuna.trial import TrialState
 
 from caviar.db.migrate import upgrade
-from caviar.db.storage import optuna_storage
+from caviar.db.storage import optuna_storage, retry_stale_trial
 from caviar.search.runner import finish_search, load_search_dataset, run_search, start_search
 from caviar.search.spec import parse_spec
 
@@ -175,3 +175,26 @@ def test_a_stop_after_the_last_epoch_keeps_the_finished_batch(url, storage):
     assert len(trials) == 4  # the search stopped before asking the next batch
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 4
     assert result.best is not None
+
+
+def test_a_trial_the_reaper_fails_in_its_last_round_runs_again_and_the_round_goes_on(url, storage):
+    """The reaper fails a trial of this process (as when its heartbeats stopped) just before
+    the round in which it would complete is told: its neighbours are told as usual, it keeps
+    the reaper's reason, and its retry completes in its place."""
+    reaped = []
+
+    def reap_one(trials):
+        for trial in trials:
+            if not reaped and max(trial._cached_frozen_trial.intermediate_values) == 4:
+                study = trial.study
+                study.tell(trial, state=TrialState.FAIL)
+                retry_stale_trial(study, study._storage.get_trial(trial._trial_id))
+                reaped.append(trial.number)
+
+    result = run(url, parse_spec(TINY), batch=3, on_epoch=reap_one)
+    trials = all_trials(storage, result)
+    (failed,) = [t for t in trials if t.state == TrialState.FAIL]
+    assert failed.number == reaped[0] and failed.user_attrs["reason"] == "stale"
+    assert result.counts["complete"] == 8  # the budget, the retry included
+    (retry,) = [t for t in trials if t.system_attrs.get("failed_trial") == failed.number]
+    assert retry.state == TrialState.COMPLETE and retry.params == failed.params

@@ -148,7 +148,8 @@ def fail_stale_trials(study: optuna.Study) -> int:
     from optuna.storages._rdb import models
 
     rdb = _rdb_of(study)
-    cutoff = datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=GRACE_PERIOD_S)
+    # Naive local time: what Optuna's trials table hands back as a trial's start.
+    cutoff = datetime.datetime.now() - datetime.timedelta(seconds=GRACE_PERIOD_S)
     with rdb.scoped_session() as session:
         orphans = [
             cast(int, trial.trial_id)  # Optuna's tables declare untyped columns
@@ -488,6 +489,19 @@ def finish_trials(study: optuna.Study, finished: Sequence[Finished]) -> list[Fin
         return []
     values = {f.trial._trial_id: _told_value(f) for f in finished}
     study._thread_local.cached_all_trials = None  # as `tell` does
+    # The sampler first, outside the transaction below: it may read the storage, whose
+    # sessions would end that transaction's.
+    with _transaction(_rdb_of(study)) as session:
+        states = dict(
+            session.query(TrialModel.trial_id, TrialModel.state).filter(
+                TrialModel.trial_id.in_(list(values))
+            )
+        )
+    for f in finished:
+        if not states[f.trial._trial_id].is_finished():
+            frozen, value = f.trial._cached_frozen_trial, values[f.trial._trial_id]
+            filtered = optuna.pruners._filter_study(study, frozen)
+            study.sampler.after_trial(filtered, frozen, f.state, None if value is None else [value])
     now = datetime.datetime.now()
     with _transaction(_rdb_of(study)) as session:
         rows = (
@@ -498,10 +512,6 @@ def finish_trials(study: optuna.Study, finished: Sequence[Finished]) -> list[Fin
         )
         running = {row.trial_id: row for row in rows if not row.state.is_finished()}
         told = [f for f in finished if f.trial._trial_id in running]
-        for f in told:
-            frozen, value = f.trial._cached_frozen_trial, values[f.trial._trial_id]
-            filtered = optuna.pruners._filter_study(study, frozen)
-            study.sampler.after_trial(filtered, frozen, f.state, None if value is None else [value])
         stored_values = []
         for f in told:
             value = values[f.trial._trial_id]

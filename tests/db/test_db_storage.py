@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import datetime
+
 import optuna
 import pytest
 from optuna.trial import TrialState
 
 from caviar.db.storage import (
+    GRACE_PERIOD_S,
     Finished,
     TrialTally,
     create_trials,
     deferred_writes,
+    fail_stale_trials,
     finish_trials,
     optuna_storage,
     report_epoch,
@@ -197,7 +201,14 @@ def _ended_after_start(trial: optuna.trial.FrozenTrial) -> bool:
 
 def test_finish_trials_store_what_tell_stores(database_url):
     storage = optuna_storage(database_url)
-    told, finished = (optuna.create_study(storage=storage, direction="maximize") for _ in range(2))
+    told, finished = (  # Hyperband: the sampler sees each trial in its bracket, read from storage
+        optuna.create_study(
+            storage=storage,
+            direction="maximize",
+            pruner=optuna.pruners.HyperbandPruner(min_resource=1, max_resource=3),
+        )
+        for _ in range(2)
+    )
     reports = [[0.4, 0.6], [0.3, float("nan")], [0.2]]
     ends = [(TrialState.COMPLETE, 0.7), (TrialState.PRUNED, None), (TrialState.PRUNED, None)]
     for study in (told, finished):
@@ -245,3 +256,31 @@ def test_finish_trials_leave_a_trial_the_reaper_failed_and_tell_the_others(datab
         (TrialState.FAIL, None, {}),
         (TrialState.COMPLETE, [2.0], {"epochs": 2}),
     ]
+
+
+def test_a_running_trial_that_never_got_a_heartbeat_is_failed_once_its_grace_is_over(
+    database_url,
+):
+    """A worker that died between asking for a trial and its first heartbeat: Optuna's own
+    reaper never looks at such a trial; ours fails it and runs it again."""
+    from optuna.storages._rdb.models import TrialModel
+
+    study = optuna.create_study(storage=optuna_storage(database_url))
+    orphan, _ = study.ask(), study.ask()  # the second one starts now
+    orphan.suggest_float("x", 0.0, 1.0)
+    rdb = optuna_storage(database_url)
+    with rdb.scoped_session() as session:  # as if it started a grace period and more ago
+        row = session.get_one(TrialModel, orphan._trial_id)
+        row.datetime_start = datetime.datetime.now() - datetime.timedelta(
+            seconds=GRACE_PERIOD_S + 5
+        )
+        session.commit()
+
+    assert fail_stale_trials(study) == 1
+    trials = study.get_trials()
+    assert [(t.state, t.user_attrs.get("reason")) for t in trials[:2]] == [
+        (TrialState.FAIL, "stale"),
+        (TrialState.RUNNING, None),
+    ]
+    (retry,) = trials[2:]
+    assert retry.state == TrialState.WAITING and retry.params == orphan.params

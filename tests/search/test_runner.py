@@ -181,7 +181,7 @@ def test_a_trial_the_reaper_fails_in_its_last_round_runs_again_and_the_round_goe
     """The reaper fails a trial of this process (as when its heartbeats stopped) just before
     the round in which it would complete is told: its neighbours are told as usual, it keeps
     the reaper's reason, and its retry completes in its place."""
-    reaped = []
+    reaped: list[int] = []
 
     def reap_one(trials):
         for trial in trials:

@@ -27,8 +27,11 @@ install: $(INSTALLED)
 
 # The suite creates its PostgreSQL database, or starts a throw-away server from the installed
 # binaries; tests needing PostgreSQL or Chromium fail under CI=true without them, else skip.
+# It runs in TEST_WORKERS processes (pytest-xdist; `auto`: one a core), each with a PostgreSQL
+# database of its own; most of its time is spent waiting on the processes the tests start.
+TEST_WORKERS ?= auto
 test: $(INSTALLED)
-	$(PY) -m pytest
+	$(PY) -m pytest --numprocesses $(TEST_WORKERS) --dist worksteal
 
 # Debian packages the tests use from outside Python (needs root): PostgreSQL's binaries, Chromium.
 system-deps:

@@ -57,13 +57,23 @@ _postgres: dict[str, str] = {}
 def configure_postgres() -> None:
     """Resolve the run's PostgreSQL test database once (`CAVIAR_TEST_POSTGRES_URL` or the default);
     the URL found is put back in that variable for subprocesses."""
-    url = os.environ.get("CAVIAR_TEST_POSTGRES_URL", DEFAULT_POSTGRES_URL)
+    url = per_worker(os.environ.get("CAVIAR_TEST_POSTGRES_URL", DEFAULT_POSTGRES_URL))
     try:
         url, _ = ensure_postgres(url)
     except Unavailable as error:
         _postgres["unavailable"] = str(error)
         return
     _postgres["url"] = os.environ["CAVIAR_TEST_POSTGRES_URL"] = url
+
+
+def per_worker(url: str) -> str:
+    """`url` with a database of this pytest-xdist worker's own (`caviar_test_gw1`), so that the
+    suite's processes never wipe each other's tables; `url` itself outside xdist."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker is None:
+        return url
+    target = make_url(url)
+    return target.set(database=f"{target.database}_{worker}").render_as_string(hide_password=False)
 
 
 def postgres_test_url() -> str:

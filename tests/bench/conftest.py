@@ -44,5 +44,6 @@ def bench() -> Callable[..., BenchRun]:
 
 @pytest.fixture
 def bench_postgres_env(postgres_url) -> dict[str, str]:
-    """A database of its own for a benchmark, which drops and creates the one it is given."""
-    return {"CAVIAR_BENCH_POSTGRES_URL": postgres_url.rsplit("/", 1)[0] + "/caviar_bench_smoke"}
+    """A database of its own for a benchmark, which drops and creates the one it is given (named
+    after the test database, so that each pytest-xdist worker has its own)."""
+    return {"CAVIAR_BENCH_POSTGRES_URL": postgres_url + "_bench"}

@@ -94,7 +94,7 @@ def assert_started(workers: list, seconds: float = 180) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("attempt", range(10))
+@pytest.mark.parametrize("attempt", range(3))
 def test_workers_started_together_on_a_fresh_upgraded_database_all_start(postgres_url, attempt):
     env = {**os.environ, "CAVIAR_DATABASE_URL": postgres_url}
     upgrade(postgres_url)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import datetime
 import functools
 import json
@@ -279,7 +280,32 @@ def create_trials(study: optuna.Study, count: int) -> list[Trial]:
             model.number = first + offset
         created = [_new_frozen_trial(model) for model in models]
     _add_to_cache(study, created)
-    return [Trial(study, frozen._trial_id) for frozen in created]
+    # Optuna's `Trial(study, id)` reads a running trial back from the database; these are built
+    # from what was just written instead, through a copy of the study that answers that read.
+    reader = copy.copy(study)
+    reader._storage = cast(Any, _Created(study._storage, created))
+    trials = [Trial(reader, frozen._trial_id) for frozen in created]
+    for trial in trials:
+        trial.study, trial.storage = study, study._storage
+    return trials
+
+
+class _Created:
+    """A study's storage that answers `get_trial` for trials just created from their
+    `FrozenTrial`s (a copy each, as a read would give) and passes every other call on."""
+
+    def __init__(self, storage: Any, created: list[FrozenTrial]) -> None:
+        self._storage = storage
+        self._created = {frozen._trial_id: frozen for frozen in created}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._storage, name)
+
+    def get_trial(self, trial_id: int) -> FrozenTrial:
+        frozen = self._created.get(trial_id)
+        if frozen is None:
+            return self._storage.get_trial(trial_id)
+        return copy.deepcopy(frozen)
 
 
 def _new_frozen_trial(model: Any) -> FrozenTrial:

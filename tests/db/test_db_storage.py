@@ -7,6 +7,7 @@ import datetime
 import optuna
 import pytest
 from optuna.trial import TrialState
+from sqlalchemy import event
 
 from caviar.db.storage import (
     GRACE_PERIOD_S,
@@ -132,6 +133,31 @@ def test_create_trials_are_the_next_trials_ask_would_give(database_url):
     (alone,) = create_trials(study, 1)  # a sampler that reads nothing first: Optuna's cache
     alone.suggest_int("units", 8, 64)  # knows the trial, so its own writes find it
     assert study.get_trials()[alone.number].params == alone.params
+
+
+def test_create_trials_reads_as_much_for_many_trials_as_for_one(database_url):
+    """Its trials come from what it wrote, not from a read of each (a round trip a trial)."""
+    storage = optuna_storage(database_url)
+    study = optuna.create_study(storage=storage, sampler=optuna.samplers.RandomSampler(seed=0))
+    reads: list[str] = []
+
+    def count(_conn, _cursor, statement: str, *_args) -> None:
+        reads.extend([statement] if statement.lstrip().upper().startswith("SELECT") else [])
+
+    engine = storage.engine
+    event.listen(engine, "before_cursor_execute", count)
+    try:
+        create_trials(study, 1)
+        one, reads[:] = len(reads), []
+        created = create_trials(study, 8)
+    finally:
+        event.remove(engine, "before_cursor_execute", count)
+    assert len(reads) == one
+    for trial in created:  # what `Trial(study, id)` would have read, and the study's own storage
+        assert trial._cached_frozen_trial == storage.get_trial(trial._trial_id)
+        assert trial.study is study and trial.storage is study._storage
+    created[3].suggest_float("x", 0.0, 1.0)
+    assert study.get_trials()[created[3].number].params == created[3].params
 
 
 def _sample(trial: optuna.Trial) -> None:

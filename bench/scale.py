@@ -205,6 +205,7 @@ def record_trials(url: str, spec: SearchSpec, search_id: str, count: int) -> dic
         deferred_writes,
         finish_trials,
         optuna_storage,
+        record_heartbeats,
         report_epoch,
     )
     from caviar.search.runner import open_stage
@@ -230,8 +231,7 @@ def record_trials(url: str, spec: SearchSpec, search_id: str, count: int) -> dic
         with timed("ask"):
             trials = create_trials(study, size)
         with timed("heartbeat"):  # the one a worker writes when it claims a trial
-            for trial in trials:
-                storage.record_heartbeat(trial._trial_id)
+            record_heartbeats(storage, [trial._trial_id for trial in trials])
         with timed("ask"), deferred_writes(study, trials):
             for trial in trials:
                 trial.set_user_attr("stage", 1)

@@ -20,7 +20,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from optuna.storages._cached_storage import _CachedStorage, _StudyInfo
 from optuna.trial import FrozenTrial, Trial, TrialState
-from sqlalchemy import Connection, create_engine, event, func, insert
+from sqlalchemy import Connection, create_engine, event, func, insert, select, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import aliased
 from sqlalchemy.pool import NullPool
@@ -189,6 +189,20 @@ def annotate_finished_trial(
 
     with _transaction(rdb) as session:
         _write_attrs(session, TrialUserAttributeModel, [(trial._trial_id, attrs)])
+
+
+def record_heartbeats(storage: optuna.storages.RDBStorage, trial_ids: Sequence[int]) -> None:
+    """`storage.record_heartbeat` for each of `trial_ids`, in one transaction of three
+    statements instead of a transaction of two or three for each trial."""
+    from optuna.storages._rdb.models import TrialHeartbeatModel as Beat
+
+    ids = sorted(set(trial_ids))
+    if not ids:
+        return
+    with _transaction(storage) as session:
+        session.execute(update(Beat).where(Beat.trial_id.in_(ids)).values(heartbeat=func.now()))
+        beating = set(session.scalars(select(Beat.trial_id).where(Beat.trial_id.in_(ids))))
+        session.add_all([Beat(trial_id=trial_id) for trial_id in ids if trial_id not in beating])
 
 
 def trial_states(url: str, studies: Sequence[str]) -> Counter[TrialState]:

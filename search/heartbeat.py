@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import optuna
 
+from caviar.db.storage import record_heartbeats
 from caviar.search.worker_metrics import METRICS
 
 log = logging.getLogger("caviar.worker")
@@ -48,8 +49,7 @@ class Heartbeat:
     def beat(self) -> None:
         """Write one heartbeat per trial now (errors are logged; `silent_for` tells how long)."""
         try:
-            for trial_id in self.trial_ids:
-                self.storage.record_heartbeat(trial_id)
+            record_heartbeats(self.storage, self.trial_ids)
         except Exception as error:  # the database may be briefly unreachable; keep trying
             METRICS.database_error("heartbeat")
             log.warning("heartbeat failed: %s", error)

@@ -38,6 +38,7 @@ from caviar.db.storage import (
     HEARTBEAT_INTERVAL_S,
     fail_stale_trials,
     optuna_storage,
+    record_heartbeats,
 )
 from caviar.db.tables import OPEN_STATUSES, Lease, Search, SearchStatus, StoredDataset, utcnow
 from caviar.models.data import Dataset, DatasetError, from_arrays, read_csv, read_npz
@@ -339,8 +340,8 @@ class Worker:
             if isinstance(decision, Ask):
                 study, space = stages.stage(row.stage)
                 trials = stages.ask(row.stage, decision.count)
-                for trial in trials:  # from now on the reaper knows whether this worker lives
-                    self.storage.record_heartbeat(trial._trial_id)
+                # From now on the reaper knows whether this worker lives.
+                record_heartbeats(self.storage, [trial._trial_id for trial in trials])
                 self._lease(session, row.id, "train")
                 refills = grants_more(row, stages)
                 claim = Claim(row.id, row.stage, study, space, trials, row.started_at, refills)
@@ -464,9 +465,9 @@ class Worker:
             with Heartbeat(self.storage, ids, HEARTBEAT_INTERVAL_S) as heartbeat:
 
                 def joined(trials: list[Trial]) -> None:  # refills, still under the lock
-                    for trial in trials:
-                        self.storage.record_heartbeat(trial._trial_id)
-                    heartbeat.add([trial._trial_id for trial in trials])
+                    ids = [trial._trial_id for trial in trials]
+                    record_heartbeats(self.storage, ids)
+                    heartbeat.add(ids)
                     claim.trials.extend(trials)
 
                 outcomes = train_trials(

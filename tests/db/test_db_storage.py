@@ -18,6 +18,7 @@ from caviar.db.storage import (
     fail_stale_trials,
     finish_trials,
     optuna_storage,
+    record_heartbeats,
     report_epoch,
     set_user_attrs,
     trial_states,
@@ -282,6 +283,28 @@ def test_finish_trials_leave_a_trial_the_reaper_failed_and_tell_the_others(datab
         (TrialState.FAIL, None, {}),
         (TrialState.COMPLETE, [2.0], {"epochs": 2}),
     ]
+
+
+def test_record_heartbeats_writes_what_optunas_record_heartbeat_writes(database_url):
+    from optuna.storages._rdb.models import TrialHeartbeatModel as Beat
+
+    rdb = optuna_storage(database_url)
+    study = optuna.create_study(storage=rdb)
+    old, new, reference, silent = (study.ask()._trial_id for _ in range(4))
+    for trial_id in (old, reference):
+        rdb.record_heartbeat(trial_id)
+    with rdb.scoped_session() as session:  # the old trial's last beat, a minute ago
+        session.query(Beat).filter_by(trial_id=old).one().heartbeat -= datetime.timedelta(minutes=1)
+        session.commit()
+
+    record_heartbeats(rdb, [new, old, new])  # a new beat, and a beat again
+    rdb.record_heartbeat(reference)  # Optuna's beat again, now
+    record_heartbeats(rdb, [])
+    with rdb.scoped_session() as session:
+        beats: dict = {beat.trial_id: beat.heartbeat for beat in session.query(Beat)}
+    assert set(beats) == {old, new, reference} and silent not in beats
+    for trial_id in (old, new):
+        assert abs(beats[trial_id] - beats[reference]) < datetime.timedelta(seconds=5)
 
 
 def test_a_running_trial_that_never_got_a_heartbeat_is_failed_once_its_grace_is_over(

@@ -6,7 +6,7 @@ import logging
 
 from fastapi import APIRouter, Response, status
 from fastapi.responses import JSONResponse, PlainTextResponse
-from sqlalchemy import func, inspect, select, text
+from sqlalchemy import DateTime, func, inspect, select, text
 
 from caviar.db.migrate import is_current
 from caviar.db.session import DatabaseError, session_scope
@@ -63,11 +63,12 @@ def metrics(settings: SettingsDep) -> PlainTextResponse:
         if "trials" in tables:  # Optuna's table, once any study exists
             rows = session.execute(text("SELECT state, COUNT(*) FROM trials GROUP BY state"))
             trials = [(str(state).rsplit(".", 1)[-1], count) for state, count in rows]
+            # Typed columns: SQLite hands timestamps back as text.
             finished = session.execute(
                 text(
                     "SELECT datetime_start, datetime_complete FROM trials "
                     "WHERE datetime_start IS NOT NULL AND datetime_complete IS NOT NULL"
-                )
+                ).columns(datetime_start=DateTime, datetime_complete=DateTime)
             )
             durations = [(end - start).total_seconds() for start, end in finished]
     lines = ["# HELP caviar_searches Searches by status.", "# TYPE caviar_searches gauge"]

@@ -6,8 +6,10 @@ import json
 from typing import TYPE_CHECKING
 
 import numpy as np
+import optuna
 import pytest
 
+from caviar.db.storage import optuna_storage
 from caviar.service.app import create_app
 from caviar.service.settings import Settings
 
@@ -247,7 +249,12 @@ def test_health_readiness_and_metrics(client, settings, tokens, tmp_path):
     submit(client, tokens["alice"])
     metrics = client.get("/metrics").text
     assert 'caviar_searches{status="queued"} 1' in metrics
-    assert "caviar_trial_duration_seconds_count" in metrics
+    assert "caviar_trial_duration_seconds_count 0" in metrics
+    study = optuna.create_study(storage=optuna_storage(settings.database_url))
+    study.tell(study.ask(), 1.0)  # a finished trial: its times come back from SQLite as text
+    metrics = client.get("/metrics").text
+    assert 'caviar_trials{state="COMPLETE"} 1' in metrics
+    assert "caviar_trial_duration_seconds_count 1" in metrics
     from fastapi.testclient import TestClient
 
     stale = Settings(database_url=f"sqlite:///{tmp_path / 'never-migrated.db'}")

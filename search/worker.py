@@ -57,6 +57,7 @@ from caviar.search.runner import (
     search_stop_check,
 )
 from caviar.search.spec import Param, SearchSpec, SpecError
+from caviar.search.studies import make_sampler
 from caviar.search.trials import (
     SearchContext,
     TrialOutcome,
@@ -317,10 +318,11 @@ class Worker:
         except DATABASE_ERRORS:
             raise
         except Exception as error:  # whatever the spec or its data do, only this search fails
+            what = "start the search" if isinstance(error, SpecError) else "load the dataset"
             with session_scope(self.url) as session:
                 row = lock_search(session, search_id)
                 if row is not None and row.status in OPEN_STATUSES:
-                    _fail_search(row, f"could not load the dataset: {_problem(error)}")
+                    _fail_search(row, f"could not {what}: {_problem(error)}")
         finally:
             self._release(search_id)
         return True
@@ -406,8 +408,10 @@ class Worker:
         return None
 
     def _context(self, search_id: str, owner: str, spec_data: dict[str, Any]) -> SearchContext:
-        """The spec, its dataset (on the device) and objective; raises if any is unusable."""
+        """The spec, its dataset (on the device) and objective; raises if any is unusable (a
+        `SpecError` for a spec this worker cannot run, such as a sampler it lacks a package for)."""
         spec = SearchSpec.model_validate(spec_data)
+        make_sampler(spec, stage=1)
         if spec.dataset.id is not None:
             dataset = self._uploaded_dataset(owner, spec)
         elif spec.dataset.path is not None:

@@ -254,6 +254,25 @@ def test_a_search_that_cannot_be_loaded_fails_alone(url):
     assert healthy_status == "completed", healthy_error
 
 
+def test_a_search_whose_sampler_this_worker_lacks_fails_alone_and_the_worker_goes_on(url):
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("PyTorch is installed here: the gp sampler runs")
+    gp = queue(url, SPEC + "sampler: gp\n", owner="alice")
+    healthy = queue(url, owner="bob")
+    Worker(url, batch=4).run(until_idle=True)
+    (gp_status, gp_error), (healthy_status, healthy_error) = errors_of(url, gp, healthy)
+    assert gp_status == "failed"
+    assert gp_error == (
+        "could not start the search: sampler: the gp sampler needs PyTorch: "
+        "pip install 'caviar[gp]'"
+    )
+    assert healthy_status == "completed", healthy_error
+
+
 def test_a_search_whose_workers_keep_dying_fails_after_the_attempt_limit(url):
     from datetime import timedelta
 

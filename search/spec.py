@@ -819,4 +819,6 @@ def _syntax_problem(error: Exception) -> str:
 def load_spec(path: str | os.PathLike[str]) -> SearchSpec:
     """Read and validate the spec file at ``path`` (JSON if it ends in .json, else YAML)."""
     file = Path(path)
-    return parse_spec(file.read_bytes(), format="json" if file.suffix == ".json" else "yaml")
+    with file.open("rb") as stream:  # past the cap parse_spec refuses it: read no further
+        text = stream.read(MAX_SPEC_DOCUMENT_BYTES + 1)
+    return parse_spec(text, format="json" if file.suffix == ".json" else "yaml")

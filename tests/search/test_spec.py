@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from caviar.search.spec import (
+    MAX_SPEC_DOCUMENT_BYTES,
     Budget,
     CategoricalParam,
     DatasetRef,
@@ -104,6 +107,37 @@ def test_load_spec_reads_yaml_and_json_files(tmp_path: Path) -> None:
     (tmp_path / "spec.yaml").write_text(EXAMPLE)
     (tmp_path / "spec.json").write_text(json.dumps(yaml.safe_load(EXAMPLE)))
     assert load_spec(tmp_path / "spec.yaml") == load_spec(str(tmp_path / "spec.json"))
+
+
+def test_load_spec_reads_no_further_than_the_size_cap(tmp_path: Path) -> None:
+    """A spec "file" that never ends (`/dev/zero`, a pipe) is refused once past the cap, rather
+    than read until memory runs out."""
+    pipe = tmp_path / "spec.yaml"
+    os.mkfifo(pipe)
+    done = threading.Event()
+
+    def endless_writer() -> None:
+        with open(pipe, "wb") as stream:
+            stream.write(b"#" * (MAX_SPEC_DOCUMENT_BYTES + 1))
+            done.wait(60)  # the pipe stays open: a reader waiting for its end waits on
+
+    errors: list[SpecError] = []
+
+    def read() -> None:
+        with pytest.raises(SpecError) as raised:
+            load_spec(pipe)
+        errors.append(raised.value)
+
+    writer, reader = threading.Thread(target=endless_writer), threading.Thread(target=read)
+    writer.start()
+    reader.start()
+    reader.join(timeout=30)
+    waited = reader.is_alive()
+    done.set()  # ends the pipe, and with it a reader still waiting
+    writer.join()
+    reader.join()
+    assert not waited, "load_spec waited for the end of an endless file"
+    assert "larger than 1048576 bytes" in str(errors[0])
 
 
 def test_defaults() -> None:

@@ -159,6 +159,11 @@ class StoredDataset(Base):
     target: Mapped[str | None] = mapped_column(String(200))
     rows: Mapped[int]
     columns: Mapped[int]
+    #: Outputs of the task its labels imply (classes, or 1 for regression), and its distinct
+    #: labels where a spec may ask for classification (integers, strings); None for uploads
+    #: made before Caviar kept them.
+    outputs: Mapped[int | None]
+    classes: Mapped[int | None]
     size: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))
     content: Mapped[bytes] = mapped_column(LargeBinary, deferred=True)

@@ -17,7 +17,8 @@ _GENERATED = {"mnist1d": (5000, 40), "synthetic": (2000, 20)}
 def spec_limit_errors(
     spec: SearchSpec, settings: Settings, input_output: tuple[int, int] | None = None
 ) -> list[SpecIssue]:
-    """Every limit the spec exceeds, as pydantic-style errors naming the field."""
+    """Every limit the spec exceeds, as pydantic-style errors naming the field; `input_output`
+    gives the dataset's sizes where the spec alone does not (an uploaded dataset)."""
     errors = []
 
     def check(loc: tuple, value: float, limit: int, what: str) -> None:

@@ -116,6 +116,21 @@ def dataset_errors(session: Session, owner: str, spec: SearchSpec) -> list[SpecI
     return [{"loc": ["dataset", "id"], "msg": message, "type": "not_found"}]
 
 
+def uploaded_sizes(session: Session, owner: str, spec: SearchSpec) -> tuple[int, int] | None:
+    """Inputs and outputs of the owner's uploaded dataset that the spec names, for the task the
+    spec asks for (else the one its labels imply); None for any other dataset."""
+    dataset_id = spec.dataset.id
+    row = session.get(StoredDataset, dataset_id) if dataset_id is not None else None
+    if row is None or row.owner != owner:
+        return None
+    task = spec.declared_task
+    if task == "regression":
+        return row.columns, 1
+    if task == "classification":
+        return row.columns, row.classes or row.outputs or 1
+    return row.columns, row.outputs or 1
+
+
 def search_trials(database_url: str, search: Search) -> list[SearchTrial]:
     """Every trial of a search with its stage and engine parameters, stage by stage."""
     spec = SearchSpec.model_validate(search.spec)

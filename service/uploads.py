@@ -56,11 +56,14 @@ class UploadError(CaviarError, ValueError):
 
 @dataclass(frozen=True)
 class ParsedUpload:
-    """What a valid upload holds: examples over all splits, feature columns, content hash."""
+    """What a valid upload holds: examples over all splits, feature columns, outputs of the
+    task its labels imply, distinct labels where they can be classes, content hash."""
 
     format: Literal["npz", "csv"]
     rows: int
     columns: int
+    outputs: int
+    classes: int | None
     target: str | None
     sha256: str
     size: int
@@ -116,10 +119,20 @@ def parse_upload(
         format="npz" if suffix == ".npz" else "csv",
         rows=len(dataset.x_train) + len(dataset.x_dev) + len(dataset.x_test),
         columns=dataset.num_features,
+        outputs=dataset.num_outputs,
+        classes=_classes(y, splits),
         target=target,
         sha256=hashlib.sha256(content).hexdigest(),
         size=len(content),
     )
+
+
+def _classes(y: np.ndarray, splits: dict[str, np.ndarray] | None) -> int | None:
+    """Distinct labels over every split, where a spec may ask for classification on them."""
+    labels = np.concatenate([y, *(v for k, v in (splits or {}).items() if k.startswith("y"))])
+    if labels.dtype.kind == "f" and not np.array_equal(labels, np.round(labels)):
+        return None
+    return len(np.unique(labels))
 
 
 def _check_text(field: str, value: str, limits: UploadLimits) -> None:

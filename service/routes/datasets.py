@@ -79,6 +79,8 @@ async def upload_dataset(
         target=parsed.target,
         rows=parsed.rows,
         columns=parsed.columns,
+        outputs=parsed.outputs,
+        classes=parsed.classes,
         size=parsed.size,
         sha256=parsed.sha256,
         content=content,

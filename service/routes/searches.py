@@ -103,7 +103,8 @@ def submit_search(
     was used with another spec. 411 or 413: no Content-Length, or a body over
     `CAVIAR_MAX_SPEC_BYTES`. 429: the owner has `CAVIAR_MAX_CONCURRENT_SEARCHES` open searches.
     """
-    errors = spec_limit_errors(spec, settings) + searches.dataset_errors(session, owner, spec)
+    errors = spec_limit_errors(spec, settings, searches.uploaded_sizes(session, owner, spec))
+    errors += searches.dataset_errors(session, owner, spec)
     if errors:
         raise SpecError(errors)
     search, _ = searches.submit_search(

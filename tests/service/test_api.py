@@ -183,6 +183,31 @@ def npz_bytes(**arrays) -> bytes:
     return buffer.getvalue()
 
 
+def test_the_parameter_limit_counts_an_uploaded_datasets_inputs_and_classes(client, tokens):
+    """1,000 features and labels 0-599: regression by default (more distinct integers than
+    classes are inferred for), 600 classes where the spec asks for classification."""
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(1200, 1000)).astype(np.float32), np.arange(1200) % 600
+    alice = auth(tokens["alice"])
+    files = {"file": ("d.npz", npz_bytes(x=x, y=y))}
+    upload = client.post("/v1/datasets", files=files, headers=alice)
+    assert upload.status_code == 201, upload.text
+    # At 1,024 units: 1,026,049 parameters with one output, 1,640,024 with 600.
+    limit = client.app.state.settings.model_copy(update={"max_parameters": 1_600_000})
+    client.app.state.settings = limit
+    spec = {**SPEC, "dataset": {"id": upload.json()["id"]}}
+    spec["fixed"] = {**SPEC["fixed"], "hidden_units": 1024}
+    assert submit(client, tokens["alice"], spec).status_code == 201
+    classified = {**spec, "name": "classified", "task": "classification"}
+    refused = submit(client, tokens["alice"], classified)
+    assert refused.status_code == 422, refused.text
+    (error,) = refused.json()["detail"]
+    assert error["loc"] == ["space"] and "1,640,024 parameters" in error["msg"]
+    client.app.state.settings = limit.model_copy(update={"max_parameters": 1_000_000})
+    refused = submit(client, tokens["alice"], {**spec, "name": "wide"})  # the inputs count too
+    assert refused.status_code == 422 and "1,026,049 parameters" in refused.text
+
+
 def test_upload_size_limit_at_its_boundary(settings, tokens):
     from fastapi.testclient import TestClient
 

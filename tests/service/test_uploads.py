@@ -59,6 +59,8 @@ def test_good_npz() -> None:
         format="npz",
         rows=50,
         columns=3,
+        outputs=2,
+        classes=2,
         target=None,
         sha256=hashlib.sha256(content).hexdigest(),
         size=len(content),

@@ -91,10 +91,9 @@ def run(
     from caviar.search.runner import run_search, start_search, stored_spec
     from caviar.search.spec import SpecError, load_spec
     from caviar.service.limits import dataset_size_errors
-    from caviar.service.settings import get_settings
 
     console = _console(stderr=json_output)
-    settings = get_settings()
+    settings = _settings()
     if (spec_path is None) == (resume is None):
         _fail(console, "give a SPEC to run, or --resume ID to continue a search")
     try:
@@ -211,14 +210,14 @@ def serve(
     import uvicorn
 
     from caviar.service.app import create_app
-    from caviar.service.settings import Settings
 
-    url = _database_url(database_url)
+    settings = _settings()
+    url = database_url or settings.database_url
     _require_upgraded(url)
     # Open event streams would hold SIGTERM off for as long as their searches run: they are
     # closed after a grace period, and their clients resume after the restart.
     uvicorn.run(
-        create_app(Settings(database_url=url)),
+        create_app(settings.model_copy(update={"database_url": url})),
         host=host,
         port=port,
         log_level="info",
@@ -257,9 +256,8 @@ def worker(
 
     from caviar.models.train import default_dispatch_ahead, default_group_size
     from caviar.search.worker import Worker
-    from caviar.service.settings import get_settings
 
-    settings = get_settings()
+    settings = _settings()
     _prepare_jax(_console(stderr=True), settings)
     if settings.require_accelerator:
         from caviar.models.runtime import require_accelerator
@@ -355,7 +353,7 @@ def submit(spec_path: Annotated[Path, typer.Argument(metavar="SPEC")]) -> None:
 def status(search_id: str, as_json: JsonOption = False) -> None:
     """Status, progress and best trial of a search."""
     console = _console()
-    data = _call(console, "GET", f"/v1/searches/{search_id}").json()
+    data = _call(console, "GET", f"/v1/searches/{_id(search_id)}").json()
     if as_json:
         typer.echo(json.dumps(data))
         return
@@ -379,7 +377,7 @@ def watch(search_id: str) -> None:
     from caviar.service.client import ApiError
 
     console = _console()
-    total = _call(console, "GET", f"/v1/searches/{search_id}").json()["progress"]["total"]
+    total = _call(console, "GET", f"/v1/searches/{_id(search_id)}").json()["progress"]["total"]
     bar = _progress_bar(console)
     done, trials = None, 0
     with bar:
@@ -414,14 +412,16 @@ def report(
     ),
 ) -> None:
     """Download a search's HTML report."""
-    output.write_bytes(_call(_console(), "GET", f"/v1/searches/{search_id}/report").content)
+    console = _console()
+    _write(console, output, _call(console, "GET", f"/v1/searches/{_id(search_id)}/report").content)
     typer.echo(f"report written to {output}")
 
 
 @app.command()
 def export(search_id: str, path: Annotated[Path, typer.Argument(metavar="PATH")]) -> None:
     """Save the best model of a completed search (load it with caviar.models.load_model)."""
-    path.write_bytes(_call(_console(), "GET", f"/v1/searches/{search_id}/model").content)
+    console = _console()
+    _write(console, path, _call(console, "GET", f"/v1/searches/{_id(search_id)}/model").content)
     typer.echo(f"model written to {path}")
 
 
@@ -450,7 +450,7 @@ def list_searches(
 def cancel(search_id: str, as_json: JsonOption = False) -> None:
     """Cancel a queued or running search; workers stop its trials within an epoch."""
     console = _console()
-    data = _call(console, "POST", f"/v1/searches/{search_id}/cancel").json()
+    data = _call(console, "POST", f"/v1/searches/{_id(search_id)}/cancel").json()
     typer.echo(json.dumps(data) if as_json else f"{data['id']}: {data['status']}")
 
 
@@ -458,7 +458,7 @@ def cancel(search_id: str, as_json: JsonOption = False) -> None:
 def trials(search_id: str, as_json: JsonOption = False) -> None:
     """Every trial of a search: stage, state, value and parameters (β as β)."""
     console = _console()
-    items = _call(console, "GET", f"/v1/searches/{search_id}/trials").json()["items"]
+    items = _call(console, "GET", f"/v1/searches/{_id(search_id)}/trials").json()["items"]
     if as_json:
         typer.echo(json.dumps(items))
         return
@@ -513,7 +513,7 @@ def datasets_list(as_json: JsonOption = False) -> None:
 @datasets_app.command("delete")
 def datasets_delete(dataset_id: str) -> None:
     """Delete a dataset that no queued or running search uses."""
-    _call(_console(), "DELETE", f"/v1/datasets/{dataset_id}")
+    _call(_console(), "DELETE", f"/v1/datasets/{_id(dataset_id)}")
     typer.echo(f"{dataset_id}: deleted")
 
 
@@ -563,9 +563,7 @@ def dashboard(
 
 
 def _database_url(option: str | None) -> str:
-    from caviar.service.settings import get_settings
-
-    return option or get_settings().database_url
+    return option or _settings().database_url
 
 
 def _require_upgraded(url: str) -> None:
@@ -595,11 +593,43 @@ def _safe(url: str) -> str:
     return display_url(url)
 
 
-def _client():
-    from caviar.service.client import Client
+def _settings() -> Settings:
+    """The settings from the environment; a bad `CAVIAR_*` value is a one-line error."""
+    from pydantic import ValidationError
+
     from caviar.service.settings import get_settings
 
-    settings = get_settings()
+    try:
+        return get_settings()
+    except ValidationError as error:
+        problems = "; ".join(
+            f"CAVIAR_{'_'.join(map(str, issue['loc'])).upper()}: {issue['msg']}"
+            for issue in error.errors()
+        )
+        _fail(_console(), problems)
+
+
+def _id(value: str) -> str:
+    """A search or dataset id as one segment of an API path; an empty one is a clear error."""
+    from urllib.parse import quote
+
+    if not value:
+        _fail(_console(), "the id is empty: give a search or dataset id")
+    return quote(value, safe="")
+
+
+def _write(console: Console, path: Path, content: bytes) -> None:
+    """Write a downloaded file; a path that cannot be written is a one-line error."""
+    try:
+        path.write_bytes(content)
+    except OSError as error:
+        _fail(console, f"cannot write {path}: {error.strerror or error}")
+
+
+def _client():
+    from caviar.service.client import Client
+
+    settings = _settings()
     return Client(settings.api_url, settings.token)
 
 

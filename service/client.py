@@ -6,6 +6,7 @@ import json
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -22,14 +23,19 @@ class Client:
     def __init__(self, base_url: str, token: str | None, timeout: float = 30.0) -> None:
         if not token:
             raise ApiError("no API token: set CAVIAR_TOKEN (see `caviar keys create`)")
-        self.http = httpx.Client(
-            base_url=base_url, headers={"Authorization": f"Bearer {token}"}, timeout=timeout
-        )
+        if not (token.isascii() and token.isprintable()):
+            raise ApiError("CAVIAR_TOKEN holds characters no API token has: set it again")
+        try:
+            self.http = httpx.Client(
+                base_url=base_url, headers={"Authorization": f"Bearer {token}"}, timeout=timeout
+            )
+        except httpx.InvalidURL as error:
+            raise ApiError(f"CAVIAR_API_URL {base_url!r} is not a URL: {error}") from None
 
     def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:
             response = self.http.request(method, path, **kwargs)
-        except httpx.HTTPError as error:
+        except (httpx.HTTPError, httpx.InvalidURL) as error:
             raise ApiError(f"cannot reach the API at {self.http.base_url}: {error}") from None
         if response.status_code >= 400:
             raise ApiError(f"{response.status_code}: {_detail(response)}")
@@ -47,7 +53,7 @@ class Client:
         `Last-Event-ID`, so that no event is lost or repeated; `on_retry` hears why. It gives
         up with ApiError once the API has been unreachable for `retry_for` seconds.
         """
-        path = f"/v1/searches/{search_id}/events"
+        path = f"/v1/searches/{quote(search_id, safe='')}/events"
         last_id: str | None = None
         down_since: float | None = None
         while True:

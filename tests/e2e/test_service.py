@@ -155,6 +155,9 @@ def test_submit_work_watch_read_export_and_cancel(service):
 
     report = caviar("report", search_id, "-o", str(tmp / "r.html"), env=env)
     assert "report written" in report.stdout
+    unwritable = caviar("report", search_id, "-o", str(tmp), env=env, check=False)  # a folder
+    assert unwritable.returncode == 2
+    assert unwritable.stderr.strip().splitlines() == [f"error: cannot write {tmp}: Is a directory"]
     assert "Optimization history by stage" in (tmp / "r.html").read_text()
     status = caviar("status", search_id, env=env).stdout
     assert "completed" in status and "test_accuracy" in status
@@ -167,3 +170,20 @@ def test_cli_errors_are_clear(service):
     assert bad.returncode == 2 and "404" in bad.stdout + bad.stderr
     wrong = caviar("status", "x", env={**env, "CAVIAR_TOKEN": "cav_x_y"}, check=False)
     assert wrong.returncode == 2 and "401" in wrong.stdout + wrong.stderr
+
+
+def test_hostile_cli_arguments_and_settings_are_one_line_errors(service):
+    env, _ = service
+    cases = [
+        (["status", ""], {}, "the id is empty"),
+        (["status", "?x"], {}, "404"),
+        (["status", "../../v1/datasets"], {}, "404"),
+        (["datasets", "delete", ""], {}, "the id is empty"),
+        (["list"], {"CAVIAR_API_URL": "http://[::1"}, "CAVIAR_API_URL"),
+        (["list"], {"CAVIAR_TOKEN": "é"}, "CAVIAR_TOKEN holds characters"),
+        (["list"], {"CAVIAR_MAX_TRIALS": "abc"}, "CAVIAR_MAX_TRIALS: "),
+    ]
+    for args, env_update, reason in cases:
+        done = caviar(*args, env={**env, **env_update}, check=False)
+        lines = (done.stdout + done.stderr).strip().splitlines()
+        assert done.returncode == 2 and len(lines) == 1 and reason in lines[0], (args, lines)

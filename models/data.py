@@ -231,8 +231,15 @@ def from_arrays(
         target_std = float(np.std(y_train, dtype=np.float64)) or 1.0
         ys = {k: ((v - target_mean) / target_std).astype(np.float32) for k, v in ys.items()}
 
-    feature_mean = x_train.mean(axis=0, dtype=np.float64)
-    feature_std = x_train.std(axis=0, dtype=np.float64)
+    with np.errstate(over="ignore"):  # an overflow is refused just below
+        feature_mean = x_train.mean(axis=0, dtype=np.float64)
+        feature_std = x_train.std(axis=0, dtype=np.float64)
+    float32_max = float(np.finfo(np.float32).max)
+    if not all(np.all(np.abs(v) <= float32_max) for v in (feature_mean, feature_std)):
+        raise DatasetError(
+            f"{name}: x holds values too large to standardise in float32 (the mean or spread "
+            f"of a feature is over {float32_max:.3g}); scale the features down"
+        )
     feature_std[feature_std == 0] = 1.0
     xs = {k: ((v - feature_mean) / feature_std).astype(np.float32) for k, v in xs.items()}
     return Dataset(
@@ -250,6 +257,21 @@ def from_arrays(
         target_mean=target_mean,
         target_std=target_std,
     )
+
+
+#: Features of a synthetic dataset whose source names none.
+SYNTHETIC_FEATURES = 20
+
+
+def _informative(features: int) -> int:
+    """The informative features of a synthetic classification dataset of `features`."""
+    return min(features, max(2, features // 2))
+
+
+def max_synthetic_classes(features: int) -> int:
+    """The most classes a synthetic dataset of `features` features can be made with (one
+    cluster a class, each on a corner of the informative features' hypercube)."""
+    return 2 ** min(_informative(features), 62)
 
 
 def infer_task(y: np.ndarray) -> Task:
@@ -462,7 +484,7 @@ def _make_synthetic(
     from sklearn.datasets import make_classification, make_regression
 
     samples = _int_option(source, "samples", 2000, MIN_EXAMPLES, "synthetic")
-    features = _int_option(source, "features", 20, 1, "synthetic")
+    features = _int_option(source, "features", SYNTHETIC_FEATURES, 1, "synthetic")
     task = task or "classification"
     if task == "regression":
         if "classes" in source:
@@ -478,7 +500,7 @@ def _make_synthetic(
     if "noise" in source:
         raise DatasetError("synthetic: 'noise' only applies to task 'regression'")
     classes = _int_option(source, "classes", 2, 2, "synthetic")
-    informative = min(features, max(2, features // 2))
+    informative = _informative(features)
     try:
         x, y = make_classification(
             n_samples=samples,

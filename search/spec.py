@@ -30,7 +30,7 @@ from pydantic import (
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from caviar.models.bucket import SHAPE_DEFAULTS
-from caviar.models.data import Task
+from caviar.models.data import SYNTHETIC_FEATURES, Task, max_synthetic_classes
 from caviar.models.errors import CaviarError
 from caviar.models.mlp import ACTIVATIONS, INITS
 from caviar.models.optim import (
@@ -258,6 +258,12 @@ class DatasetRef(_Model):
             for key, value in self
             if value is not None and key not in {sources[0], *_SOURCE_OPTIONS[source]}
         ]
+        if self.name == "synthetic" and self.classes is not None:
+            most = max_synthetic_classes(self.features or SYNTHETIC_FEATURES)
+            if self.classes > most:
+                features = self.features or SYNTHETIC_FEATURES
+                message = f"at most {most} classes can be made from {features} features"
+                issues.append(_issue(("classes",), message, self.classes))
         if issues:
             raise ValidationError.from_exception_data(type(self).__name__, issues)
         return self

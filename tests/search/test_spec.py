@@ -361,6 +361,16 @@ BAD = [
         ("dataset", "features"),
         "does not apply to dataset source 'digits'",
     ),
+    (
+        _spec(dataset={"name": "synthetic", "features": 1, "classes": 1000}),
+        ("dataset", "classes"),
+        "at most 2 classes can be made from 1 features",
+    ),
+    (
+        _spec(dataset={"name": "synthetic", "classes": 1025}),
+        ("dataset", "classes"),
+        "at most 1024 classes can be made from 20 features",
+    ),
     (_spec(space={}), ("space",), "at least 1"),
     (_spec(budget=None), ("budget",), "required"),
     (_spec(trials=10), ("trials",), "Extra inputs are not permitted"),

@@ -179,6 +179,14 @@ def test_non_finite_values_are_refused(bad: float) -> None:
     assert error.status_code == 422 and "non-finite" in error.reason
 
 
+def test_features_too_large_for_float32_are_refused() -> None:
+    """Finite, but their spread overflows float32: training and the model file would hold inf."""
+    arrays = _xy()
+    arrays["x"] = arrays["x"] * 1e300
+    error = _refused("d.npz", _npz(**arrays))
+    assert error.status_code == 422 and "too large to standardise in float32" in error.reason
+
+
 def test_npz_content_errors_from_models_data() -> None:
     error = _refused("d.npz", _npz(x=np.zeros((40, 2)), y=np.zeros(39)))
     assert error.status_code == 422 and "40 rows but y has 39" in error.reason

@@ -258,10 +258,10 @@ class DatasetRef(_Model):
             for key, value in self
             if value is not None and key not in {sources[0], *_SOURCE_OPTIONS[source]}
         ]
+        features = self.features or SYNTHETIC_FEATURES
         if self.name == "synthetic" and self.classes is not None:
-            most = max_synthetic_classes(self.features or SYNTHETIC_FEATURES)
+            most = max_synthetic_classes(features)
             if self.classes > most:
-                features = self.features or SYNTHETIC_FEATURES
                 message = f"at most {most} classes can be made from {features} features"
                 issues.append(_issue(("classes",), message, self.classes))
         if issues:

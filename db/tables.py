@@ -164,6 +164,9 @@ class StoredDataset(Base):
     #: made before Caviar kept them.
     outputs: Mapped[int | None]
     classes: Mapped[int | None]
+    #: What its labels are (`text`, `integer`, `real`: which tasks they allow); None for uploads
+    #: made before Caviar kept it.
+    labels: Mapped[str | None] = mapped_column(String(8))
     size: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))
     content: Mapped[bytes] = mapped_column(LargeBinary, deferred=True)

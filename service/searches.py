@@ -104,16 +104,31 @@ def cancel_search(session: Session, search: Search) -> None:
 
 
 def dataset_errors(session: Session, owner: str, spec: SearchSpec) -> list[SpecIssue]:
-    """A pydantic-style error at `dataset.id` when it names no dataset of the owner's (another
-    owner's dataset is not found either), so that the search is refused, not failed later."""
+    """Pydantic-style errors for the dataset a spec names, so that the search is refused, not
+    failed later: at `dataset.id` when it names no dataset of the owner's (another owner's
+    dataset is not found either), at the task when the upload's labels do not allow it."""
     dataset_id = spec.dataset.id
     if dataset_id is None:
         return []
     row = session.get(StoredDataset, dataset_id)
-    if row is not None and row.owner == owner:
+    if row is None or row.owner != owner:
+        message = f"no dataset {dataset_id!r} among yours: upload it first (POST /v1/datasets)"
+        return [{"loc": ["dataset", "id"], "msg": message, "type": "not_found"}]
+    unfit = _UNFIT_LABELS.get((spec.declared_task, row.labels))
+    if unfit is None:
         return []
-    message = f"no dataset {dataset_id!r} among yours: upload it first (POST /v1/datasets)"
-    return [{"loc": ["dataset", "id"], "msg": message, "type": "not_found"}]
+    loc = ["task"] if spec.task else ["dataset", "task"]
+    message = f"dataset {dataset_id!r} has {unfit}; leave the task out to infer it from them"
+    return [{"loc": loc, "msg": message, "type": "value_error"}]
+
+
+#: The labels that rule out a task, by (task, what an upload's labels are).
+_UNFIT_LABELS: dict[tuple[str | None, str | None], str] = {
+    ("regression", "text"): "string labels, and regression needs numbers",
+    ("classification", "real"): (
+        "labels with fractional parts, and classification needs whole numbers or strings"
+    ),
+}
 
 
 def uploaded_sizes(session: Session, owner: str, spec: SearchSpec) -> tuple[int, int] | None:

@@ -29,6 +29,10 @@ from caviar.search.spec import MAX_NAME_LENGTH, text_problem
 _X_ARRAYS = ("x", "x_dev", "x_test")
 
 
+#: What an upload's labels are; see :func:`label_kind`.
+LabelKind = Literal["text", "integer", "real"]
+
+
 @dataclass(frozen=True)
 class UploadLimits:
     """Caps on an upload: file size and declared array bytes (413); columns, rows, npz members
@@ -57,13 +61,15 @@ class UploadError(CaviarError, ValueError):
 @dataclass(frozen=True)
 class ParsedUpload:
     """What a valid upload holds: examples over all splits, feature columns, outputs of the
-    task its labels imply, distinct labels where they can be classes, content hash."""
+    task its labels imply, distinct labels where they can be classes, what the labels are,
+    content hash."""
 
     format: Literal["npz", "csv"]
     rows: int
     columns: int
     outputs: int
     classes: int | None
+    labels: LabelKind
     target: str | None
     sha256: str
     size: int
@@ -115,24 +121,34 @@ def parse_upload(
         dataset = from_arrays("upload", x, y, splits=splits)
     except DatasetError as e:
         raise UploadError(422, str(e)) from e
+    labels = _all_labels(y, splits)
+    kind = label_kind(labels)
     return ParsedUpload(
         format="npz" if suffix == ".npz" else "csv",
         rows=len(dataset.x_train) + len(dataset.x_dev) + len(dataset.x_test),
         columns=dataset.num_features,
         outputs=dataset.num_outputs,
-        classes=_classes(y, splits),
+        classes=None if kind == "real" else len(np.unique(labels)),
+        labels=kind,
         target=target,
         sha256=hashlib.sha256(content).hexdigest(),
         size=len(content),
     )
 
 
-def _classes(y: np.ndarray, splits: dict[str, np.ndarray] | None) -> int | None:
-    """Distinct labels over every split, where a spec may ask for classification on them."""
-    labels = np.concatenate([y, *(v for k, v in (splits or {}).items() if k.startswith("y"))])
+def _all_labels(y: np.ndarray, splits: dict[str, np.ndarray] | None) -> np.ndarray:
+    """The labels of every split, together."""
+    return np.concatenate([y, *(v for k, v in (splits or {}).items() if k.startswith("y"))])
+
+
+def label_kind(labels: np.ndarray) -> LabelKind:
+    """What the labels are: ``text`` (strings: classes only), ``integer`` (either task) or
+    ``real`` (numbers with a fractional part: regression only)."""
+    if labels.dtype.kind == "U":
+        return "text"
     if labels.dtype.kind == "f" and not np.array_equal(labels, np.round(labels)):
-        return None
-    return len(np.unique(labels))
+        return "real"
+    return "integer"
 
 
 def _check_text(field: str, value: str, limits: UploadLimits) -> None:

@@ -81,6 +81,7 @@ async def upload_dataset(
         columns=parsed.columns,
         outputs=parsed.outputs,
         classes=parsed.classes,
+        labels=parsed.labels,
         size=parsed.size,
         sha256=parsed.sha256,
         content=content,

@@ -208,6 +208,38 @@ def test_the_parameter_limit_counts_an_uploaded_datasets_inputs_and_classes(clie
     assert refused.status_code == 422 and "1,026,049 parameters" in refused.text
 
 
+@pytest.mark.parametrize(
+    ("labels", "task_field", "task", "loc"),
+    [
+        (np.array(["cat", "dog"] * 60), "task", "regression", ["task"]),
+        (np.array(["cat", "dog"] * 60), "dataset", "regression", ["dataset", "task"]),
+        (np.linspace(0.5, 2.5, 120), "task", "classification", ["task"]),
+    ],
+)
+def test_a_task_the_uploads_labels_rule_out_is_refused_at_submission(
+    client, tokens, labels, task_field, task, loc
+):
+    """Regression on string labels, classification on fractional ones: a 422 at the task, not
+    a search that fails in the worker; the same upload with its task inferred is accepted."""
+    x = np.random.default_rng(0).normal(size=(len(labels), 4))
+    alice = auth(tokens["alice"])
+    upload = client.post(
+        "/v1/datasets", files={"file": ("d.npz", npz_bytes(x=x, y=labels))}, headers=alice
+    )
+    assert upload.status_code == 201, upload.text
+    spec = {**SPEC, "dataset": {"id": upload.json()["id"]}}
+    asked = (
+        {**spec, "task": task}
+        if task_field == "task"
+        else {**spec, "dataset": {**spec["dataset"], "task": task}}
+    )
+    refused = submit(client, tokens["alice"], asked)
+    assert refused.status_code == 422, refused.text
+    (error,) = refused.json()["detail"]
+    assert error["loc"] == loc and task in error["msg"], error
+    assert submit(client, tokens["alice"], spec).status_code == 201
+
+
 def test_upload_size_limit_at_its_boundary(settings, tokens):
     from fastapi.testclient import TestClient
 

@@ -16,6 +16,7 @@ from optuna.trial import TrialState
 from sqlalchemy import create_engine, text
 
 from caviar.db.session import session_scope
+from caviar.db.storage import optuna_storage
 from caviar.db.tables import Search
 from caviar.search.spec import parse_spec
 from caviar.search.studies import FINAL_FAILURES
@@ -52,29 +53,37 @@ def queue(url, spec: str = SPEC) -> str:
         return search.id
 
 
+#: Workers started by the running test; the autouse fixture kills those left when it ends.
+_STARTED: list[subprocess.Popen[str]] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_worker_outlives_its_test():
+    """A test that fails half-way leaves no worker behind to claim the next test's searches."""
+    yield
+    while _STARTED:
+        process = _STARTED.pop()
+        process.kill()  # nothing where it has ended already
+        process.wait(timeout=30)
+
+
 def start_worker(env, batch=2):
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "caviar.service.cli",
-            "worker",
-            "--batch",
-            str(batch),
-            "--idle-sleep",
-            "0.2",
-        ],
+    command = ["worker", "--batch", str(batch), "--idle-sleep", "0.2"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "caviar.service.cli", *command],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
+    _STARTED.append(process)
+    return process
 
 
 def trials(url, search_id):
     with session_scope(url) as session:
         studies = list(session.get_one(Search, search_id).studies)
-    storage = optuna.storages.RDBStorage(url)
+    storage = optuna_storage(url)  # one pool for the test's many reads
     return [
         t for name in studies for t in optuna.load_study(study_name=name, storage=storage).trials
     ]

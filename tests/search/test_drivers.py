@@ -10,6 +10,7 @@ from optuna.trial import TrialState
 
 from caviar.db.migrate import upgrade
 from caviar.db.session import session_scope
+from caviar.db.storage import optuna_storage
 from caviar.db.tables import Search
 from caviar.search import final
 from caviar.search import trials as trial_training
@@ -55,7 +56,7 @@ def drive(driver: str, url: str, text: str, batch: int) -> Search:
 
 
 def trials_of(url: str, search: Search) -> list[optuna.trial.FrozenTrial]:
-    storage = optuna.storages.RDBStorage(url)
+    storage = optuna_storage(url)  # cached: one pool for the test's reads
     return [
         t
         for name in search.studies

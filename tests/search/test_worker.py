@@ -11,6 +11,7 @@ from sqlalchemy import select, text
 
 from caviar.db.migrate import upgrade
 from caviar.db.session import lock_search, session_scope
+from caviar.db.storage import optuna_storage
 from caviar.db.tables import OPEN_STATUSES, Lease, Search, StoredModel
 from caviar.models.data import load_dataset
 from caviar.models.export import load_model
@@ -45,7 +46,7 @@ def queue(url, text=SPEC, owner="alice"):
 
 
 def trials_of(url, studies):
-    storage = optuna.storages.RDBStorage(url)
+    storage = optuna_storage(url)  # cached: one pool for the test's reads
     return [
         t for name in studies for t in optuna.load_study(study_name=name, storage=storage).trials
     ]

@@ -61,6 +61,7 @@ def test_good_npz() -> None:
         columns=3,
         outputs=2,
         classes=2,
+        labels="integer",
         target=None,
         sha256=hashlib.sha256(content).hexdigest(),
         size=len(content),
@@ -73,6 +74,23 @@ def test_good_csv() -> None:
     assert (parsed.format, parsed.rows, parsed.columns, parsed.target) == ("csv", 30, 4, "label")
     assert parsed.sha256 == hashlib.sha256(content).hexdigest()
     assert parsed.size == len(content)
+    assert (parsed.labels, parsed.classes, parsed.outputs) == ("text", 3, 3)
+
+
+@pytest.mark.parametrize(
+    ("y", "labels", "classes", "outputs"),
+    [
+        (np.arange(40) % 2 == 0, "integer", 2, 2),
+        (np.arange(40) * 0.25, "real", None, 1),
+        (np.arange(120) * 1.0, "integer", 120, 1),
+    ],
+)
+def test_an_upload_keeps_what_its_labels_are(y, labels, classes, outputs) -> None:
+    """Booleans and whole floats can be classes; fractions cannot (and 120 distinct whole
+    values infer regression, but may still be asked to be 120 classes)."""
+    x = np.random.default_rng(0).normal(size=(len(y), 3))
+    parsed = parse_upload("d.npz", _npz(x=x, y=y), target=None, limits=LIMITS)
+    assert (parsed.labels, parsed.classes, parsed.outputs) == (labels, classes, outputs)
 
 
 def test_unsupported_extension() -> None:

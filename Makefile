@@ -27,10 +27,10 @@ install: $(INSTALLED)
 
 # The suite creates its PostgreSQL database, or starts a throw-away server from the installed
 # binaries; tests needing PostgreSQL or Chromium fail under CI=true without them, else skip.
-# TEST_WORKERS=auto runs it in one process a core (pytest-xdist), each with a PostgreSQL database
-# of its own; the default runs it in this one, because two processes' tests together can open
-# more connections than a default PostgreSQL server takes (100; seen once in three runs).
-TEST_WORKERS ?= 0
+# The suite runs in TEST_WORKERS processes (pytest-xdist), each with a PostgreSQL database of its
+# own. Two at once opened at most 38 connections of a default server's 100; more processes
+# need a server that takes more (TEST_WORKERS=0 runs it in this one process).
+TEST_WORKERS ?= 2
 test: $(INSTALLED)
 	$(PY) -m pytest --numprocesses $(TEST_WORKERS) --dist worksteal
 

@@ -117,7 +117,7 @@ def dataset_errors(session: Session, owner: str, spec: SearchSpec) -> list[SpecI
     unfit = _UNFIT_LABELS.get((spec.declared_task, row.labels))
     if unfit is None:
         return []
-    loc = ["task"] if spec.task else ["dataset", "task"]
+    loc: list[str | int] = ["task"] if spec.task else ["dataset", "task"]
     message = f"dataset {dataset_id!r} has {unfit}; leave the task out to infer it from them"
     return [{"loc": loc, "msg": message, "type": "value_error"}]
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
+import lzma
 import os
 import random
 import zipfile
@@ -330,7 +331,7 @@ def read_npz(
                     f"{where}: cannot load array {key!r} ({e}); store plain numbers, or strings "
                     "for labels"
                 ) from e
-            except (OSError, EOFError, zipfile.BadZipFile) as e:
+            except (OSError, EOFError, zipfile.BadZipFile, lzma.LZMAError) as e:
                 raise DatasetError(f"{where}: array {key!r} is corrupt ({e})") from e
     x, y = _check_xy(arrays.pop("x"), arrays.pop("y"), where)
     if not arrays:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import lzma
 import math
 import zipfile
 import zlib
@@ -247,7 +248,16 @@ def _npy_header(
                 shape, _, dtype = npy_format.read_array_header_2_0(stream)
             else:
                 raise ValueError(f"unsupported .npy format version {version}")
-    except (ValueError, EOFError, RuntimeError, zipfile.BadZipFile, zlib.error) as e:
+    # Corrupt compressed bytes: zlib.error (deflate), OSError (bzip2), LZMAError (lzma).
+    except (
+        ValueError,
+        EOFError,
+        RuntimeError,
+        OSError,
+        zipfile.BadZipFile,
+        zlib.error,
+        lzma.LZMAError,
+    ) as e:
         raise UploadError(422, f"array {name!r} is not a valid .npy array ({e})") from e
     if any(size < 0 for size in shape):
         raise UploadError(422, f"array {name!r} declares an invalid shape {shape}")

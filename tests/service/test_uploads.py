@@ -334,3 +334,34 @@ def test_narrow_numbers_count_as_float64_against_the_array_limit(forbid_loading:
     content = _npz(x=np.zeros((1000, 100), dtype=np.int8), y=np.zeros(1000, dtype=np.int8))
     error = _refused("narrow.npz", content, limits=UploadLimits(max_array_bytes=200_000))
     assert error.status_code == 413 and str(8 * 101_000) in error.reason
+
+
+def _npz_with(compression: int, arrays: dict[str, np.ndarray]) -> tuple[bytearray, zipfile.ZipFile]:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=compression) as archive:
+        for name, array in arrays.items():
+            member = io.BytesIO()
+            np.save(member, array)
+            archive.writestr(f"{name}.npy", member.getvalue())
+    raw = bytearray(buffer.getvalue())
+    return raw, zipfile.ZipFile(io.BytesIO(bytes(raw)))
+
+
+@pytest.mark.parametrize("compression", [zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA, zipfile.ZIP_DEFLATED])
+@pytest.mark.parametrize("where", ["header", "data"])
+def test_a_corrupt_compressed_member_is_a_422(compression: int, where: str) -> None:
+    """bzip2 and LZMA streams fail with other errors than deflate's: each is a 422, not a 500."""
+    x = np.random.default_rng(0).normal(size=(5000, 3))
+    raw, archive = _npz_with(compression, {"x": x, "y": np.arange(5000) % 2})
+    member = archive.getinfo("x.npy")
+    start = member.header_offset + 30 + len(member.filename)
+    garbled = (
+        range(start, start + 40)
+        if where == "header"
+        else range(start + member.compress_size // 2, start + member.compress_size - 10)
+    )
+    for i in garbled:
+        raw[i] ^= 0x5A
+    error = _refused("d.npz", bytes(raw))
+    assert error.status_code == 422, error.reason
+    assert "corrupt" in error.reason or "not a valid .npy array" in error.reason
